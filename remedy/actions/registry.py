@@ -1,0 +1,42 @@
+"""Actions by the name playbooks use, and the executor the engine calls."""
+
+from __future__ import annotations
+
+import logging
+
+from remedy.actions.base import Action, ActionContext
+from remedy.actions.kill import Kill
+from remedy.actions.quarantine import Quarantine
+from remedy.engine.offender import Subject
+from remedy.errors import ActionError
+from remedy.policy import Policy, Step
+
+log = logging.getLogger(__name__)
+
+ACTIONS: dict[str, Action] = {a.name: a for a in (Quarantine(), Kill())}
+
+
+class ActionExecutor:
+    """Looks up each step's action and runs it with the injected context."""
+
+    def __init__(self, ctx: ActionContext) -> None:
+        self.ctx = ctx
+
+    def describe(self, step: Step, subject: Subject) -> str:
+        return ACTIONS[step.action].describe(step.params, subject, self.ctx)
+
+    def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+        try:
+            return ACTIONS[step.action].run(step.params, subject, self.ctx)
+        except ActionError as err:
+            if err.policy is None:
+                err.policy = policy.name
+            raise
+
+    def release(self, subject: Subject) -> None:
+        """Remove the offender's quarantine once nothing lives in it. A quarantine with live
+        members stays: lifting a cap is a decision (issue 5's undo), not a side effect."""
+        rel = self.ctx.quarantine_of(subject)
+        if self.ctx.cgroups.exists(rel) and not self.ctx.cgroups.members(rel):
+            self.ctx.cgroups.remove(rel)
+            log.info("removed empty quarantine %s", rel)

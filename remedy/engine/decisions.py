@@ -1,0 +1,45 @@
+"""A decision is what the engine did, or would have done, about one record: one audit line."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+# Outcomes: what happened. Reasons say why, in words.
+ACTED = "acted"
+WOULD_ACT = "would-act"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One audit record. ``outcome`` is acted, would-act, skipped, or an action error outcome
+    (gone, denied, cgroup-error, error)."""
+
+    time: float
+    policy: str
+    signal: str
+    pid: int
+    start_ticks: int
+    comm: str
+    ppid: int
+    exe: str | None
+    cgroup: str
+    count: int
+    window_s: float
+    action: str | None
+    step: int
+    dry_run: bool
+    outcome: str
+    reason: str
+    message: str
+    state: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DecisionSink(Protocol):
+    """Where decisions go: the audit log, the console, a test's list."""
+
+    def record(self, decision: Decision) -> None: ...

@@ -1,0 +1,98 @@
+"""The per-offender state machine (see docs/states.md).
+
+An offender is one process (pid + start time, so a reused pid is a different offender) under one
+policy. Its machine is built with ``transitions``; the engine drives it, and a transition that is
+not allowed from the current state raises, so an impossible sequence is a bug caught in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from transitions import Machine
+
+STATES = ("observed", "offending", "acting", "cooldown", "released")
+
+# trigger, source(s), destination
+TRANSITIONS: tuple[dict[str, Any], ...] = (
+    {"trigger": "offend", "source": "observed", "dest": "offending"},
+    {"trigger": "act", "source": "offending", "dest": "acting"},
+    {"trigger": "acted", "source": "acting", "dest": "cooldown"},
+    # No action was taken (rate limit, protection, a failed action): wait for the next record.
+    {"trigger": "hold", "source": ["offending", "acting"], "dest": "observed"},
+    {"trigger": "cooled", "source": "cooldown", "dest": "observed"},
+    {"trigger": "release", "source": ["observed", "offending", "cooldown"], "dest": "released"},
+)
+
+
+class Handle(Protocol):
+    """A pinned process (a pidfd in production, a fake in tests)."""
+
+    def has_exited(self) -> bool: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Subject:
+    """Who the offender is, read once when its first record arrives."""
+
+    pid: int
+    start_ticks: int
+    comm: str
+    ppid: int
+    exe: str | None
+    uid: int
+    is_kernel_thread: bool
+    cgroup: str  # relative to the hierarchy root, "/a/b"
+    cgroup_display: str  # absolute path for humans
+    handle: Handle | None = None
+    parents: tuple[tuple[int, str], ...] = ()  # (pid, comm), nearest first
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start_ticks)
+
+
+@dataclass
+class Offender:
+    """One process under one policy. ``state`` is managed by the machine."""
+
+    subject: Subject
+    policy: str
+    first_seen: float
+    last_seen: float
+    step: int = 0  # the next playbook step to run: escalation is kept until release
+    cooldown_until: float = 0.0
+    records: int = 0
+    state: str = field(default="observed", init=False)
+
+
+def new_machine() -> Machine:
+    """One machine shared by all offenders (transitions supports many models per machine)."""
+    return Machine(
+        model=None,
+        states=list(STATES),
+        transitions=list(TRANSITIONS),
+        initial="observed",
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
+
+
+def attach(machine: Machine, offender: Offender) -> Offender:
+    """Give ``offender`` its state and triggers."""
+    machine.add_model(offender, initial="observed")
+    return offender
+
+
+def fire(offender: Offender, trigger: str) -> None:
+    """Run a transition; raises transitions.MachineError when it is not allowed from here."""
+    getattr(offender, "trigger")(trigger)  # noqa: B009 - added at run time by transitions
+
+
+def detach(machine: Machine, offender: Offender) -> None:
+    machine.remove_model(offender)
