@@ -1,0 +1,94 @@
+"""``remedy run`` and ``remedy check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from remedy.errors import ConfigErrors, RemedyError
+from remedy.policy import check_paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remedy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="watch this host and act (or, with --dry-run, audit)")
+    run.add_argument("--policies", type=Path, action="append", help="policy dir or file")
+    run.add_argument("--playbooks", type=Path, action="append", help="playbook dir or file")
+    run.add_argument("--dry-run", action="store_true", help="never act, whatever policies say")
+    run.add_argument("--audit", type=Path, help="append decisions as JSON lines here")
+    run.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    run.add_argument("--quarantine-root", default="/remedy", help="cgroup for quarantines")
+    run.add_argument("--stats", type=Path, help="write run statistics as JSON here at exit")
+    run.add_argument("--naive", action="store_true", help="benchmark baseline: count in Python")
+    run.add_argument("--ebpf", action="store_true", help="print the kernel program and exit")
+    run.add_argument("-v", "--verbose", action="store_true")
+
+    check = sub.add_parser("check", help="validate policies and playbooks")
+    check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
+    return parser
+
+
+def _check(paths: Sequence[Path]) -> int:
+    policy_set = check_paths(paths)
+    print(
+        f"ok: {len(policy_set.policies)} policy(ies), {len(policy_set.playbooks)} playbook(s)"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `remedy check` works on a host without bcc or cgroups.
+    from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
+    from remedy.sensors.forkstorm import ForkSensor, ForkSettings  # noqa: PLC0415
+
+    if args.ebpf:
+        print(ForkSensor(ForkSettings(window_s=1.0, threshold=1)).source())
+        return 0
+    options = AgentOptions(
+        policy_paths=tuple(args.policies or [Path("policies")]),
+        playbook_paths=tuple(args.playbooks or [Path("playbooks")]),
+        dry_run=args.dry_run,
+        audit_path=args.audit,
+        duration_s=args.duration,
+        quarantine_root=args.quarantine_root,
+        stats_path=args.stats,
+        naive=args.naive,
+    )
+    agent = Agent(options)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        print(f"\nstopping ({signal.Signals(signum).name})", flush=True)
+        agent.request_stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    agent.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "check":
+            return _check(args.paths)
+        return _run(args)
+    except ConfigErrors as err:
+        print(f"invalid configuration ({len(err.errors)} error(s)):", file=sys.stderr)
+        for error in err.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    except RemedyError as err:
+        print(f"remedy: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,49 @@
+"""Identify the process behind a kernel record, once, and pin it with a pidfd."""
+
+from __future__ import annotations
+
+from remedy.actions.cgroups import CgroupDriver
+from remedy.actions.process import ProcessHandle
+from remedy.engine.offender import Subject
+from remedy.errors import ActionError
+from remedy.proc import ProcFS
+from remedy.sensors.records import SensorRecord
+
+MAX_PARENTS = 4
+
+
+class ProcIdentifier:
+    """Reads /proc and the cgroup of a recorded tgid.
+
+    The pidfd is bound with ``started_before_ns`` set to the crossing time: a process that
+    started after the kernel counted the forks holds a reused pid and is not the offender.
+    """
+
+    def __init__(self, procfs: ProcFS, cgroups: CgroupDriver) -> None:
+        self._procfs = procfs
+        self._cgroups = cgroups
+
+    def identify(self, record: SensorRecord) -> Subject:
+        handle = ProcessHandle.bind(record.tgid, self._procfs, started_before_ns=record.ts_boot_ns)
+        try:
+            info = handle.info
+            cgroup = self._cgroups.cgroup_of(info.pid)
+            parents = tuple(
+                (p.pid, p.comm) for p in self._procfs.ancestors(info.pid)[:MAX_PARENTS]
+            )
+        except ActionError:
+            handle.close()
+            raise
+        return Subject(
+            pid=info.pid,
+            start_ticks=info.start_ticks,
+            comm=info.comm,
+            ppid=info.ppid,
+            exe=info.exe,
+            uid=info.uid,
+            is_kernel_thread=info.is_kernel_thread,
+            cgroup=cgroup,
+            cgroup_display=self._cgroups.display_path(cgroup),
+            handle=handle,
+            parents=parents,
+        )

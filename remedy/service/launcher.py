@@ -1,0 +1,67 @@
+"""Start programs inside given cgroups, and the agent as a child process (tests and bench)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The child writes its own pid into each cgroup.procs before exec, so it and everything it forks
+# start inside the cgroups: no window where a storm runs unconfined.
+_ENTER = 'for f in "$@"; do case "$f" in --) shift; break;; esac; echo $$ > "$f"; shift; done; exec "$@"'
+
+
+def in_cgroups(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:
+    """An argv that joins ``procs_files`` (cgroup.procs paths), then execs ``argv``."""
+    return ["/bin/sh", "-c", _ENTER, "sh", *map(str, procs_files), "--", *argv]
+
+
+class AgentProcess:
+    """``remedy run`` as a child process, with its output captured to a file."""
+
+    def __init__(self, args: Sequence[str], cwd: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "remedy", "run", *args],
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the agent prints its ready line (the BPF program is attached)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "ready:" in self.output():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready after {timeout_s} s:\n{self.output()}")
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    @staticmethod
+    def read_stats(path: Path) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
