@@ -37,16 +37,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(paths: Sequence[Path]) -> int:
     policy_set = check_paths(paths)
-    print(
-        f"ok: {len(policy_set.policies)} policy(ies), {len(policy_set.playbooks)} playbook(s)"
-    )
+    print(f"ok: {len(policy_set.policies)} policy(ies), {len(policy_set.playbooks)} playbook(s)")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `remedy check` works on a host without bcc or cgroups.
-    from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
     from remedy.sensors.forkstorm import ForkSensor, ForkSettings  # noqa: PLC0415
+    from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
 
     if args.ebpf:
         print(ForkSensor(ForkSettings(window_s=1.0, threshold=1)).source())

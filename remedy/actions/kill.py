@@ -28,8 +28,9 @@ class Kill:
         assert isinstance(params, KillParams)
         sig = signal.Signals[params.signal]
         if subject.handle is None:
-            raise ActionError("no pidfd for the offender; refusing to signal a bare pid",
-                              pid=subject.pid)
+            raise ActionError(
+                "no pidfd for the offender; refusing to signal a bare pid", pid=subject.pid
+            )
         subject.handle.send_signal(sig)
         swept = self._sweep(sig, subject, ctx) if params.quarantine else 0
         return f"signalled offender and {swept} quarantine member(s)"

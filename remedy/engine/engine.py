@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from remedy.clock import Clock
@@ -39,6 +40,18 @@ class Executor(Protocol):
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str: ...
 
     def release(self, subject: Subject) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One policy evaluated on one record: what a decision is about."""
+
+    policy: Policy
+    record: SensorRecord
+    offender: Offender
+    step: Step
+    step_index: int
+    dry_run: bool
 
 
 class Engine:
@@ -118,7 +131,9 @@ class Engine:
         dry_run = self.dry_run or policy.dry_run
 
         def decide(outcome: str, reason: str, message: str) -> None:
-            self._emit(policy, record, offender, step, step_index, dry_run, outcome, reason, message)
+            self._emit(
+                policy, record, offender, step, step_index, dry_run, outcome, reason, message
+            )
 
         if offender.state == "cooldown":
             left = offender.cooldown_until - now
@@ -134,8 +149,12 @@ class Engine:
         if not limiter.allow(now):
             fire(offender, "hold")
             retry = limiter.retry_in(now)
-            decide(SKIPPED, f"rate limit ({policy.rate_limit.max_actions} per "
-                   f"{policy.rate_limit.per_s:g} s; next in {retry:.1f} s)", "")
+            decide(
+                SKIPPED,
+                f"rate limit ({policy.rate_limit.max_actions} per "
+                f"{policy.rate_limit.per_s:g} s; next in {retry:.1f} s)",
+                "",
+            )
             return
         fire(offender, "act")
         plan = self._executor.describe(step, subject)
@@ -157,18 +176,8 @@ class Engine:
         offender.cooldown_until = now + policy.cooldown_s
         fire(offender, "acted")
 
-    def _emit(
-        self,
-        policy: Policy,
-        record: SensorRecord,
-        offender: Offender,
-        step: Step,
-        step_index: int,
-        dry_run: bool,
-        outcome: str,
-        reason: str,
-        message: str,
-    ) -> None:
+    def _emit(self, case: _Case, outcome: str, reason: str, message: str) -> None:
+        policy, record, offender = case.policy, case.record, case.offender
         subject = offender.subject
         what = record.describe(policy.threshold)
         where = f"pid {subject.pid} ({subject.comm}) in {subject.cgroup_display}"
@@ -185,9 +194,9 @@ class Engine:
             cgroup=subject.cgroup_display,
             count=record.count,
             window_s=record.window_s,
-            action=step.action,
-            step=step_index,
-            dry_run=dry_run,
+            action=case.step.action,
+            step=case.step_index,
+            dry_run=case.dry_run,
             outcome=outcome,
             reason=reason,
             message=text,

@@ -90,7 +90,9 @@ class Agent:
         self._clock = clock or SystemClock()
         self._out = out
         self._stop = threading.Event()
-        self.stats = AgentStats(mode="naive" if options.naive else "funnel", dry_run=options.dry_run)
+        self.stats = AgentStats(
+            mode="naive" if options.naive else "funnel", dry_run=options.dry_run
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -211,8 +213,13 @@ class Agent:
         self.stats.queue_full = reader.queue_full
         self.stats.engine = dict(engine.stats)
         self.stats.decisions = dict(
-            Counter({k.removeprefix("decision-"): v for k, v in engine.stats.items()
-                     if k.startswith("decision-")})
+            Counter(
+                {
+                    k.removeprefix("decision-"): v
+                    for k, v in engine.stats.items()
+                    if k.startswith("decision-")
+                }
+            )
         )
 
     def _report(self) -> None:

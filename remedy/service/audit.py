@@ -42,9 +42,12 @@ class ConsoleSink:
 
     def record(self, decision: Decision) -> None:
         mode = "dry-run" if decision.dry_run else "enforce"
-        print(f"[{decision.policy}] {mode} {decision.outcome}: {decision.message}"
-              + (f" ({decision.reason})" if decision.outcome != "acted" else ""),
-              file=self._out, flush=True)
+        print(
+            f"[{decision.policy}] {mode} {decision.outcome}: {decision.message}"
+            + (f" ({decision.reason})" if decision.outcome != "acted" else ""),
+            file=self._out,
+            flush=True,
+        )
 
 
 class FanOut:

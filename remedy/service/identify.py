@@ -28,9 +28,7 @@ class ProcIdentifier:
         try:
             info = handle.info
             cgroup = self._cgroups.cgroup_of(info.pid)
-            parents = tuple(
-                (p.pid, p.comm) for p in self._procfs.ancestors(info.pid)[:MAX_PARENTS]
-            )
+            parents = tuple((p.pid, p.comm) for p in self._procfs.ancestors(info.pid)[:MAX_PARENTS])
         except ActionError:
             handle.close()
             raise

@@ -14,7 +14,9 @@ from typing import Any
 
 # The child writes its own pid into each cgroup.procs before exec, so it and everything it forks
 # start inside the cgroups: no window where a storm runs unconfined.
-_ENTER = 'for f in "$@"; do case "$f" in --) shift; break;; esac; echo $$ > "$f"; shift; done; exec "$@"'
+_ENTER = (
+    'for f in "$@"; do case "$f" in --) shift; break;; esac; echo $$ > "$f"; shift; done; exec "$@"'
+)
 
 
 def in_cgroups(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CgroupSandbox
 from remedy.sensors.forkstorm import ForkConfigC, ForkRecordC, ForkSensor, ForkSettings
 from remedy.sensors.records import SensorRecord
+from remedy.service.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 
@@ -30,7 +30,9 @@ def sensor() -> Iterator[ForkSensor]:
 
 
 def _storm(box: CgroupSandbox, forks: int, seconds: float = 20.0) -> int:
-    proc = box.spawn([sys.executable, str(FORKER), "--forks", str(forks), "--seconds", str(seconds)])
+    proc = box.spawn(
+        [sys.executable, str(FORKER), "--forks", str(forks), "--seconds", str(seconds)]
+    )
     assert proc.wait(seconds + 10) == 0
     return proc.pid
 
