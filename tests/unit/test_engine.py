@@ -1,0 +1,266 @@
+"""The engine on recorded records, a fake clock and fake actuators: no root, no kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from remedy.actions.params import KillParams, QuarantineParams
+from remedy.clock import FakeClock
+from remedy.engine.decisions import Decision
+from remedy.engine.engine import Engine
+from remedy.engine.guards import Protector
+from remedy.engine.offender import Subject
+from remedy.errors import PermissionDenied, ProcessGone
+from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
+from remedy.sensors.records import SensorRecord
+
+POLICY = Policy(
+    name="fork-bomb",
+    file=Path("policies/fork-bomb.yaml"),
+    signal="fork_rate",
+    threshold=200,
+    window_s=1.0,
+    playbook="contain",
+    dry_run=False,
+    cooldown_s=2.0,
+    release_after_s=10.0,
+    rate_limit=RateLimit(max_actions=3, per_s=60.0),
+    match=Selector(),
+)
+PLAYBOOK = Playbook(
+    name="contain",
+    file=Path("playbooks/contain.yaml"),
+    steps=(Step("quarantine", QuarantineParams()), Step("kill", KillParams())),
+)
+
+
+@dataclass
+class FakeHandle:
+    exited: bool = False
+    closed: bool = False
+
+    def has_exited(self) -> bool:
+        return self.exited
+
+    def send_signal(self, sig: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeIdentifier:
+    """Knows a fixed table of processes; anything else is gone."""
+
+    table: dict[int, Subject]
+    handles: list[FakeHandle] = field(default_factory=list)
+
+    def identify(self, record: SensorRecord) -> Subject:
+        subject = self.table.get(record.tgid)
+        if subject is None:
+            raise ProcessGone("exited", pid=record.tgid)
+        handle = FakeHandle()
+        self.handles.append(handle)
+        return replace(subject, handle=handle)
+
+
+@dataclass
+class FakeExecutor:
+    ran: list[tuple[str, int]] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    def describe(self, step: Step, subject: Subject) -> str:
+        return f"{step.action} pid {subject.pid}"
+
+    def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.ran.append((step.action, subject.pid))
+        return ""
+
+    def release(self, subject: Subject) -> None:
+        self.released.append(subject.pid)
+
+
+@dataclass
+class ListSink:
+    decisions: list[Decision] = field(default_factory=list)
+
+    def record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+
+def subject(pid: int, **kw: object) -> Subject:
+    base = Subject(pid, 1000 + pid, "forker", 1, "/usr/bin/forker", 0, False, "/a", "/cg/a")
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def record(pid: int, count: int = 200) -> SensorRecord:
+    return SensorRecord("fork_rate", pid, pid, 1, "forker", 1, count, 1.0, 0.2, 0)
+
+
+@dataclass
+class Rig:
+    engine: Engine
+    clock: FakeClock
+    executor: FakeExecutor
+    sink: ListSink
+    identifier: FakeIdentifier
+
+    def outcomes(self) -> list[tuple[str, str | None]]:
+        return [(d.outcome, d.action) for d in self.sink.decisions]
+
+
+def rig(
+    *subjects: Subject, policy: Policy = POLICY, dry_run: bool = False, agent_pid: int = 999
+) -> Rig:
+    clock = FakeClock()
+    executor = FakeExecutor()
+    sink = ListSink()
+    identifier = FakeIdentifier({s.pid: s for s in subjects})
+    engine = Engine(
+        PolicySet((policy,), {PLAYBOOK.name: PLAYBOOK}),
+        identifier=identifier,
+        executor=executor,
+        sink=sink,
+        clock=clock,
+        protector=Protector(agent_pid, frozenset({1, 998})),
+        dry_run=dry_run,
+    )
+    return Rig(engine, clock, executor, sink, identifier)
+
+
+def test_acts_then_cools_down_then_escalates() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(record(42))
+    r.clock.advance(1.0)
+    r.engine.on_record(record(42))  # inside the cooldown: skipped, still sensed
+    r.clock.advance(1.5)
+    r.engine.tick()
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("acted", "quarantine"), ("skipped", "kill"), ("acted", "kill")]
+    assert r.executor.ran == [("quarantine", 42), ("kill", 42)]
+    assert "cooldown" in r.sink.decisions[1].reason
+
+
+def test_dry_run_walks_the_same_path_without_side_effects() -> None:
+    r = rig(subject(42), dry_run=True)
+    r.engine.on_record(record(42))
+    r.clock.advance(3.0)
+    r.engine.tick()
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("would-act", "quarantine"), ("would-act", "kill")]
+    assert r.executor.ran == []
+    assert all(d.dry_run for d in r.sink.decisions)
+    assert r.sink.decisions[0].message.startswith("would quarantine pid 42")
+
+
+def test_policy_dry_run_is_honoured_and_global_dry_run_overrides_enforcing_policies() -> None:
+    r = rig(subject(42), policy=replace(POLICY, dry_run=True))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("would-act", "quarantine")]
+
+
+@pytest.mark.parametrize(
+    ("who", "reason"),
+    [
+        (subject(1), "pid 1"),
+        (subject(50, is_kernel_thread=True), "kernel thread"),
+        (subject(999), "the agent"),
+        (subject(998), "ancestor"),
+        (subject(51, exe="/usr/sbin/sshd"), "protected executable"),
+    ],
+)
+def test_protected_processes_are_skipped(who: Subject, reason: str) -> None:
+    r = rig(who)
+    r.engine.on_record(record(who.pid))
+    assert r.outcomes() == [("skipped", "quarantine")]
+    assert reason in r.sink.decisions[0].reason
+    assert r.executor.ran == []
+
+
+def test_substring_of_a_protected_exe_is_not_protected() -> None:
+    r = rig(subject(52, exe="/tmp/usr/sbin/sshd"))
+    r.engine.on_record(record(52))
+    assert r.outcomes() == [("acted", "quarantine")]
+
+
+def test_rate_limit_is_per_policy_and_audited() -> None:
+    r = rig(*(subject(p) for p in range(10, 15)))
+    for pid in range(10, 15):
+        r.engine.on_record(record(pid))
+    assert [o for o, _ in r.outcomes()] == ["acted"] * 3 + ["skipped"] * 2
+    assert "rate limit" in r.sink.decisions[-1].reason
+    r.clock.advance(61)
+    r.engine.tick()
+    r.engine.on_record(record(14))
+    assert r.outcomes()[-1] == ("acted", "quarantine")
+
+
+def test_a_process_that_exited_before_identification_is_not_a_decision() -> None:
+    r = rig()
+    r.engine.on_record(record(77))
+    assert r.sink.decisions == []
+    assert r.engine.stats["identify-gone"] == 1
+
+
+def test_failed_action_is_audited_with_its_outcome_and_retried_later() -> None:
+    r = rig(subject(42))
+    r.executor.fail_with = PermissionDenied("no", pid=42)
+    r.engine.on_record(record(42))
+    r.executor.fail_with = None
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("denied", "quarantine"), ("acted", "quarantine")]
+
+
+def test_quiet_offenders_are_released_and_their_pidfds_closed() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(record(42))
+    r.clock.advance(2.0)
+    r.engine.tick()
+    assert [o.state for o in r.engine.offenders()] == ["observed"]
+    r.clock.advance(10.0)
+    r.engine.tick()
+    assert list(r.engine.offenders()) == []
+    assert r.executor.released == [42]
+    assert all(h.closed for h in r.identifier.handles)
+
+
+def test_an_exited_offender_is_released_at_once() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(record(42))
+    r.identifier.handles[0].exited = True
+    r.engine.tick()
+    assert list(r.engine.offenders()) == []
+
+
+def test_a_reused_pid_is_a_new_offender() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(record(42))
+    r.identifier.table[42] = subject(42, start_ticks=99999)
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("acted", "quarantine"), ("acted", "quarantine")]
+    assert len(list(r.engine.offenders())) == 2
+
+
+def test_selector_limits_which_cgroups_are_acted_on() -> None:
+    policy = replace(POLICY, match=Selector(cgroups=("/other/*",)))
+    r = rig(subject(42), policy=policy)
+    r.engine.on_record(record(42))
+    assert r.sink.decisions == []
+    assert r.engine.stats["unmatched"] == 1
+    assert r.identifier.handles[0].closed
+
+
+def test_close_releases_everything() -> None:
+    r = rig(subject(42), subject(43))
+    r.engine.on_record(record(42))
+    r.engine.on_record(record(43))
+    r.engine.close()
+    assert list(r.engine.offenders()) == []
+    assert sorted(r.executor.released) == [42, 43]
