@@ -1,0 +1,166 @@
+"""A process pinned by a pidfd: the only way remedy signals anything.
+
+A pid is a number the kernel recycles; a pidfd (``pidfd_open(2)``, Linux 5.3) refers to one
+``struct pid``, i.e. one process. ``pidfd_send_signal(2)`` through it fails with ESRCH once that
+process has been reaped, even if its number already belongs to someone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+from collections.abc import Callable
+from types import TracebackType
+
+from remedy.errors import ActionError, PermissionDenied, ProcessGone
+from remedy.proc import ProcessInfo, ProcFS
+
+__all__ = ["ProcessHandle"]
+
+# A pidfd polls readable once its process has exited (zombie or reaped; kernel/pid.c
+# pidfd_poll). POLLHUP is added once it is reaped (Linux 6.9+); either means "gone".
+_EXITED = select.POLLIN | select.POLLHUP
+
+
+class ProcessHandle:
+    """A process pinned by a pidfd opened when the offender was identified: signals through it
+    can never hit a reused pid."""
+
+    def __init__(self, fd: int, info: ProcessInfo, *, policy: str | None = None) -> None:
+        """Wrap an already-verified pidfd; use :meth:`bind` instead."""
+        self._fd: int | None = fd
+        self._info = info
+        self._policy = policy
+
+    @classmethod
+    def bind(
+        cls,
+        pid: int,
+        procfs: ProcFS,
+        *,
+        started_before_ns: int | None = None,
+        policy: str | None = None,
+        pidfd_open: Callable[[int], int] = os.pidfd_open,
+    ) -> ProcessHandle:
+        """Pin ``pid`` and read its identity.
+
+        ``started_before_ns`` (CLOCK_BOOTTIME ns) is when the kernel reported the process: one
+        that started later holds a reused pid and raises :class:`ProcessGone`. Raises
+        :class:`ProcessGone` if the process is gone and :class:`PermissionDenied` if the kernel
+        refuses the pidfd.
+        """
+        try:
+            fd = pidfd_open(pid)
+        except OSError as err:
+            raise _translate(err, "pidfd_open", pid, policy) from err
+        try:
+            # Order matters. The pidfd is opened first, /proc read second, and the pidfd polled
+            # last: a process that has not exited cannot have been reaped, so its pid was not
+            # reused while we read /proc, and what we read describes the process we pinned.
+            try:
+                info = procfs.read(pid)
+            except ProcessGone as err:
+                raise ProcessGone("gone before /proc was read", pid=pid, policy=policy) from err
+            except PermissionDenied as err:
+                raise PermissionDenied("cannot read /proc entry", pid=pid, policy=policy) from err
+            if _poll_exited(fd, 0, pid, policy):
+                raise ProcessGone("exited before it could be pinned", pid=pid, policy=policy)
+            if started_before_ns is not None and procfs.start_boot_ns(info) > started_before_ns:
+                # The pidfd pins a process that started after the kernel reported this pid:
+                # the reported process is gone and its pid was handed out again.
+                raise ProcessGone("pid reused", pid=pid, policy=policy)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, info, policy=policy)
+
+    @property
+    def info(self) -> ProcessInfo:
+        """What /proc said about the process when it was pinned."""
+        return self._info
+
+    @property
+    def pid(self) -> int:
+        """The process id (as seen in our pid namespace)."""
+        return self._info.pid
+
+    @property
+    def start_ticks(self) -> int:
+        """Start time in clock ticks since boot: with ``pid``, the process's identity."""
+        return self._info.start_ticks
+
+    @property
+    def comm(self) -> str:
+        """The command name at pin time."""
+        return self._info.comm
+
+    def fileno(self) -> int:
+        """The pidfd, e.g. for an event loop to poll for exit."""
+        return self._require_fd()
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the pinned process; :class:`ProcessGone` once it has been reaped."""
+        fd = self._require_fd()
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        except OSError as err:
+            raise _translate(err, f"signal {sig}", self.pid, self._policy) from err
+
+    def has_exited(self) -> bool:
+        """True once the process has exited (a zombie counts: it can no longer act)."""
+        return _poll_exited(self._require_fd(), 0, self.pid, self._policy)
+
+    def wait_exit(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for the process to exit; True if it did."""
+        timeout_ms = max(0, int(timeout_s * 1000))
+        return _poll_exited(self._require_fd(), timeout_ms, self.pid, self._policy)
+
+    def close(self) -> None:
+        """Release the pidfd. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> ProcessHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd is None else f"fd={self._fd}"
+        return f"<ProcessHandle pid={self.pid} comm={self.comm!r} {state}>"
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise ActionError("process handle is closed", pid=self.pid, policy=self._policy)
+        return self._fd
+
+
+def _poll_exited(fd: int, timeout_ms: int, pid: int, policy: str | None) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        # EINTR is retried by Python with the remaining timeout (PEP 475).
+        events = poller.poll(timeout_ms)
+    except OSError as err:
+        raise _translate(err, "poll pidfd", pid, policy) from err
+    return any(ev & _EXITED for _, ev in events)
+
+
+def _translate(err: OSError, what: str, pid: int, policy: str | None) -> ActionError:
+    if err.errno == errno.ESRCH:
+        return ProcessGone(f"{what}: no such process", pid=pid, policy=policy)
+    if err.errno in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(f"{what}: {err.strerror}", pid=pid, policy=policy)
+    if err.errno == errno.EINVAL and what == "pidfd_open":
+        # pidfd_open(2) without PIDFD_THREAD refuses a pid that is not a thread-group leader.
+        return ActionError(f"{what}: not a process (thread id?)", pid=pid, policy=policy)
+    return ActionError(f"{what}: {err.strerror}", pid=pid, policy=policy)
