@@ -1,0 +1,435 @@
+"""One interface over cgroup v1 (through cgroupspy) and cgroup v2 (through its files).
+
+Cgroups are named by their path relative to the hierarchy root ("/remedy/q-42-1234"), the form
+/proc/pid/cgroup uses; :meth:`CgroupDriver.display_path` turns that into a filesystem path for
+humans. Every OSError is translated here, once, into :class:`CgroupError` (or
+:class:`ProcessGone` when the pid being moved has exited).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from cgroupspy.controllers import Controller
+from cgroupspy.interfaces import BaseFileInterface
+from cgroupspy.nodes import Node
+
+from remedy.errors import CgroupError, ProcessGone
+from remedy.proc import ProcFS
+
+__all__ = [
+    "CgroupDriver",
+    "CgroupV1Driver",
+    "CgroupV2Driver",
+    "FreezerController",
+    "Limits",
+    "PidsController",
+    "RemedyNode",
+    "detect",
+]
+
+# The CFS bandwidth period we always use (the kernel default, 100 ms).
+CPU_PERIOD_US = 100_000
+# kernel/sched/core.c: min_cfs_quota_period is 1 ms; a smaller quota is refused with EINVAL.
+_MIN_QUOTA_US = 1_000
+# The v2 controllers a quarantine needs enabled down the tree.
+_V2_CONTROLLERS = ("pids", "cpu")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps for one cgroup; ``None`` leaves the kernel's value alone."""
+
+    pids_max: int | None = None
+    cpu_cores: float | None = None
+
+    def cpu_quota_us(self) -> int | None:
+        """CFS quota per :data:`CPU_PERIOD_US` for ``cpu_cores`` (at least the kernel's 1 ms)."""
+        if self.cpu_cores is None:
+            return None
+        return max(_MIN_QUOTA_US, int(self.cpu_cores * CPU_PERIOD_US))
+
+
+class CgroupDriver(Protocol):
+    """What actions need from a cgroup hierarchy, whichever version the host mounts.
+
+    ``rel`` arguments are paths relative to the hierarchy root: they start with "/" and contain
+    no ".." (anything else raises :class:`CgroupError`). Every method raises only
+    :class:`CgroupError`, except :meth:`move` (:class:`ProcessGone` if the pid exited) and
+    :meth:`cgroup_of` (:class:`ProcessGone` from /proc).
+    """
+
+    version: int
+    root: Path
+
+    def cgroup_of(self, pid: int) -> str:
+        """The cgroup of ``pid`` relative to the hierarchy root ("/a/b")."""
+        ...
+
+    def display_path(self, rel: str) -> str:
+        """The absolute filesystem path of ``rel``, for humans and logs."""
+        ...
+
+    def exists(self, rel: str) -> bool:
+        """Whether ``rel`` exists (v1: in the pids hierarchy)."""
+        ...
+
+    def create(self, rel: str, limits: Limits) -> None:
+        """Create ``rel`` (and its parents) if needed, then write every limit that is set."""
+        ...
+
+    def move(self, pid: int, rel: str) -> None:
+        """Move the whole process ``pid`` (all its threads) into ``rel``."""
+        ...
+
+    def members(self, rel: str) -> list[int]:
+        """The pids in ``rel`` itself (not its children); [] if it does not exist."""
+        ...
+
+    def contains(self, rel: str, pid: int) -> bool:
+        """Whether ``pid`` is a member of ``rel``."""
+        ...
+
+    def remove(self, rel: str) -> None:
+        """Remove ``rel`` and its child cgroups, deepest first; a missing cgroup is fine.
+
+        Raises :class:`CgroupError` if one still has processes (the kernel says EBUSY).
+        """
+        ...
+
+
+# --- cgroupspy extension ---------------------------------------------------------------------
+# cgroupspy 0.2.x types are untyped (Any) for mypy, hence the ignores on the subclasses.
+
+
+class _MaxIntegerFile(BaseFileInterface):  # type: ignore[misc]
+    """An integer file where the kernel writes "max" for "no limit" (pids.max); None <-> max."""
+
+    def sanitize_get(self, value: str) -> int | None:
+        return None if value.strip() == "max" else int(value)
+
+    def sanitize_set(self, value: int | None) -> str:
+        return "max" if value is None else str(int(value))
+
+
+class PidsController(Controller):  # type: ignore[misc]
+    """The v1 pids controller (Documentation/admin-guide/cgroup-v1/pids.rst), missing from
+    cgroupspy: ``max`` (None = "max") and the read-only ``current``."""
+
+    max = _MaxIntegerFile("pids.max")
+    current = _MaxIntegerFile("pids.current", readonly=True)
+
+
+class FreezerController(Controller):  # type: ignore[misc]
+    """The v1 freezer controller, missing from cgroupspy: ``state`` is THAWED, FREEZING or
+    FROZEN (Documentation/admin-guide/cgroup-v1/freezer-subsystem.rst)."""
+
+    state = BaseFileInterface("freezer.state")
+
+
+class RemedyNode(Node):  # type: ignore[misc]
+    """A cgroupspy Node that also knows the pids and freezer controllers.
+
+    cgroupspy picks a node's controller from the class-level ``CONTROLLERS`` map, keyed by the
+    hierarchy's directory name. Its ``create_cgroup`` hard-codes the base ``Node`` class for
+    children (which would lose these controllers), so remedy builds node chains itself.
+    """
+
+    CONTROLLERS: ClassVar[dict[bytes, Any]] = {
+        **Node.CONTROLLERS,
+        b"pids": PidsController,
+        b"freezer": FreezerController,
+    }
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _parts(rel: str) -> list[str]:
+    """Validate ``rel`` and split it into path components ("/" -> [])."""
+    if not rel.startswith("/"):
+        raise CgroupError("cgroup path must be absolute within the hierarchy", cgroup=rel)
+    parts = [p for p in rel.split("/") if p]
+    if any(p in (".", "..") for p in parts) or "\0" in rel:
+        raise CgroupError("cgroup path must not contain '.', '..' or NUL", cgroup=rel)
+    return parts
+
+
+def _non_root_parts(rel: str, what: str) -> list[str]:
+    parts = _parts(rel)
+    if not parts:
+        raise CgroupError(f"refusing to {what} the hierarchy root", cgroup=rel)
+    return parts
+
+
+def _error(err: OSError, what: str, rel: str) -> CgroupError:
+    return CgroupError(f"{what}: {err.strerror}", cgroup=rel)
+
+
+def _deepest_first(top: Path) -> Iterator[Path]:
+    """``top`` and every directory below it, children before parents."""
+    for dirpath, _dirnames, _files in os.walk(top, topdown=False):
+        yield Path(dirpath)
+
+
+def _read_pids(procs: Path) -> list[int]:
+    return [int(x) for x in procs.read_text().split()]
+
+
+def _rmdir_tree(top: Path, rel: str, rmdir: Callable[[Path], None]) -> None:
+    if not top.is_dir():
+        return
+    for d in _deepest_first(top):
+        try:
+            rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            # cgroup_destroy_locked(): EBUSY while the cgroup still has tasks or live children.
+            if err.errno == errno.EBUSY:
+                raise CgroupError(f"cannot remove {d}: still has processes", cgroup=rel) from err
+            raise _error(err, f"cannot remove {d}", rel) from err
+
+
+# --- v1 --------------------------------------------------------------------------------------
+
+
+class CgroupV1Driver:
+    """cgroup v1: a quarantine is one directory in the pids and one in the cpu hierarchy.
+
+    Membership is read from the pids hierarchy, which is the one whose limit stops a fork
+    storm; moves go to both so the CPU cap applies too.
+    """
+
+    version = 1
+    _HIERARCHIES = ("pids", "cpu")
+
+    def __init__(self, root: Path, procfs: ProcFS) -> None:
+        """``root`` holds one directory per mounted v1 hierarchy (root/pids, root/cpu)."""
+        self.root = root
+        self._procfs = procfs
+
+    def _dir(self, hierarchy: str, parts: list[str]) -> Path:
+        return self.root.joinpath(hierarchy, *parts)
+
+    def _node(self, hierarchy: str, parts: list[str]) -> RemedyNode:
+        top = RemedyNode(os.fsencode(self.root))
+        node = RemedyNode(hierarchy.encode(), parent=top)
+        for part in parts:
+            node = RemedyNode(os.fsencode(part), parent=node)
+        return node
+
+    def cgroup_of(self, pid: int) -> str:
+        """The pids-hierarchy line of /proc/pid/cgroup."""
+        cgroups = self._procfs.cgroups(pid)
+        if "pids" not in cgroups:
+            raise CgroupError("no pids hierarchy in /proc/pid/cgroup", pid=pid)
+        return cgroups["pids"]
+
+    def display_path(self, rel: str) -> str:
+        """root/pids/rel."""
+        return str(self._dir("pids", _parts(rel)))
+
+    def exists(self, rel: str) -> bool:
+        """Whether the pids-hierarchy directory exists."""
+        return self._dir("pids", _parts(rel)).is_dir()
+
+    def create(self, rel: str, limits: Limits) -> None:
+        """mkdir in the pids and cpu hierarchies; write pids.max and the CFS quota."""
+        parts = _non_root_parts(rel, "create")
+        for hierarchy in self._HIERARCHIES:
+            try:
+                self._dir(hierarchy, parts).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _error(err, f"cannot create in the {hierarchy} hierarchy", rel) from err
+        try:
+            if limits.pids_max is not None:
+                self._node("pids", parts).controller.max = limits.pids_max
+            quota = limits.cpu_quota_us()
+            if quota is not None:
+                cpu = self._node("cpu", parts).controller
+                # Period first: the kernel validates the quota against the current period.
+                cpu.cfs_period_us = CPU_PERIOD_US
+                cpu.cfs_quota_us = quota
+        except OSError as err:
+            # EINVAL on cfs_quota_us also means a parent's quota is smaller than this one
+            # (tg_cfs_schedulable_down() in kernel/sched/core.c).
+            raise _error(err, f"cannot write limits {limits}", rel) from err
+
+    def move(self, pid: int, rel: str) -> None:
+        """Write ``pid`` to cgroup.procs in the pids and cpu hierarchies."""
+        parts = _parts(rel)
+        for hierarchy in self._HIERARCHIES:
+            try:
+                # Not cgroupspy's ``procs`` setter: it joins pids with newlines in one write,
+                # and cgroup.procs takes exactly one pid per write(2).
+                self._node(hierarchy, parts).controller.set_property(b"cgroup.procs", pid)
+            except ProcessLookupError as err:
+                raise ProcessGone("exited before it could be moved", pid=pid, cgroup=rel) from err
+            except OSError as err:
+                raise CgroupError(
+                    f"cannot move into the {hierarchy} hierarchy: {err.strerror}",
+                    pid=pid,
+                    cgroup=rel,
+                ) from err
+
+    def members(self, rel: str) -> list[int]:
+        """cgroup.procs of the pids hierarchy; [] if the cgroup does not exist."""
+        parts = _parts(rel)
+        try:
+            return [int(p) for p in self._node("pids", parts).controller.procs]
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise _error(err, "cannot read cgroup.procs", rel) from err
+
+    def contains(self, rel: str, pid: int) -> bool:
+        """Whether ``pid`` is in ``rel`` (pids hierarchy)."""
+        return pid in self.members(rel)
+
+    def remove(self, rel: str) -> None:
+        """rmdir in the pids and cpu hierarchies, children first."""
+        parts = _non_root_parts(rel, "remove")
+        for hierarchy in self._HIERARCHIES:
+            _rmdir_tree(self._dir(hierarchy, parts), rel, os.rmdir)
+
+
+# --- v2 --------------------------------------------------------------------------------------
+
+
+class CgroupV2Driver:
+    """cgroup v2: one directory; controllers enabled through each ancestor's subtree_control."""
+
+    version = 2
+
+    def __init__(
+        self, root: Path, procfs: ProcFS, *, rmdir: Callable[[Path], None] = os.rmdir
+    ) -> None:
+        """``rmdir`` is an override point: a fixture tree in a plain filesystem cannot drop its
+        interface files on rmdir the way kernfs does, so tests pass one that does."""
+        self.root = root
+        self._procfs = procfs
+        self._rmdir = rmdir
+
+    def _dir(self, parts: list[str]) -> Path:
+        return self.root.joinpath(*parts)
+
+    def cgroup_of(self, pid: int) -> str:
+        """The "0::" line of /proc/pid/cgroup."""
+        cgroups = self._procfs.cgroups(pid)
+        if "" not in cgroups:
+            raise CgroupError("no cgroup v2 line in /proc/pid/cgroup", pid=pid)
+        return cgroups[""]
+
+    def display_path(self, rel: str) -> str:
+        """root/rel."""
+        return str(self._dir(_parts(rel)))
+
+    def exists(self, rel: str) -> bool:
+        """Whether the directory exists."""
+        return self._dir(_parts(rel)).is_dir()
+
+    def _enable_controllers(self, cgroup: Path, rel: str) -> None:
+        control = cgroup / "cgroup.subtree_control"
+        try:
+            enabled = set(control.read_text().split()) if control.exists() else set()
+            missing = [c for c in _V2_CONTROLLERS if c not in enabled]
+            if missing:
+                control.write_text(" ".join(f"+{c}" for c in missing))
+        except OSError as err:
+            # EBUSY: the "no internal processes" rule (cgroup-v2.rst) forbids enabling domain
+            # controllers in a non-root cgroup that has processes of its own. ENOENT/EINVAL:
+            # the controller is not in this cgroup's cgroup.controllers.
+            raise _error(err, f"cannot enable controllers in {control}", rel) from err
+
+    def create(self, rel: str, limits: Limits) -> None:
+        """mkdir with parents, enabling +pids +cpu in each ancestor's subtree_control that lacks
+        them (from the root down), then write pids.max and cpu.max."""
+        parts = _non_root_parts(rel, "create")
+        # A limit file only appears in a child once its parent has enabled the controller, so
+        # each level is enabled before the next is created.
+        for depth in range(len(parts)):
+            parent = self._dir(parts[:depth])
+            self._enable_controllers(parent, rel)
+            child = self._dir(parts[: depth + 1])
+            try:
+                child.mkdir(exist_ok=True)
+            except OSError as err:
+                raise _error(err, f"cannot create {child}", rel) from err
+        target = self._dir(parts)
+        try:
+            if limits.pids_max is not None:
+                (target / "pids.max").write_text(str(limits.pids_max))
+            quota = limits.cpu_quota_us()
+            if quota is not None:
+                (target / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        except OSError as err:
+            raise _error(err, f"cannot write limits {limits}", rel) from err
+
+    def move(self, pid: int, rel: str) -> None:
+        """Write ``pid`` to rel/cgroup.procs."""
+        procs = self._dir(_parts(rel)) / "cgroup.procs"
+        try:
+            procs.write_text(str(pid))
+        except ProcessLookupError as err:
+            raise ProcessGone("exited before it could be moved", pid=pid, cgroup=rel) from err
+        except OSError as err:
+            raise CgroupError(f"cannot move: {err.strerror}", pid=pid, cgroup=rel) from err
+
+    def members(self, rel: str) -> list[int]:
+        """rel/cgroup.procs; [] if the cgroup does not exist."""
+        try:
+            return _read_pids(self._dir(_parts(rel)) / "cgroup.procs")
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise _error(err, "cannot read cgroup.procs", rel) from err
+
+    def contains(self, rel: str, pid: int) -> bool:
+        """Whether ``pid`` is in ``rel``."""
+        return pid in self.members(rel)
+
+    def remove(self, rel: str) -> None:
+        """rmdir ``rel`` and its children, deepest first."""
+        parts = _non_root_parts(rel, "remove")
+        _rmdir_tree(self._dir(parts), rel, self._rmdir)
+
+
+# --- detection -------------------------------------------------------------------------------
+
+
+def detect(root: Path = Path("/sys/fs/cgroup"), procfs: ProcFS | None = None) -> CgroupDriver:
+    """The driver for the host's layout.
+
+    Pure v2 when ``root`` itself is a cgroup2 mount (has cgroup.controllers). Otherwise v1 when
+    root/pids and root/cpu are v1 hierarchies (they have a ``tasks`` file, which v2 never has).
+    Hybrid hosts mount a cgroup2 at root/unified, usually with no controllers: remedy uses v1
+    there, since pids and cpu can be bound to only one hierarchy at a time.
+    """
+    procfs = procfs or ProcFS()
+    controllers_file = root / "cgroup.controllers"
+    if controllers_file.exists():
+        try:
+            available = set(controllers_file.read_text().split())
+        except OSError as err:
+            raise CgroupError(f"cannot read {controllers_file}: {err.strerror}") from err
+        missing = [c for c in _V2_CONTROLLERS if c not in available]
+        if missing:
+            raise CgroupError(
+                f"cgroup v2 at {root} lacks controller(s) {', '.join(missing)} "
+                f"in {controllers_file} (bound to a v1 hierarchy, or not built in)"
+            )
+        return CgroupV2Driver(root, procfs)
+    needed = {"pids": "tasks", "cpu": "cpu.cfs_quota_us"}
+    missing_v1 = [str(root / h / f) for h, f in needed.items() if not (root / h / f).exists()]
+    if not missing_v1:
+        return CgroupV1Driver(root, procfs)
+    raise CgroupError(
+        f"no usable cgroup hierarchy at {root}: {controllers_file} does not exist (not v2) "
+        f"and v1 hierarchies are missing: {', '.join(missing_v1)}"
+    )
