@@ -1,0 +1,208 @@
+"""CgroupV2Driver against a directory tree in tmp_path shaped like a cgroup2 mount.
+
+A plain filesystem does not create interface files on mkdir as kernfs does, so the driver must
+not need them to appear; the fixture's rmdir drops them the way kernfs does on rmdir.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from remedy.actions.cgroups import CgroupV2Driver, Limits, detect
+from remedy.errors import CgroupError, ProcessGone
+from remedy.proc import ProcFS
+
+CHILD_PID = 4242
+
+
+def kernfs_rmdir(path: Path) -> None:
+    """rmdir as on cgroupfs: interface files go with the directory, child cgroups do not."""
+    for entry in path.iterdir():
+        if entry.is_file():
+            entry.unlink()
+    os.rmdir(path)
+
+
+@pytest.fixture
+def cg_root(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("memory\n")
+    (root / "cgroup.procs").write_text("1\n2\n")
+    # An existing parent with only one of the two controllers enabled.
+    remedy = root / "remedy"
+    remedy.mkdir()
+    (remedy / "cgroup.controllers").write_text("cpu memory pids\n")
+    (remedy / "cgroup.subtree_control").write_text("pids\n")
+    (remedy / "cgroup.procs").write_text("")
+    return root
+
+
+@pytest.fixture
+def procfs(tmp_path: Path) -> ProcFS:
+    proc = tmp_path / "proc"
+    (proc / str(CHILD_PID)).mkdir(parents=True)
+    (proc / str(CHILD_PID) / "cgroup").write_text("0::/user.slice/app\n")
+    (proc / "7").mkdir()
+    (proc / "7" / "cgroup").write_text("4:pids:/only-v1\n")
+    return ProcFS(proc)
+
+
+@pytest.fixture
+def driver(cg_root: Path, procfs: ProcFS) -> CgroupV2Driver:
+    return CgroupV2Driver(cg_root, procfs, rmdir=kernfs_rmdir)
+
+
+def test_detect_v2(cg_root: Path, procfs: ProcFS) -> None:
+    found = detect(cg_root, procfs)
+    assert isinstance(found, CgroupV2Driver)
+    assert (found.version, found.root) == (2, cg_root)
+
+
+def test_detect_v2_without_pids_names_it(cg_root: Path) -> None:
+    (cg_root / "cgroup.controllers").write_text("cpu memory\n")
+    with pytest.raises(CgroupError, match="pids"):
+        detect(cg_root)
+
+
+def test_detect_nothing_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match=r"cgroup\.controllers.*pids/tasks"):
+        detect(tmp_path)
+
+
+def test_create_writes_limits_and_enables_controllers(
+    driver: CgroupV2Driver, cg_root: Path
+) -> None:
+    driver.create("/remedy/q-42-1000/inner", Limits(pids_max=8, cpu_cores=0.2))
+    target = cg_root / "remedy" / "q-42-1000" / "inner"
+    assert (target / "pids.max").read_text() == "8"
+    assert (target / "cpu.max").read_text() == "20000 100000"
+    # Each ancestor from the root down gets only what it lacks.
+    assert (cg_root / "cgroup.subtree_control").read_text() == "+pids +cpu"
+    assert (cg_root / "remedy" / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (cg_root / "remedy" / "q-42-1000" / "cgroup.subtree_control").read_text() == (
+        "+pids +cpu"
+    )
+    # The target itself has no children to delegate to.
+    assert not (target / "cgroup.subtree_control").exists()
+    assert driver.exists("/remedy/q-42-1000/inner")
+
+
+def test_create_leaves_enabled_ancestors_alone(driver: CgroupV2Driver, cg_root: Path) -> None:
+    (cg_root / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    (cg_root / "remedy" / "cgroup.subtree_control").write_text("cpu pids\n")
+    driver.create("/remedy/q", Limits(pids_max=3))
+    assert (cg_root / "cgroup.subtree_control").read_text() == "cpu memory pids\n"
+    assert (cg_root / "remedy" / "cgroup.subtree_control").read_text() == "cpu pids\n"
+    assert not (cg_root / "remedy" / "q" / "cpu.max").exists()
+
+
+def test_create_is_idempotent_and_rewrites_limits(driver: CgroupV2Driver, cg_root: Path) -> None:
+    driver.create("/remedy/q", Limits(pids_max=8, cpu_cores=0.5))
+    driver.create("/remedy/q", Limits(pids_max=16, cpu_cores=2.0))
+    assert (cg_root / "remedy" / "q" / "pids.max").read_text() == "16"
+    assert (cg_root / "remedy" / "q" / "cpu.max").read_text() == "200000 100000"
+
+
+def test_tiny_cpu_share_is_raised_to_the_kernel_minimum(
+    driver: CgroupV2Driver, cg_root: Path
+) -> None:
+    driver.create("/q", Limits(cpu_cores=0.001))
+    assert (cg_root / "q" / "cpu.max").read_text() == "1000 100000"
+
+
+def test_move_members_contains(driver: CgroupV2Driver, cg_root: Path) -> None:
+    driver.create("/remedy/q", Limits(pids_max=8))
+    assert driver.members("/remedy/q") == []
+    driver.move(CHILD_PID, "/remedy/q")
+    assert (cg_root / "remedy" / "q" / "cgroup.procs").read_text() == str(CHILD_PID)
+    assert driver.members("/remedy/q") == [CHILD_PID]
+    assert driver.contains("/remedy/q", CHILD_PID)
+    assert not driver.contains("/remedy/q", 1)
+    assert driver.members("/") == [1, 2]
+
+
+def test_members_of_a_missing_cgroup_is_empty(driver: CgroupV2Driver) -> None:
+    assert driver.members("/nope") == []
+    assert not driver.exists("/nope")
+
+
+def test_move_of_an_exited_pid_is_process_gone(
+    driver: CgroupV2Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver.create("/q", Limits())
+
+    def esrch(self: Path, data: str) -> int:
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(Path, "write_text", esrch)
+    with pytest.raises(ProcessGone) as exc:
+        driver.move(CHILD_PID, "/q")
+    assert (exc.value.pid, exc.value.cgroup) == (CHILD_PID, "/q")
+
+
+def test_move_into_a_missing_cgroup_is_cgroup_error(driver: CgroupV2Driver) -> None:
+    with pytest.raises(CgroupError) as exc:
+        driver.move(CHILD_PID, "/nope")
+    assert exc.value.cgroup == "/nope"
+    assert isinstance(exc.value.__cause__, FileNotFoundError)
+
+
+def test_cgroup_of_and_display_path(driver: CgroupV2Driver, cg_root: Path) -> None:
+    assert driver.cgroup_of(CHILD_PID) == "/user.slice/app"
+    assert driver.display_path("/user.slice/app") == str(cg_root / "user.slice" / "app")
+    with pytest.raises(CgroupError):
+        driver.cgroup_of(7)  # a v1-only line
+    with pytest.raises(ProcessGone):
+        driver.cgroup_of(31337)
+
+
+def test_remove_deepest_first_and_missing_is_fine(driver: CgroupV2Driver, cg_root: Path) -> None:
+    driver.create("/remedy/q/a/b", Limits(pids_max=8, cpu_cores=0.5))
+    driver.remove("/remedy/q")
+    assert not (cg_root / "remedy" / "q").exists()
+    assert (cg_root / "remedy").is_dir()
+    driver.remove("/remedy/q")
+
+
+def test_remove_busy_is_cgroup_error(cg_root: Path, procfs: ProcFS) -> None:
+    def busy(path: Path) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    driver = CgroupV2Driver(cg_root, procfs, rmdir=busy)
+    driver.create("/q", Limits())
+    with pytest.raises(CgroupError, match="still has processes") as exc:
+        driver.remove("/q")
+    assert exc.value.cgroup == "/q"
+
+
+@pytest.mark.parametrize("rel", ["relative", "/a/../b", "/a/./b", ""])
+def test_bad_paths_are_refused(driver: CgroupV2Driver, rel: str) -> None:
+    with pytest.raises(CgroupError):
+        driver.exists(rel)
+    with pytest.raises(CgroupError):
+        driver.create(rel, Limits())
+
+
+def test_root_is_never_created_or_removed(driver: CgroupV2Driver, cg_root: Path) -> None:
+    with pytest.raises(CgroupError, match="root"):
+        driver.remove("/")
+    with pytest.raises(CgroupError, match="root"):
+        driver.create("/", Limits(pids_max=1))
+    assert (cg_root / "cgroup.procs").exists()
+
+
+def test_write_errors_become_cgroup_errors(driver: CgroupV2Driver, cg_root: Path) -> None:
+    # A directory where the limit file should be: the write fails with EISDIR.
+    driver.create("/q", Limits())
+    (cg_root / "q" / "pids.max").mkdir()
+    with pytest.raises(CgroupError, match="limits") as exc:
+        driver.create("/q", Limits(pids_max=4))
+    assert exc.value.cgroup == "/q"
+    shutil.rmtree(cg_root / "q")
