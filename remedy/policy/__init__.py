@@ -1,0 +1,24 @@
+"""Policies and playbooks: YAML files validated once, at load time, into frozen records.
+
+``load_policy_set`` (the service) and ``check_paths`` (``remedy check``) share one code path, so
+whatever ``check`` accepts the service accepts. See docs/policies.md for the file format.
+"""
+
+from __future__ import annotations
+
+from remedy.policy.durations import parse_duration
+from remedy.policy.loader import check_paths, load_policy_set
+from remedy.policy.model import SIGNALS, Playbook, Policy, PolicySet, RateLimit, Selector, Step
+
+__all__ = [
+    "SIGNALS",
+    "Playbook",
+    "Policy",
+    "PolicySet",
+    "RateLimit",
+    "Selector",
+    "Step",
+    "check_paths",
+    "load_policy_set",
+    "parse_duration",
+]

@@ -1,0 +1,148 @@
+"""Reading YAML while remembering where every key was, so errors can name a line.
+
+PyYAML's constructed objects forget their position; the node graph from ``compose`` keeps it in
+``start_mark``. We compose once, build the plain Python value from the nodes, and record the line
+of every mapping key and sequence item under its dotted path ("rate_limit.per", "steps.0.action").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from remedy.errors import ConfigError
+
+__all__ = ["Document", "dotted", "read_document"]
+
+
+def dotted(path: tuple[object, ...]) -> str:
+    """Join a key path into the dotted form used in ConfigError.key: ("steps", 0) -> "steps.0"."""
+    return ".".join(str(part) for part in path)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document: its plain value and the 1-based line of each key path in it."""
+
+    file: Path
+    data: object
+    lines: Mapping[str, int] = field(default_factory=dict)
+    start_line: int | None = None
+    # Problems that do not stop validation of the rest of the document (duplicate keys).
+    problems: tuple[ConfigError, ...] = ()
+
+    def line_of(self, key: str) -> int | None:
+        """Line of ``key``, or of its nearest enclosing key that exists in the file.
+
+        A missing key has no line of its own; the mapping that should hold it is the best pointer.
+        """
+        parts = key.split(".") if key else []
+        while parts:
+            line = self.lines.get(".".join(parts))
+            if line is not None:
+                return line
+            parts.pop()
+        return self.start_line
+
+
+def _record_lines(
+    file: Path, root: yaml.Node, constructor: yaml.SafeLoader
+) -> tuple[dict[str, int], list[ConfigError]]:
+    lines: dict[str, int] = {}
+    problems: list[ConfigError] = []
+    # Aliases make the node graph a DAG (or even cyclic); visiting each node once keeps a
+    # "billion laughs" file from exploding here, and the first path that reaches a node is the
+    # one a reader would look at anyway.
+    seen: set[int] = set()
+    stack: list[tuple[tuple[object, ...], yaml.Node]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[object] = set()
+            for key_node, value_node in node.value:
+                key: object = (
+                    constructor.construct_object(key_node)
+                    if isinstance(key_node, yaml.ScalarNode)
+                    else "?"
+                )
+                child = (*path, key)
+                line = key_node.start_mark.line + 1
+                # PyYAML silently keeps the last of two equal keys; a policy edited in a hurry
+                # ("threshold" twice) must not quietly use the value the author did not look at.
+                if key in keys:
+                    problems.append(
+                        ConfigError(file, dotted(child), f"duplicate key {key!r}", line)
+                    )
+                keys.add(key)
+                lines.setdefault(dotted(child), line)
+                stack.append((child, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = (*path, index)
+                lines.setdefault(dotted(child), item.start_mark.line + 1)
+                stack.append((child, item))
+    return lines, problems
+
+
+def _yaml_error(file: Path, err: yaml.YAMLError) -> ConfigError:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    if problem:
+        message = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
+    else:
+        # ReaderError (e.g. a control character) carries no marks, only its own text.
+        message = f"invalid YAML: {err}"
+    return ConfigError(file, "", message, line)
+
+
+def read_document(file: Path) -> Document | ConfigError:
+    """Read ``file`` as exactly one YAML document, or say why it cannot be.
+
+    Never raises for bad content: every problem, including undecodable bytes and YAML that
+    PyYAML's own constructors choke on, comes back as a ConfigError.
+    """
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return ConfigError(file, "", f"not UTF-8 text: {err.reason} at byte {err.start}")
+    except OSError as err:
+        return ConfigError(file, "", f"cannot read: {err.strerror or err}")
+
+    loader = yaml.SafeLoader(text)
+    try:
+        nodes: list[yaml.Node] = []
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                nodes.append(node)
+            if len(nodes) > 1:
+                line = nodes[1].start_mark.line + 1
+                return ConfigError(
+                    file, "", "more than one YAML document ('---'); use one file per document", line
+                )
+        if not nodes:
+            return ConfigError(file, "", "file is empty", None)
+        root = nodes[0]
+        data = loader.construct_document(root)
+        lines, problems = _record_lines(file, root, loader)
+    except yaml.YAMLError as err:
+        return _yaml_error(file, err)
+    except (ValueError, TypeError, OverflowError) as err:
+        # PyYAML's implicit resolvers match things its constructors then reject without a
+        # YAMLError: the timestamp "2024-13-01" raises datetime's bare ValueError. That is still
+        # a problem in the file, not a crash, but there is no mark to give a line.
+        return ConfigError(file, "", f"invalid YAML value: {err}", None)
+    except RecursionError:
+        # Deeply nested flow collections ("[[[[...") exhaust the recursive composer.
+        return ConfigError(file, "", "invalid YAML: nested too deeply", None)
+    finally:
+        loader.dispose()
+    return Document(file, data, lines, root.start_mark.line + 1, tuple(problems))
