@@ -110,6 +110,14 @@ class CgroupDriver(Protocol):
 class _MaxIntegerFile(BaseFileInterface):  # type: ignore[misc]
     """An integer file where the kernel writes "max" for "no limit" (pids.max); None <-> max."""
 
+    # Typed pass-throughs so mypy sees controller.max as int | None, not the descriptor.
+    def __get__(self, instance: Any, owner: Any) -> int | None:
+        value: int | None = super().__get__(instance, owner)
+        return value
+
+    def __set__(self, instance: Any, value: int | None) -> None:
+        super().__set__(instance, value)
+
     def sanitize_get(self, value: str) -> int | None:
         return None if value.strip() == "max" else int(value)
 
