@@ -130,10 +130,10 @@ class Engine:
         step = playbook.steps[step_index]
         dry_run = self.dry_run or policy.dry_run
 
+        case = _Case(policy, record, offender, step, step_index, dry_run)
+
         def decide(outcome: str, reason: str, message: str) -> None:
-            self._emit(
-                policy, record, offender, step, step_index, dry_run, outcome, reason, message
-            )
+            self._emit(case, outcome, reason, message)
 
         if offender.state == "cooldown":
             left = offender.cooldown_until - now
