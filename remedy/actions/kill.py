@@ -21,8 +21,8 @@ class Kill:
 
     def describe(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, KillParams)
-        extra = " and its quarantine" if params.quarantine else ""
-        return f"{params.signal} pid {subject.pid} ({subject.comm}){extra}"
+        extra = ", and every member of its quarantine" if params.quarantine else ""
+        return f"{params.signal} through its pidfd{extra}"
 
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, KillParams)
@@ -33,7 +33,7 @@ class Kill:
             )
         subject.handle.send_signal(sig)
         swept = self._sweep(sig, subject, ctx) if params.quarantine else 0
-        return f"signalled offender and {swept} quarantine member(s)"
+        return f"signalled the offender and {swept} quarantine member(s)"
 
     def _sweep(self, sig: int, subject: Subject, ctx: ActionContext) -> int:
         rel = ctx.quarantine_of(subject)

@@ -18,10 +18,7 @@ class Quarantine:
     def describe(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, QuarantineParams)
         target = ctx.cgroups.display_path(ctx.quarantine_of(subject))
-        return (
-            f"quarantine pid {subject.pid} ({subject.comm}) into {target} "
-            f"(pids.max {params.pids_max}, cpu {params.cpu:g})"
-        )
+        return f"into {target} (pids.max {params.pids_max}, cpu {params.cpu:g})"
 
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, QuarantineParams)

@@ -132,56 +132,63 @@ class Engine:
 
         case = _Case(policy, record, offender, step, step_index, dry_run)
 
-        def decide(outcome: str, reason: str, message: str) -> None:
-            self._emit(case, outcome, reason, message)
+        def decide(outcome: str, reason: str, detail: str = "") -> None:
+            self._emit(case, outcome, reason, detail)
 
         if offender.state == "cooldown":
             left = offender.cooldown_until - now
-            decide(SKIPPED, f"cooldown ({left:.1f} s left)", "")
+            decide(SKIPPED, f"cooldown, {left:.1f} s left")
             return
         fire(offender, "offend")
         protected = self._protector.why_protected(subject)
         if protected is not None:
             fire(offender, "hold")
-            decide(SKIPPED, f"protected: {protected}", "")
+            decide(SKIPPED, f"protected: {protected}")
             return
         limiter = self._limiters[policy.name]
         if not limiter.allow(now):
             fire(offender, "hold")
             retry = limiter.retry_in(now)
+            limit = policy.rate_limit
             decide(
                 SKIPPED,
-                f"rate limit ({policy.rate_limit.max_actions} per "
-                f"{policy.rate_limit.per_s:g} s; next in {retry:.1f} s)",
-                "",
+                f"rate limit {limit.max_actions} per {limit.per_s:g} s, next in {retry:.1f} s",
             )
             return
         fire(offender, "act")
         plan = self._executor.describe(step, subject)
         if dry_run:
             self._after_action(offender, policy, now)
-            decide(WOULD_ACT, "dry-run", f"would {plan}")
+            decide(WOULD_ACT, "dry-run", plan)
             return
         try:
             detail = self._executor.execute(step, subject, policy)
         except ActionError as err:
             fire(offender, "hold")
-            decide(err.outcome, str(err), f"failed to {plan}")
+            decide(err.outcome, str(err), plan)
             return
         self._after_action(offender, policy, now)
-        decide(ACTED, "threshold crossed", f"{plan}{': ' + detail if detail else ''}")
+        decide(ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
 
     def _after_action(self, offender: Offender, policy: Policy, now: float) -> None:
         offender.step += 1
         offender.cooldown_until = now + policy.cooldown_s
         fire(offender, "acted")
 
-    def _emit(self, case: _Case, outcome: str, reason: str, message: str) -> None:
+    def _emit(self, case: _Case, outcome: str, reason: str, detail: str) -> None:
         policy, record, offender = case.policy, case.record, case.offender
         subject = offender.subject
         what = record.describe(policy.threshold)
-        where = f"pid {subject.pid} ({subject.comm}) in {subject.cgroup_display}"
-        text = f"{message} — {where}: {what}" if message else f"{outcome}: {where}: {what}"
+        target = (
+            f"{case.step.action} pid {subject.pid} ({subject.comm}) "
+            f"in {subject.cgroup_display}: {what}"
+        )
+        if outcome == WOULD_ACT:
+            text = f"would {target}; {detail}"
+        elif outcome == ACTED:
+            text = f"{target}; {detail}"
+        else:
+            text = f"{outcome} ({reason}): {target}"
         decision = Decision(
             time=self._clock.wall(),
             policy=policy.name,

@@ -140,6 +140,7 @@ class _Loader:
     # Names of playbooks that exist but are invalid: a policy naming one already fails through
     # the playbook's own errors, and "unknown playbook" on top would send the reader astray.
     broken_playbooks: set[str] = field(default_factory=set)
+    # A Policy document (valid or not) was found, so "no policies found" would be wrong.
     saw_policy: bool = False
     _seen_files: set[Path] = field(default_factory=set)
 
@@ -177,6 +178,8 @@ class _Loader:
         doc = read_document(file)
         if isinstance(doc, ConfigError):
             self.errors.append(doc)
+            # It may well have been a policy: "no policies found" on top would be noise.
+            self.saw_policy = self.saw_policy or "Policy" in kinds
             return
         before = len(self.errors)
         self.errors.extend(doc.problems)

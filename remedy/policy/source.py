@@ -90,9 +90,12 @@ def _record_lines(
     return lines, problems
 
 
-def _yaml_error(file: Path, err: yaml.YAMLError) -> ConfigError:
+def _yaml_error(file: Path, err: yaml.YAMLError, text: str) -> ConfigError:
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     line = mark.line + 1 if mark is not None else None
+    if isinstance(err, yaml.reader.ReaderError):
+        # ReaderError has a character offset instead of a mark.
+        line = text.count("\n", 0, err.position) + 1
     problem = getattr(err, "problem", None)
     context = getattr(err, "context", None)
     if problem:
@@ -116,7 +119,11 @@ def read_document(file: Path) -> Document | ConfigError:
     except OSError as err:
         return ConfigError(file, "", f"cannot read: {err.strerror or err}")
 
-    loader = yaml.SafeLoader(text)
+    try:
+        # The constructor already scans for unprintable characters and may raise ReaderError.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as err:
+        return _yaml_error(file, err, text)
     try:
         nodes: list[yaml.Node] = []
         while loader.check_node():
@@ -134,7 +141,7 @@ def read_document(file: Path) -> Document | ConfigError:
         data = loader.construct_document(root)
         lines, problems = _record_lines(file, root, loader)
     except yaml.YAMLError as err:
-        return _yaml_error(file, err)
+        return _yaml_error(file, err, text)
     except (ValueError, TypeError, OverflowError) as err:
         # PyYAML's implicit resolvers match things its constructors then reject without a
         # YAMLError: the timestamp "2024-13-01" raises datetime's bare ValueError. That is still

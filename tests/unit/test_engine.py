@@ -75,7 +75,7 @@ class FakeExecutor:
     fail_with: Exception | None = None
 
     def describe(self, step: Step, subject: Subject) -> str:
-        return f"{step.action} pid {subject.pid}"
+        return f"into /q-{subject.pid}"
 
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
         if self.fail_with is not None:
