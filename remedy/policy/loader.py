@@ -30,6 +30,22 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 _REPR_MAX = 60
 
+# Pydantic speaks of Python types ("a valid dictionary or instance of StepDoc"); users wrote YAML.
+_TYPE_MESSAGES = {
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+}
+
 
 def load_policy_set(policy_paths: Sequence[Path], playbook_paths: Sequence[Path]) -> PolicySet:
     """Load policies from ``policy_paths`` and playbooks from ``playbook_paths``.
@@ -106,12 +122,19 @@ def _message(error: Any, model: type[BaseModel], loc: Sequence[object]) -> str:
     if kind == "value_error":
         # Our own validators raise ValueError with a finished sentence; pydantic would prefix it.
         return str(error["ctx"]["error"])
-    message = str(error["msg"])
-    message = message[:1].lower() + message[1:]
-    value = error.get("input")
-    if value is None or isinstance(value, str | int | float | bool):
-        message += f", got {_describe(value)}"
-    return message
+    message = _TYPE_MESSAGES.get(kind)
+    if message is None:
+        message = str(error["msg"]).replace("Input should be", "must be")
+        message = message[:1].lower() + message[1:]
+    return f"{message}, got {_describe_input(error.get('input'))}"
+
+
+def _describe_input(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return _describe(value)
 
 
 def _translate(
@@ -326,11 +349,11 @@ class _Loader:
                     "only one policy per signal is supported",
                 )
             if policy.playbook not in playbooks and policy.playbook not in self.broken_playbooks:
-                known = ", ".join(sorted(playbooks)) if playbooks else "none were loaded"
+                known = ", ".join(sorted(playbooks)) or "none"
                 self.error(
                     doc,
                     "playbook",
-                    f"unknown playbook {policy.playbook!r} (known playbooks: {known})",
+                    f"unknown playbook {policy.playbook!r} (loaded playbooks: {known})",
                 )
 
         if not self.saw_policy:

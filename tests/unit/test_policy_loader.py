@@ -388,7 +388,7 @@ def test_check_paths_needs_the_playbook_among_the_paths(tmp_path: Path) -> None:
         check_paths([file])
     error = only(info.value.errors)
     assert (error.key, error.line) == ("playbook", 7)
-    assert "none were loaded" in error.message
+    assert "(loaded playbooks: none)" in error.message
 
 
 def test_error_str_names_file_line_and_key(tmp_path: Path) -> None:
