@@ -94,14 +94,16 @@ def _yaml_error(file: Path, err: yaml.YAMLError, text: str) -> ConfigError:
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     line = mark.line + 1 if mark is not None else None
     if isinstance(err, yaml.reader.ReaderError):
-        # ReaderError has a character offset instead of a mark.
+        # A control character or the like: ReaderError has a character offset instead of a mark,
+        # and its str() names the "<unicode string>" we passed rather than the file.
         line = text.count("\n", 0, err.position) + 1
+        char = err.character if isinstance(err.character, int) else 0
+        return ConfigError(file, "", f"invalid YAML: character #x{char:04x}: {err.reason}", line)
     problem = getattr(err, "problem", None)
     context = getattr(err, "context", None)
     if problem:
         message = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
     else:
-        # ReaderError (e.g. a control character) carries no marks, only its own text.
         message = f"invalid YAML: {err}"
     return ConfigError(file, "", message, line)
 

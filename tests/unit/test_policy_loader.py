@@ -181,6 +181,12 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
     assert "invalid YAML" in error.message
 
 
+def test_control_character_names_line(tmp_path: Path) -> None:
+    error = only(errors_of({"p.yaml": POLICY + "description: a\x07b\n"}, tmp_path))
+    assert (error.key, error.line) == ("", 11)
+    assert "#x0007" in error.message
+
+
 def test_yaml_value_pyyaml_cannot_construct_is_a_config_error(tmp_path: Path) -> None:
     # PyYAML resolves this as a timestamp, then datetime raises a bare ValueError.
     error = only(errors_of({"p.yaml": POLICY + "description: 2024-13-45\n"}, tmp_path))
