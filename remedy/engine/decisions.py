@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 # Outcomes: what happened. Reasons say why, in words.
@@ -36,7 +37,10 @@ class Decision:
     state: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The audit line: every field, plus ``ts``, the time in ISO 8601 UTC for humans."""
+        data = asdict(self)
+        data["ts"] = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
+        return data
 
 
 class DecisionSink(Protocol):

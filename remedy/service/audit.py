@@ -43,8 +43,7 @@ class ConsoleSink:
     def record(self, decision: Decision) -> None:
         mode = "dry-run" if decision.dry_run else "enforce"
         print(
-            f"[{decision.policy}] {mode} {decision.outcome}: {decision.message}"
-            + (f" ({decision.reason})" if decision.outcome != "acted" else ""),
+            f"[{decision.policy}] {mode}: {decision.message}",
             file=self._out,
             flush=True,
         )
