@@ -68,7 +68,8 @@ class AgentStats:
     records_processed: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     engine: dict[str, int] = field(default_factory=dict)
-    cpu_s: float = 0.0
+    cpu_s: float = 0.0  # the whole run, start-up (compiling the BPF program) included
+    ready_cpu_s: float = 0.0  # start-up alone: cpu_s - ready_cpu_s is the cost of watching
     wall_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -144,6 +145,7 @@ class Agent:
                 target=self._work, args=(engine, records, reader, settings), name="remedy-worker"
             )
             worker.start()
+            self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
             mode = "dry-run (audit only)" if opts.dry_run else "enforce"
             self._say(
                 f"ready: watching sched:sched_process_fork, {settings.threshold} forks per "
