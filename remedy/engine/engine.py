@@ -21,6 +21,7 @@ from remedy.engine.guards import Protector, RateLimiter
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
 from remedy.policy import Policy, PolicySet, Step
+from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.records import SensorRecord
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Engine:
     def _emit(self, case: _Case, outcome: str, reason: str, detail: str) -> None:
         policy, record, offender = case.policy, case.record, case.offender
         subject = offender.subject
-        what = record.describe(policy.threshold)
+        what = record.describe(policy.threshold, SIGNALS[record.signal].noun)
         target = (
             f"{case.step.action} pid {subject.pid} ({subject.comm}) "
             f"in {subject.cgroup_display}: {what}"

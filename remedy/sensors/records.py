@@ -1,4 +1,4 @@
-"""What a kernel sensor hands to user space: one record per offender per window."""
+"""What a sensor hands to user space: one record per key per window."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SensorRecord:
-    """A key crossed its threshold inside its window. Decoded from the ring buffer."""
+    """A key crossed its threshold inside its window. Decoded from the ring buffer (or made by
+    the /proc sampler, with ``sampled`` set)."""
 
-    signal: str  # e.g. "fork_rate"; matches Policy.signal
-    tgid: int  # the offending process
-    pid: int  # the thread that crossed
-    ppid: int  # parent tgid as seen by the kernel (0 when unknown)
+    signal: str  # a catalogue name, e.g. "fork_rate"; matches Policy.signal
+    tgid: int  # the process whose event crossed the threshold
+    pid: int  # its thread
+    ppid: int  # parent tgid as the kernel saw it (0 when unknown)
     comm: str
     cgroup_id: int
-    count: int  # events counted in the window when the threshold was crossed
+    count: int  # the window's value at the crossing, in the signal's unit
     window_s: float  # the configured window length
-    elapsed_s: float  # time from the window's first event to the crossing
+    elapsed_s: float  # time from the window's start to the crossing
     ts_boot_ns: int  # CLOCK_BOOTTIME of the crossing; compared with process start times
+    key: int = 0  # what was aggregated: tgid, parent tgid or cgroup id (see the catalogue)
+    degraded: bool = False  # records were lost around this window: never escalate to a kill
+    kstack_id: int = -1  # ids in the sensor's stack map; -1 when none
+    ustack_id: int = -1
+    sampled: bool = False  # from the /proc sampler: lower timing precision
 
-    def describe(self, threshold: int) -> str:
+    def describe(self, threshold: int, noun: str = "events") -> str:
         """Human wording, e.g. "200 forks in 0.08 s (≥ 200 per 1 s)"."""
-        noun = {"fork_rate": "forks"}.get(self.signal, "events")
         return (
             f"{self.count:,} {noun} in {self.elapsed_s:.2f} s "
             f"(≥ {threshold:,} per {self.window_s:g} s)"
+            + (" [degraded: records were lost]" if self.degraded else "")
         )
