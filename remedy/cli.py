@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate policies and playbooks")
     check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
+
+    doctor = sub.add_parser("doctor", help="report what this host offers; exit 1 if BPF cannot run")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -81,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.paths)
+        if args.command == "doctor":
+            from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
+
+            return run_doctor(as_json=args.json)
         return _run(args)
     except ConfigErrors as err:
         print(f"invalid configuration ({len(err.errors)} error(s)):", file=sys.stderr)
