@@ -130,6 +130,22 @@ class Host:
     catalogue: tuple[Signal, ...] = CATALOGUE
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but an unreadable parent (EACCES) counts as missing instead of raising."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but an unreadable parent (EACCES) counts as missing instead of raising."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 # --- kernel ----------------------------------------------------------------------------------
 
 
@@ -163,9 +179,9 @@ def _headers_release(build: Path) -> str | None:
 def check_headers(release: str, modules: Path, sys_root: Path) -> Check:
     """Kernel headers at modules/<release>/build, which bcc compiles every program against."""
     build = modules / release / "build"
-    if not build.is_dir():
+    if not _is_dir(build):
         # CONFIG_IKHEADERS: bcc extracts /sys/kernel/kheaders.tar.xz when no headers are installed.
-        if (sys_root / "kernel" / "kheaders.tar.xz").is_file():
+        if _is_file(sys_root / "kernel" / "kheaders.tar.xz"):
             return Check("headers", "warn", f"no {build}; bcc will use /sys/kernel/kheaders.tar.xz")
         return Check("headers", "fail", f"no {build}: bcc cannot compile (install kernel headers)")
     found = _headers_release(build)
@@ -184,7 +200,7 @@ def check_headers(release: str, modules: Path, sys_root: Path) -> Check:
 def check_btf(sys_root: Path) -> Check:
     """/sys/kernel/btf/vmlinux: the kernel's own type information."""
     btf = sys_root / "kernel" / "btf" / "vmlinux"
-    if btf.is_file():
+    if _is_file(btf):
         return Check("btf", "ok", str(btf))
     # remedy compiles against headers, so this only loses bcc's BTF-based features.
     return Check("btf", "warn", f"no {btf}: kernel built without CONFIG_DEBUG_INFO_BTF")
@@ -203,13 +219,16 @@ def check_ringbuf(release: str) -> Check:
 
 def check_tracefs(tracefs: Path | None) -> tuple[Check, Path | None]:
     """The mounted tracefs (``None``: find it like the sensors do); and its root if usable."""
-    if tracefs is None:
-        try:
+    try:
+        if tracefs is None:
             tracefs = tracefs_root()
-        except SensorError as err:
-            return Check("tracefs", "fail", str(err)), None
-    if not (tracefs / "events").is_dir():
-        return Check("tracefs", "fail", f"{tracefs}/events does not exist: not mounted"), None
+        if not (tracefs / "events").is_dir():
+            return Check("tracefs", "fail", f"{tracefs}/events does not exist: not mounted"), None
+    except SensorError as err:
+        return Check("tracefs", "fail", str(err)), None
+    except OSError as err:
+        # tracefs is mode 0700 root: a non-root user cannot even tell whether it is mounted.
+        return Check("tracefs", "fail", f"cannot read tracefs ({err.strerror}): run as root"), None
     return Check("tracefs", "ok", str(tracefs)), tracefs
 
 
@@ -231,11 +250,11 @@ def check_tracepoints(
     for tp, names in _tracepoint_users(catalogue).items():
         needed = f"for {', '.join(names)}"
         if tracefs is None:
-            checks.append(Check(f"tracepoint {tp}", "fail", f"tracefs not mounted; {needed}"))
+            checks.append(Check(f"tracepoint {tp}", "fail", f"tracefs unavailable; {needed}"))
             continue
         category, event = tp.split(":", 1)
         fmt = tracefs / "events" / category / event / "format"
-        if fmt.is_file():
+        if _is_file(fmt):
             present.add(tp)
             checks.append(Check(f"tracepoint {tp}", "ok", needed))
         else:
@@ -315,8 +334,11 @@ def check_privileges(euid: int, proc: Path) -> Check:
     else:
         has = [n for n, bit in _CAPS.items() if caps >> bit & 1]
         missing = [n for n in _CAPS if n not in has]
-        held = " ".join(has) or "none of the needed capabilities"
-    detail = f"euid {euid}; {held}" + (f"; missing {' '.join(missing)}" if missing else "")
+        held = " ".join(has)
+    if not held:
+        detail = f"euid {euid}; none of {' '.join(_CAPS)}"
+    else:
+        detail = f"euid {euid}; {held}" + (f"; missing {' '.join(missing)}" if missing else "")
     if euid != 0:
         # remedy.sensors.bpf.load refuses to run as non-root: bcc needs root for its headers too.
         return Check("privileges", "fail", f"{detail}: run as root")
@@ -390,7 +412,7 @@ def check_cgroups(cgroup: Path, proc: Path) -> list[Check]:
     else:
         checks.append(Check("cgroups", "ok", detail))
     unified = cgroup / "unified"
-    if (unified / "cgroup.controllers").is_file():
+    if _is_file(unified / "cgroup.controllers"):
         with contextlib.suppress(OSError):
             extra = (unified / "cgroup.controllers").read_text().split()
             has = f" (only {' '.join(extra)})" if extra else ""
@@ -416,7 +438,8 @@ def plan_signals(
     for sig in catalogue:
         missing = [tp for tp in sig.tracepoints if tp not in present]
         if blocking:
-            why = "; ".join(f"{c.name}: {c.detail}" for c in blocking)
+            # The checks above carry the details; repeating them on every signal drowns them.
+            why = f"{', '.join(c.name for c in blocking)} failed (see above)"
             plans.append(SignalPlan(sig.name, sig.section, "sampled (/proc)", why))
         elif missing:
             why = f"missing tracepoint(s) {', '.join(missing)}"
