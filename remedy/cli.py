@@ -27,7 +27,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quarantine-root", default="/remedy", help="cgroup for quarantines")
     run.add_argument("--stats", type=Path, help="write run statistics as JSON here at exit")
     run.add_argument("--naive", action="store_true", help="benchmark baseline: count in Python")
-    run.add_argument("--ebpf", action="store_true", help="print the kernel program and exit")
+    run.add_argument(
+        "--sensor",
+        choices=("auto", "kernel", "sampler"),
+        default="auto",
+        help="auto: the kernel funnel, or the /proc sampler (loudly) where BPF cannot load",
+    )
+    run.add_argument("--ringbuf-pages", type=int, default=16, help="ring buffer size in pages")
+    run.add_argument(
+        "--print-bpf",
+        "--ebpf",
+        action="store_true",
+        help="print the kernel program with the policies' parameters, and exit",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
 
     check = sub.add_parser("check", help="validate policies and playbooks")
@@ -46,21 +58,27 @@ def _check(paths: Sequence[Path]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `remedy check` works on a host without bcc or cgroups.
-    from remedy.sensors.forkstorm import ForkSensor, ForkSettings  # noqa: PLC0415
-    from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
+    from remedy.policy import load_policy_set  # noqa: PLC0415
+    from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
+    from remedy.service.agent import Agent, AgentOptions, signal_settings  # noqa: PLC0415
 
-    if args.ebpf:
-        print(ForkSensor(ForkSettings(window_s=1.0, threshold=1)).source())
+    policy_paths = tuple(args.policies or [Path("policies")])
+    playbook_paths = tuple(args.playbooks or [Path("playbooks")])
+    if args.print_bpf:
+        policies = load_policy_set(policy_paths, playbook_paths)
+        print(KernelSensor(naive=args.naive).source(signal_settings(policies)))
         return 0
     options = AgentOptions(
-        policy_paths=tuple(args.policies or [Path("policies")]),
-        playbook_paths=tuple(args.playbooks or [Path("playbooks")]),
+        policy_paths=policy_paths,
+        playbook_paths=playbook_paths,
         dry_run=args.dry_run,
         audit_path=args.audit,
         duration_s=args.duration,
         quarantine_root=args.quarantine_root,
         stats_path=args.stats,
         naive=args.naive,
+        sensor=args.sensor,
+        ringbuf_pages=args.ringbuf_pages,
     )
     agent = Agent(options)
 

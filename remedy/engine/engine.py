@@ -146,6 +146,12 @@ class Engine:
             fire(offender, "hold")
             decide(SKIPPED, f"protected: {protected}")
             return
+        if record.degraded and step.action == "kill":
+            # Records were lost around this window: the count may be right, but a kill is not
+            # something to do on partial data. Earlier, reversible steps still run.
+            fire(offender, "hold")
+            decide(SKIPPED, "degraded window: records were lost; never kill on partial data")
+            return
         limiter = self._limiters[policy.name]
         if not limiter.allow(now):
             fire(offender, "hold")

@@ -267,6 +267,8 @@ class _Loader:
             ),
             match=Selector(cgroups=tuple(spec.match.cgroups), comms=tuple(spec.match.comms)),
             description=spec.description,
+            sustain=spec.sustain,
+            lifetime_s=spec.lifetime,
         )
         self.policies.append((policy, doc))
 

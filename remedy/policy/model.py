@@ -12,11 +12,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from remedy.actions.params import ActionParams
+from remedy.sensors.catalog import CATALOGUE
 
 __all__ = ["SIGNALS", "Playbook", "Policy", "PolicySet", "RateLimit", "Selector", "Step"]
 
-#: Signals a policy can watch. Each one needs a kernel sensor, so this grows with the sensors.
-SIGNALS: tuple[str, ...] = ("fork_rate",)
+#: Signals a policy can watch: the catalogue in remedy/sensors/catalog.py.
+SIGNALS: tuple[str, ...] = tuple(s.name for s in CATALOGUE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Policy:
     name: str
     file: Path  # where it was defined, for messages and the audit log
     signal: str  # one of SIGNALS
-    threshold: int  # events per window, >= 1
+    threshold: int  # >= 1, in the signal's unit (catalogue: events per window, %, MiB)
     window_s: float  # > 0
     playbook: str  # name of a Playbook in the same PolicySet
     dry_run: bool
@@ -61,6 +62,8 @@ class Policy:
     rate_limit: RateLimit
     match: Selector
     description: str = ""
+    sustain: int = 1  # consecutive crossing windows before a record counts (cpu runaway: K)
+    lifetime_s: float = 0.1  # churn: children that exit sooner than this are short-lived
 
 
 @dataclass(frozen=True)

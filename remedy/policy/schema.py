@@ -116,6 +116,8 @@ class PolicyDoc(_Doc):
     cooldown: NonNegativeDuration = 5.0
     release_after: PositiveDuration = 60.0
     rate_limit: RateLimitDoc = Field(default_factory=RateLimitDoc)
+    sustain: int = Field(default=1, ge=1, le=1000)
+    lifetime: PositiveDuration = 0.1
 
     @field_validator("signal")
     @classmethod

@@ -38,8 +38,11 @@ def program_path(name: str) -> Path:
 def tracefs_root() -> Path:
     """The mounted tracefs; setup mounts it when missing."""
     for root in _TRACEFS_CANDIDATES:
-        if (root / "events").is_dir():
-            return root
+        try:
+            if (root / "events").is_dir():
+                return root
+        except PermissionError as err:
+            raise SensorError(f"cannot read {root} ({err.strerror}): run as root") from err
     raise SensorError(
         "tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing, or run make setup)"
     )

@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import detect
@@ -26,7 +27,8 @@ from remedy.engine.guards import Protector
 from remedy.errors import SensorError
 from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
-from remedy.sensors.forkstorm import SIGNAL, ForkSensor, ForkSettings
+from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
+from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.service.audit import AuditLog, ConsoleSink, FanOut
@@ -34,6 +36,8 @@ from remedy.service.identify import ProcIdentifier
 from remedy.windows.counting import WindowCounter
 
 log = logging.getLogger(__name__)
+
+SensorChoice = Literal["auto", "kernel", "sampler"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,11 @@ class AgentOptions:
     duration_s: float | None = None
     quarantine_root: str = "/remedy"
     stats_path: Path | None = None
-    naive: bool = False  # every fork crosses to user space (the benchmark's baseline)
+    naive: bool = False  # every event crosses to user space (the benchmark's baseline)
+    sensor: SensorChoice = "auto"  # auto: the kernel funnel, else the /proc sampler, loudly
     queue_size: int = 4096
     poll_ms: int = 100
+    ringbuf_pages: int = 16
     cgroup_root: Path = Path("/sys/fs/cgroup")
     proc_root: Path = Path("/proc")
 
@@ -59,13 +65,17 @@ class AgentStats:
     """What one run did; printed at exit and written as JSON with ``--stats``."""
 
     mode: str = "funnel"
+    sensor: str = "kernel"
     dry_run: bool = True
     events_seen: int = 0
     records_emitted: int = 0
     ringbuf_failed: int = 0
+    key_init_failed: int = 0
     records_received: int = 0
     queue_full: int = 0
     records_processed: int = 0
+    degraded_records: int = 0
+    signals: dict[str, dict[str, int]] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)
     engine: dict[str, int] = field(default_factory=dict)
     cpu_s: float = 0.0  # the whole run, start-up (compiling the BPF program) included
@@ -81,6 +91,40 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def signal_settings(policies: PolicySet) -> dict[str, SignalSettings]:
+    """What the sensor must watch: one entry per signal a policy uses."""
+    return {
+        p.signal: SignalSettings(p.window_s, p.threshold, p.sustain, p.lifetime_s)
+        for p in policies.policies
+    }
+
+
+class LossWatch:
+    """Marks records degraded after any loss: the ring buffer was full, the window map refused a
+    key, or the queue dropped a record. A loss taints its signal (the queue: every signal) for
+    two windows, the longest a lost record's window can still be open."""
+
+    def __init__(self, settings: Mapping[str, SignalSettings]) -> None:
+        self._settings = dict(settings)
+        self._last: dict[str, int] = {}
+        self._last_queue_full = 0
+        self._until: dict[str, float] = {}
+
+    def update(self, counters: Mapping[str, SignalCounters], queue_full: int, now: float) -> None:
+        for name, s in self._settings.items():
+            c = counters.get(name)
+            lost = c.ringbuf_failed + c.key_init_failed if c else 0
+            if lost > self._last.get(name, 0) or queue_full > self._last_queue_full:
+                self._until[name] = now + 2 * s.window_s
+            self._last[name] = lost
+        self._last_queue_full = queue_full
+
+    def mark(self, record: SensorRecord, now: float) -> SensorRecord:
+        if not record.degraded and now < self._until.get(record.signal, 0.0):
+            return dataclasses.replace(record, degraded=True)
+        return record
+
+
 class Agent:
     """One agent run. ``run()`` blocks until the duration ends or ``request_stop()``."""
 
@@ -91,23 +135,14 @@ class Agent:
         self._clock = clock or SystemClock()
         self._out = out
         self._stop = threading.Event()
-        self.stats = AgentStats(
-            mode="naive" if options.naive else "funnel", dry_run=options.dry_run
-        )
+        mode = "naive" if options.naive else "funnel"
+        self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
-
-    def _fork_settings(self, policies: PolicySet) -> ForkSettings:
-        fork = policies.for_signal(SIGNAL)
-        if not fork:
-            raise SensorError(f"no policy for signal {SIGNAL}: nothing to watch")
-        return ForkSettings(
-            window_s=fork[0].window_s, threshold=fork[0].threshold, naive=self.options.naive
-        )
 
     def _engine(self, policies: PolicySet, sink: DecisionSink) -> Engine:
         procfs = ProcFS(self.options.proc_root)
@@ -124,34 +159,58 @@ class Agent:
             dry_run=self.options.dry_run,
         )
 
+    def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
+        """The kernel funnel; in auto mode, the /proc sampler when the kernel path cannot load."""
+        choice = self.options.sensor
+        if choice != "sampler":
+            from remedy.sensors.kernel import Sizes  # noqa: PLC0415
+
+            kernel = KernelSensor(
+                Sizes(ringbuf_pages=self.options.ringbuf_pages), naive=self.options.naive
+            )
+            try:
+                kernel.start(settings)
+                return kernel
+            except SensorError as err:
+                if choice == "kernel":
+                    raise
+                self._say(
+                    f"WARNING: kernel sensors unavailable ({err}); falling back to sampling "
+                    "/proc: lower fidelity (short-lived processes and sub-interval bursts missed)"
+                )
+        from remedy.sensors.sampler import ProcSampler  # noqa: PLC0415
+
+        sampler = ProcSampler()
+        sampler.start(settings)
+        return sampler
+
     def run(self) -> AgentStats:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-        settings = self._fork_settings(policies)
+        settings = signal_settings(policies)
         sinks: list[DecisionSink] = [ConsoleSink(self._out)]
         audit = AuditLog(opts.audit_path) if opts.audit_path else None
         if audit is not None:
             sinks.append(audit)
         engine = self._engine(policies, FanOut(sinks))
-        sensor = ForkSensor(settings)
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
-        reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
+        sensor: Sensor | None = None
+        reader: RingBufferReader | None = None
         try:
-            sensor.start()
+            sensor = self._start_sensor(settings)
+            self.stats.sensor = sensor.kind
+            reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
             reader.start()
             worker = threading.Thread(
-                target=self._work, args=(engine, records, reader, settings), name="remedy-worker"
+                target=self._work,
+                args=(engine, records, reader, sensor, settings),
+                name="remedy-worker",
             )
             worker.start()
             self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
-            mode = "dry-run (audit only)" if opts.dry_run else "enforce"
-            self._say(
-                f"ready: watching sched:sched_process_fork, {settings.threshold} forks per "
-                f"{settings.window_s:g} s, {len(policies.policies)} policy(ies), mode {mode}"
-                + (", naive" if opts.naive else "")
-            )
+            self._say(self._ready_line(sensor, settings, policies))
             self._stop.wait(opts.duration_s)
             self._stop.set()
             reader.stop()
@@ -161,9 +220,11 @@ class Agent:
             self._fill_stats(sensor, reader, engine)
         finally:
             self._stop.set()
-            reader.stop()
+            if reader is not None:
+                reader.stop()
             engine.close()
-            sensor.close()
+            if sensor is not None:
+                sensor.close()
             if audit is not None:
                 audit.close()
         self.stats.cpu_s = round(_cpu_seconds() - started_cpu, 3)
@@ -171,46 +232,74 @@ class Agent:
         self._report()
         return self.stats
 
+    def _ready_line(
+        self, sensor: Sensor, settings: Mapping[str, SignalSettings], policies: PolicySet
+    ) -> str:
+        watched = ", ".join(
+            f"{name} ≥ {s.threshold} {SIGNALS[name].unit.split(' per ')[0]} per {s.window_s:g} s"
+            for name, s in sorted(settings.items())
+        )
+        mode = "dry-run (audit only)" if self.options.dry_run else "enforce"
+        how = "kernel funnel" if sensor.kind == "kernel" else "/proc sampler (degraded fidelity)"
+        naive = ", naive" if self.options.naive else ""
+        return (
+            f"ready: {how}{naive}; watching {watched}; "
+            f"{len(policies.policies)} policy(ies), mode {mode}"
+        )
+
     def _work(
         self,
         engine: Engine,
         records: queue.Queue[SensorRecord],
         reader: RingBufferReader,
-        settings: ForkSettings,
+        sensor: Sensor,
+        settings: Mapping[str, SignalSettings],
     ) -> None:
-        naive = WindowCounter(settings.window_s, settings.threshold) if settings.naive else None
+        naive = {n: WindowCounter(s.window_s, s.threshold) for n, s in settings.items()}
+        losses = LossWatch(settings)
+        next_check = 0.0
         while not (self._stop.is_set() and records.empty()):
             if reader.error is not None:
                 self._stop.set()
                 return
+            now = self._clock.monotonic()
+            if now >= next_check:  # counters are per-CPU map reads: once a second is plenty
+                losses.update(sensor.counters(), reader.queue_full, now)
+                next_check = now + 1.0
             try:
                 record = records.get(timeout=0.2)
             except queue.Empty:
                 engine.tick()
                 continue
             self.stats.records_processed += 1
-            if naive is not None:
-                crossed = self._count_naive(naive, record)
+            if self.options.naive:
+                crossed = self._count_naive(naive[record.signal], record)
                 if crossed is None:
                     continue
                 record = crossed
+            record = losses.mark(record, now)
+            self.stats.degraded_records += record.degraded
             engine.on_record(record)
             engine.tick()
 
     @staticmethod
     def _count_naive(counter: WindowCounter, record: SensorRecord) -> SensorRecord | None:
-        """Naive mode: the kernel sent every fork; window and threshold are applied here."""
+        """Naive mode: the kernel sent every event; window and threshold are applied here."""
         now = record.ts_boot_ns / 1e9
-        if not counter.add(record.tgid, now):
+        if not counter.add(record.key, now, record.count):
             return None
-        start = counter.started(record.tgid) or now
-        return dataclasses.replace(record, count=counter.threshold, elapsed_s=now - start)
+        start = counter.started(record.key) or now
+        total = counter.count(record.key, now)
+        return dataclasses.replace(record, count=total, elapsed_s=now - start)
 
-    def _fill_stats(self, sensor: ForkSensor, reader: RingBufferReader, engine: Engine) -> None:
-        c = sensor.counters()
-        self.stats.events_seen = c.events_seen
-        self.stats.records_emitted = c.records_emitted
-        self.stats.ringbuf_failed = c.ringbuf_failed
+    def _fill_stats(self, sensor: Sensor, reader: RingBufferReader, engine: Engine) -> None:
+        counters = sensor.counters()
+        used = {n: c for n, c in counters.items() if c.events_seen or c.records_emitted}
+        self.stats.signals = {n: dataclasses.asdict(c) for n, c in used.items()}
+        self.stats.events_seen = sum(c.events_seen for c in counters.values())
+        self.stats.records_emitted = sum(c.records_emitted for c in counters.values())
+        self.stats.ringbuf_failed = sum(c.ringbuf_failed for c in counters.values())
+        self.stats.key_init_failed = sum(c.key_init_failed for c in counters.values())
         self.stats.records_received = reader.received
         self.stats.queue_full = reader.queue_full
         self.stats.engine = dict(engine.stats)
@@ -226,13 +315,17 @@ class Agent:
 
     def _report(self) -> None:
         s = self.stats
-        lost = s.ringbuf_failed + s.queue_full
+        lost = s.ringbuf_failed + s.queue_full + s.key_init_failed
         self._say(
-            f"stopped: {s.events_seen:,} kernel events, {s.records_emitted:,} records to user "
-            f"space, {sum(s.decisions.values())} decision(s) {s.decisions}, "
+            f"stopped: {s.events_seen:,} events seen ({s.sensor}), {s.records_emitted:,} records "
+            f"to user space, {sum(s.decisions.values())} decision(s) {s.decisions}, "
             f"{lost} lost, {s.cpu_s:.2f} s CPU"
         )
         if lost:
-            self._say(f"WARNING: {lost} record(s) lost (ring buffer full or queue full)")
+            self._say(
+                f"WARNING: {lost} record(s) or events lost (ring buffer full: {s.ringbuf_failed}, "
+                f"queue full: {s.queue_full}, window map full: {s.key_init_failed}); "
+                f"{s.degraded_records} record(s) marked degraded"
+            )
         if self.options.stats_path is not None:
             self.options.stats_path.write_text(json.dumps(s.to_json(), indent=2) + "\n")

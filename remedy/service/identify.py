@@ -7,9 +7,19 @@ from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcFS
+from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.records import SensorRecord
 
 MAX_PARENTS = 4
+
+
+def offender_pid(record: SensorRecord) -> int:
+    """Who the record is about: the parent for parent-keyed signals (a crash loop's supervisor,
+    a churning spawner), else the process whose event crossed. Cgroup-keyed signals name the
+    crossing process until offender scopes (process tree, cgroup) exist."""
+    if SIGNALS[record.signal].key == "parent" and record.key > 0:
+        return record.key
+    return record.tgid
 
 
 class ProcIdentifier:
@@ -24,7 +34,9 @@ class ProcIdentifier:
         self._cgroups = cgroups
 
     def identify(self, record: SensorRecord) -> Subject:
-        handle = ProcessHandle.bind(record.tgid, self._procfs, started_before_ns=record.ts_boot_ns)
+        handle = ProcessHandle.bind(
+            offender_pid(record), self._procfs, started_before_ns=record.ts_boot_ns
+        )
         try:
             info = handle.info
             cgroup = self._cgroups.cgroup_of(info.pid)

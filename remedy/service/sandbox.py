@@ -29,6 +29,10 @@ class CgroupSandbox:
         self.name = name
         self.v2 = (root / "cgroup.controllers").exists()
         roots = [root] if self.v2 else [root / "pids", root / "cpu"]
+        if not self.v2 and (root / "unified" / "cgroup.procs").exists():
+            # Hybrid host: join a cgroup2 directory too, so the workload has a cgroup id of its
+            # own (bpf_get_current_cgroup_id() reads the cgroup2 hierarchy).
+            roots.append(root / "unified")
         self.dirs = [r / name for r in roots]
         for d in self.dirs:
             d.mkdir()
@@ -38,6 +42,14 @@ class CgroupSandbox:
     @property
     def rel(self) -> str:
         return f"/{self.name}"
+
+    @property
+    def cgroup_id(self) -> int:
+        """The id BPF sees for members: the inode of the cgroup2 directory."""
+        v2_dir = self.dirs[0] if self.v2 else self.dirs[-1]
+        if not self.v2 and v2_dir.parent.name != "unified":
+            raise RuntimeError("no cgroup2 directory on this host")
+        return v2_dir.stat().st_ino
 
     @property
     def pids_dir(self) -> Path:

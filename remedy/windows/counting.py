@@ -8,6 +8,7 @@ event that makes the count reach ``threshold`` returns True, exactly once per wi
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 class _Window:
     start: float
     count: int
+    crossed: bool = False
 
 
 class WindowCounter:
@@ -27,10 +29,10 @@ class WindowCounter:
         self.threshold = threshold
         self.max_keys = max_keys
         self.evicted = 0
-        self._windows: OrderedDict[int, _Window] = OrderedDict()
+        self._windows: OrderedDict[Hashable, _Window] = OrderedDict()
 
-    def add(self, key: int, now: float) -> bool:
-        """Count one event; True exactly when this event reaches the threshold."""
+    def add(self, key: Hashable, now: float, amount: int = 1) -> bool:
+        """Count ``amount``; True exactly when this event makes the window reach the threshold."""
         w = self._windows.get(key)
         if w is None or now - w.start >= self.window_s:
             w = _Window(start=now, count=0)
@@ -39,16 +41,19 @@ class WindowCounter:
                 self._windows.popitem(last=False)
                 self.evicted += 1
         self._windows.move_to_end(key)
-        w.count += 1
-        return w.count == self.threshold
+        w.count += amount
+        if w.crossed or w.count < self.threshold:
+            return False
+        w.crossed = True  # signed amounts may dip and rise again: still once per window
+        return True
 
-    def count(self, key: int, now: float) -> int:
+    def count(self, key: Hashable, now: float) -> int:
         """Events of ``key`` in its current window (0 if the window expired)."""
         w = self._windows.get(key)
         if w is None or now - w.start >= self.window_s:
             return 0
         return w.count
 
-    def started(self, key: int) -> float | None:
+    def started(self, key: Hashable) -> float | None:
         w = self._windows.get(key)
         return None if w is None else w.start

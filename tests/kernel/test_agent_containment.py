@@ -20,7 +20,7 @@ from remedy.service.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 
-FORKER = Path(__file__).resolve().parents[1] / "workloads" / "forker.py"
+STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"
 
 POLICY = """\
 apiVersion: remedy/v1
@@ -94,7 +94,7 @@ def _audit(tmp_path: Path) -> list[dict[str, Any]]:
 def _forker(
     box: CgroupSandbox, forks: int, seconds: float, rate: float = 0.0
 ) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, str(FORKER), "--forks", str(forks), "--seconds", str(seconds)]
+    argv = [sys.executable, str(STORM), "fork", "--count", str(forks), "--seconds", str(seconds)]
     return box.spawn([*argv, "--rate", str(rate)], stderr=subprocess.PIPE)
 
 
@@ -144,7 +144,7 @@ def test_dry_run_writes_would_records_and_leaves_the_storm_alone(
         rc = agent.stop()
     print(agent.output())
     assert rc == 0
-    assert storm_rc == 0 and b"forked 5000" in err, "dry-run must not touch the storm"
+    assert storm_rc == 0 and b"fork 5000" in err, "dry-run must not touch the storm"
     mine = [d for d in _audit(tmp_path) if d["pid"] == storm.pid]
     assert mine, "dry-run must still audit what it would do"
     assert all(d["dry_run"] is True for d in mine)

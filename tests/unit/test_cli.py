@@ -57,8 +57,13 @@ def test_check_rejects_broken_yaml_with_its_line(
     assert f"{playbook}:" in capsys.readouterr().err
 
 
-def test_ebpf_prints_the_program_source(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--ebpf"]) == 0
+def test_print_bpf_shows_the_program_with_the_policies_parameters(
+    config: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--print-bpf", "--policies", str(config[0]), "--playbooks", str(config[1])]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "TRACEPOINT_PROBE(sched, sched_process_fork)" in out
-    assert "-DFORK_MAP_ENTRIES=" in out
+    assert "-DREMEDY_SECTION_SCHED=1" in out
+    assert "-DREMEDY_SECTION_FILES" not in out  # no policy watches files: not compiled in
+    assert "fork_rate: window_ns=1000000000 threshold=200" in out

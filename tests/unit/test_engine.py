@@ -264,3 +264,16 @@ def test_close_releases_everything() -> None:
     r.engine.close()
     assert list(r.engine.offenders()) == []
     assert sorted(r.executor.released) == [42, 43]
+
+
+def test_a_degraded_window_never_escalates_to_a_kill() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(replace(record(42), degraded=True))  # quarantine is reversible: allowed
+    r.clock.advance(3.0)
+    r.engine.tick()
+    r.engine.on_record(replace(record(42), degraded=True))
+    assert r.outcomes() == [("acted", "quarantine"), ("skipped", "kill")]
+    assert "degraded" in r.sink.decisions[-1].reason
+    assert r.executor.ran == [("quarantine", 42)]
+    r.engine.on_record(record(42))  # a clean window may escalate
+    assert r.outcomes()[-1] == ("acted", "kill")

@@ -256,7 +256,7 @@ def test_release_after_must_exceed_window(tmp_path: Path, window: str, release: 
         ("window: 1s", "window: 0s", 6),
         ("cooldown: 2s", "cooldown: -1s", 8),
         ("cooldown: 2s", "dry_run: 'false'", 8),
-        ("signal: fork_rate", "signal: exec_rate", 4),
+        ("signal: fork_rate", "signal: fork_storm", 4),
         ("name: fork-bomb", "name: 'fork bomb!'", 3),
         ("per: 1m", "per: true", 10),
     ],

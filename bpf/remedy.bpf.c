@@ -1,0 +1,365 @@
+// SPDX-License-Identifier: Apache-2.0
+// remedy's kernel filter: every signal of the catalogue is counted here, per key, in windows;
+// exactly one record per key per window leaves the kernel when the key crosses its threshold.
+//
+// Layout: first what all signals share (config, windows, counters, ring buffer, the accounting
+// logic); then one section of tracepoint handlers per group of signals, each compiled in only
+// when a policy uses one of its signals (-DREMEDY_SECTION_<NAME>=1), because attaching
+// syscalls:* tracepoints slows every syscall on the host. (The handlers cannot live in included
+// headers: bcc generates tracepoint argument structs only for the main file.)
+//
+// KEEP IN SYNC: enum remedy_signal with remedy/sensors/catalog.py (CATALOGUE ids);
+// struct signal_config, struct remedy_record with SignalConfigC, RecordC in
+// remedy/sensors/kernel.py; enum remedy_counter with Counter there. The kernel tests compare
+// sizes and offsets of the structs through bcc's own view of this file.
+//
+// Thresholds and windows live in signal_config, written by user space at run time: changing a
+// policy never recompiles or reattaches. Map sizes are compile-time defines.
+
+#include <linux/sched.h>
+
+#ifndef REMEDY_MAP_ENTRIES
+#define REMEDY_MAP_ENTRIES 16384
+#endif
+#ifndef REMEDY_RINGBUF_PAGES
+#define REMEDY_RINGBUF_PAGES 16
+#endif
+#ifndef REMEDY_STACK_ENTRIES
+#define REMEDY_STACK_ENTRIES 1024
+#endif
+
+enum remedy_signal {
+    SIG_FORK = 0,
+    SIG_FORK_CGROUP = 1,
+    SIG_EXEC = 2,
+    SIG_EXEC_CGROUP = 3,
+    SIG_CHURN = 4,
+    SIG_CPU = 5,
+    SIG_RSS = 6,
+    SIG_OPEN = 7,
+    SIG_FD = 8,
+    SIG_CONNECT = 9,
+    SIG_MAX = 10,
+};
+
+enum remedy_mode {
+    MODE_COUNT = 0,  // events add signed deltas; cross when the window's sum reaches threshold
+    MODE_LEVEL = 1,  // events report a level; cross when a level is at or above threshold
+};
+
+enum remedy_counter {
+    C_EVENTS_SEEN = 0,
+    C_RECORDS_EMITTED,
+    C_RINGBUF_FAILED,
+    C_WINDOWS_OPENED,
+    C_KEY_INIT_FAILED,
+    C_MAX,
+};
+
+#define CFG_STACKS 1       // capture kernel and user stack ids with each record
+#define W_CROSSED 1        // this window reached the threshold
+#define W_LOST 2           // this window's record was lost: retry, flagged degraded
+#define REC_DEGRADED 1     // a record of this window was lost before this one got through
+
+struct signal_config {
+    u64 window_ns;   // 0: signal disabled
+    s64 threshold;   // in kernel units: events, nanoseconds of CPU, bytes
+    u64 lifetime_ns; // churn: a child that exits sooner than this is short-lived
+    u32 sustain;     // consecutive crossing windows before a record is emitted (>= 1)
+    u32 mode;        // enum remedy_mode
+    u32 naive;       // 1: every event crosses to user space (benchmark baseline)
+    u32 flags;       // CFG_*
+};
+
+struct window_key {
+    u32 signal;
+    u32 _pad;
+    u64 id;          // tgid, parent tgid or cgroup id, per the catalogue
+};
+
+struct window {
+    u64 start_ns;
+    s64 value;
+    u64 emits;       // atomic: the event that moves it from 0 emits
+    u32 streak;      // consecutive crossing windows before this one
+    u32 flags;       // W_*
+};
+
+struct remedy_record {
+    u64 ts_boot_ns;
+    u64 window_start_ns;
+    u64 window_ns;
+    s64 value;       // the window's value at the crossing, kernel units
+    u64 cgroup_id;
+    u64 key;
+    u32 signal;
+    u32 tgid;        // the task whose event crossed (for parent-keyed signals: the child)
+    u32 pid;
+    u32 ppid;        // its parent, from the lineage map (0 when unknown)
+    u32 flags;       // REC_*
+    s32 kstack_id;
+    s32 ustack_id;
+    u32 _pad;
+    char comm[TASK_COMM_LEN];
+};
+
+// What the kernel remembers of each process it saw fork, so that short-lived children still
+// name their parent after they are gone from /proc.
+struct lineage {
+    u32 ppid;
+    u32 _pad;
+    u64 born_ns;
+    char comm[TASK_COMM_LEN];
+};
+
+BPF_ARRAY(signal_config, struct signal_config, SIG_MAX);
+// LRU maps: when full, the least recently used window (or lineage entry) is evicted to make room,
+// which can only lose a count, never invent one; a failed insert is counted (C_KEY_INIT_FAILED)
+// and user space marks that signal's windows degraded.
+BPF_TABLE("lru_hash", struct window_key, struct window, windows, REMEDY_MAP_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct lineage, lineage, REMEDY_MAP_ENTRIES);
+BPF_PERCPU_ARRAY(counters, u64, SIG_MAX * C_MAX);
+BPF_RINGBUF_OUTPUT(events, REMEDY_RINGBUF_PAGES);
+BPF_STACK_TRACE(stacks, REMEDY_STACK_ENTRIES);
+// Never written: lets user space read the record's layout as bcc sees it.
+BPF_ARRAY(record_layout, struct remedy_record, 1);
+
+static __always_inline void bump(u32 sig, u32 counter)
+{
+    u32 idx = sig * C_MAX + counter;
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline u32 parent_of(u32 tgid)
+{
+    struct lineage *l = lineage.lookup(&tgid);
+    return l ? l->ppid : 0;
+}
+
+static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u64 id,
+                                u64 now, u64 start, s64 value, u32 flags)
+{
+    struct remedy_record *rec = events.ringbuf_reserve(sizeof(struct remedy_record));
+    if (!rec) {
+        bump(sig, C_RINGBUF_FAILED);
+        return 0;
+    }
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    rec->ts_boot_ns = now;
+    rec->window_start_ns = start;
+    rec->window_ns = cfg->window_ns;
+    rec->value = value;
+    rec->cgroup_id = bpf_get_current_cgroup_id();
+    rec->key = id;
+    rec->signal = sig;
+    rec->tgid = tgid;
+    rec->pid = (u32)pid_tgid;
+    rec->ppid = parent_of(tgid);
+    rec->flags = flags;
+    rec->kstack_id = -1;
+    rec->ustack_id = -1;
+    rec->_pad = 0;
+    // Stacks only for records that really cross: a stack walk per event would cost more than
+    // everything else here together.
+    if ((cfg->flags & CFG_STACKS) && !cfg->naive) {
+        rec->kstack_id = stacks.get_stackid(ctx, 0);
+        rec->ustack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    }
+    bpf_get_current_comm(&rec->comm, sizeof(rec->comm));
+    events.ringbuf_submit(rec, 0);
+    bump(sig, C_RECORDS_EMITTED);
+    return 1;
+}
+
+// Count one event of `sig` for key `id`. Everything a signal needs beyond its tracepoint
+// handler is here, so every signal gets the same window, sustain, exactly-once and loss rules.
+static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
+{
+    struct signal_config *cfg = signal_config.lookup(&sig);
+    if (!cfg || cfg->window_ns == 0)
+        return;
+    bump(sig, C_EVENTS_SEEN);
+    u64 now = bpf_ktime_get_boot_ns();  // boot time, like /proc start times
+    if (cfg->naive) {
+        emit(ctx, sig, cfg, id, now, now, delta, 0);
+        return;
+    }
+
+    struct window_key k = {.signal = sig, ._pad = 0, .id = id};
+    struct window *w = windows.lookup(&k);
+    if (!w) {
+        struct window fresh = {.start_ns = now};
+        if (windows.update(&k, &fresh) != 0) {
+            bump(sig, C_KEY_INIT_FAILED);
+            return;
+        }
+        bump(sig, C_WINDOWS_OPENED);
+        w = windows.lookup(&k);
+        if (!w) {
+            bump(sig, C_KEY_INIT_FAILED);
+            return;
+        }
+    } else if (now - w->start_ns >= cfg->window_ns) {
+        // Roll over. A window that crossed and is followed at once by this one extends the
+        // streak that `sustain` counts. Two CPUs rolling the same window at once can lose a
+        // few events at the boundary: an under-count, never a false record.
+        u32 contiguous = now - w->start_ns < 2 * cfg->window_ns;
+        w->streak = ((w->flags & W_CROSSED) && contiguous) ? w->streak + 1 : 0;
+        w->start_ns = now;
+        w->value = 0;
+        w->emits = 0;
+        w->flags = 0;
+        bump(sig, C_WINDOWS_OPENED);
+    }
+
+    s64 old = 0, cur = delta;
+    if (cfg->mode == MODE_LEVEL) {
+        w->value = delta;
+    } else {
+        // Atomic: concurrent events of one key on several CPUs see distinct old values.
+        old = __sync_fetch_and_add(&w->value, delta);
+        cur = old + delta;
+    }
+    if (cur < cfg->threshold)
+        return;
+    u32 lost = w->flags & W_LOST;
+    if (cfg->mode == MODE_COUNT && old >= cfg->threshold && !lost)
+        return;  // crossed earlier in this window
+    w->flags |= W_CROSSED;
+    if (w->streak + 1 < cfg->sustain)
+        return;
+    if (__sync_fetch_and_add(&w->emits, 1) != 0)
+        return;  // exactly one record per key per window
+    if (emit(ctx, sig, cfg, id, now, w->start_ns, cur, lost ? REC_DEGRADED : 0)) {
+        w->flags &= ~W_LOST;
+    } else {
+        // The ring buffer was full. Let the next event of this window try again; its record
+        // says the window is degraded, so user space never escalates to a kill on it.
+        w->flags |= W_LOST;
+        w->emits = 0;
+    }
+}
+
+#if REMEDY_SECTION_SCHED
+// ===== Section "sched": fork rate (per process, per cgroup), exec rate (per parent, per cgroup) and
+// short-lived churn (children exiting soon after their fork, per parent). Included by
+// bpf/remedy.bpf.c when a policy uses one of these signals.
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    u32 child = args->child_pid;
+    struct lineage l = {.ppid = tgid, .born_ns = bpf_ktime_get_boot_ns()};
+    bpf_get_current_comm(&l.comm, sizeof(l.comm));
+    lineage.update(&child, &l);
+
+    account(args, SIG_FORK, tgid, 1);
+    account(args, SIG_FORK_CGROUP, bpf_get_current_cgroup_id(), 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct lineage *l = lineage.lookup(&tgid);
+    if (l) {
+        // The process has a new name now; chains built later should show it.
+        bpf_get_current_comm(&l->comm, sizeof(l->comm));
+        // Execs are counted against the parent that keeps spawning them (a crash loop's
+        // supervisor, a shell loop). A process whose fork we never saw has no known parent
+        // here; it still counts per cgroup.
+        account(args, SIG_EXEC, l->ppid, 1);
+    }
+    account(args, SIG_EXEC_CGROUP, bpf_get_current_cgroup_id(), 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if ((u32)pid_tgid != tgid)
+        return 0;  // a thread, not the process
+    u32 sig = SIG_CHURN;
+    struct signal_config *cfg = signal_config.lookup(&sig);
+    if (!cfg || cfg->window_ns == 0)
+        return 0;
+    struct lineage *l = lineage.lookup(&tgid);
+    if (!l)
+        return 0;  // born before we were watching: its lifetime is unknown
+    if (bpf_ktime_get_boot_ns() - l->born_ns < cfg->lifetime_ns)
+        account(args, SIG_CHURN, l->ppid, 1);
+    return 0;
+}
+#endif  // REMEDY_SECTION_SCHED
+
+#if REMEDY_SECTION_CPU
+// ===== Section "cpu": CPU time per process from sched:sched_stat_runtime. The threshold is in
+// nanoseconds of CPU per window (user space converts a policy's percent of a core).
+
+TRACEPOINT_PROBE(sched, sched_stat_runtime)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    // The runtime is charged to args->pid; when that is not the current task (accounting done
+    // on behalf of another), we cannot name its process cheaply, so skip it.
+    if ((u32)pid_tgid != (u32)args->pid || (u32)pid_tgid == 0)
+        return 0;
+    account(args, SIG_CPU, pid_tgid >> 32, (s64)args->runtime);
+    return 0;
+}
+#endif  // REMEDY_SECTION_CPU
+
+#if REMEDY_SECTION_MEMORY
+// ===== Section "memory": anonymous resident memory per process from kmem:rss_stat. The event fires
+// on every counter change; the level check happens here, so routine changes cross nothing.
+
+#define REMEDY_MM_ANONPAGES 1
+
+TRACEPOINT_PROBE(kmem, rss_stat)
+{
+    // curr: the mm is the current task's, so the current tgid names its owner.
+    if (!args->curr || args->member != REMEDY_MM_ANONPAGES)
+        return 0;
+    account(args, SIG_RSS, bpf_get_current_pid_tgid() >> 32, args->size);
+    return 0;
+}
+#endif  // REMEDY_SECTION_MEMORY
+
+#if REMEDY_SECTION_FILES
+// ===== Section "files": successful opens per process, and descriptors opened minus closed (a leak).
+// Attaching syscalls:* tracepoints puts every syscall on the slower traced path: this section
+// is compiled in only when a policy uses open_rate or fd_growth.
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+    if (args->ret < 0)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    account(args, SIG_OPEN, tgid, 1);
+    account(args, SIG_FD, tgid, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_close)
+{
+    if (args->ret != 0)
+        return 0;
+    account(args, SIG_FD, bpf_get_current_pid_tgid() >> 32, -1);
+    return 0;
+}
+#endif  // REMEDY_SECTION_FILES
+
+#if REMEDY_SECTION_NET
+// ===== Section "net": outbound connect() calls per process (attempts, successful or not: a storm of
+// failing connects is exactly what operators want to see).
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    account(args, SIG_CONNECT, bpf_get_current_pid_tgid() >> 32, 1);
+    return 0;
+}
+#endif  // REMEDY_SECTION_NET

@@ -1,0 +1,253 @@
+"""The kernel funnel: ``bpf/remedy.bpf.c`` and its user-space face (the ``Sensor`` protocol)."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from remedy.errors import SensorError
+from remedy.sensors import bpf
+from remedy.sensors.catalog import BY_ID, SIGNALS, SignalCounters, SignalSettings, sections_for
+from remedy.sensors.records import SensorRecord
+
+PROGRAM = "remedy"
+TASK_COMM_LEN = 16
+SIG_MAX = len(BY_ID)
+CFG_STACKS = 1
+REC_DEGRADED = 1
+MIB = 1 << 20
+
+
+class Counter(enum.IntEnum):
+    """Per-signal counter indexes; KEEP IN SYNC with enum remedy_counter."""
+
+    EVENTS_SEEN = 0
+    RECORDS_EMITTED = 1
+    RINGBUF_FAILED = 2
+    WINDOWS_OPENED = 3
+    KEY_INIT_FAILED = 4
+
+
+class SignalConfigC(ctypes.Structure):
+    """Mirror of struct signal_config (KEEP IN SYNC with bpf/remedy.bpf.c)."""
+
+    _fields_ = (
+        ("window_ns", ctypes.c_uint64),
+        ("threshold", ctypes.c_int64),
+        ("lifetime_ns", ctypes.c_uint64),
+        ("sustain", ctypes.c_uint32),
+        ("mode", ctypes.c_uint32),
+        ("naive", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    )
+
+
+class RecordC(ctypes.Structure):
+    """Mirror of struct remedy_record (KEEP IN SYNC with bpf/remedy.bpf.c)."""
+
+    _fields_ = (
+        ("ts_boot_ns", ctypes.c_uint64),
+        ("window_start_ns", ctypes.c_uint64),
+        ("window_ns", ctypes.c_uint64),
+        ("value", ctypes.c_int64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("key", ctypes.c_uint64),
+        ("signal", ctypes.c_uint32),
+        ("tgid", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("kstack_id", ctypes.c_int32),
+        ("ustack_id", ctypes.c_int32),
+        ("_pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * TASK_COMM_LEN),
+    )
+
+
+def to_kernel_threshold(name: str, settings: SignalSettings) -> int:
+    """A policy's threshold in the kernel's units: percent of a core becomes nanoseconds of CPU
+    per window, MiB become bytes; counts stay counts."""
+    if name == "cpu":
+        return int(settings.threshold / 100 * settings.window_s * 1e9)
+    if name == "rss":
+        return settings.threshold * MIB
+    return settings.threshold
+
+
+def to_policy_units(name: str, value: int, window_ns: int) -> int:
+    """The inverse of ``to_kernel_threshold``, for the record's count."""
+    if name == "cpu":
+        return round(value * 100 / window_ns) if window_ns else 0
+    if name == "rss":
+        return value // MIB
+    return value
+
+
+def decode(raw: RecordC) -> SensorRecord:
+    """Turn the kernel's struct into a SensorRecord."""
+    name = BY_ID[raw.signal].name
+    return SensorRecord(
+        signal=name,
+        tgid=raw.tgid,
+        pid=raw.pid,
+        ppid=raw.ppid,
+        comm=raw.comm.decode("utf-8", "replace"),
+        cgroup_id=raw.cgroup_id,
+        count=to_policy_units(name, raw.value, raw.window_ns),
+        window_s=raw.window_ns / 1e9,
+        elapsed_s=(raw.ts_boot_ns - raw.window_start_ns) / 1e9,
+        ts_boot_ns=raw.ts_boot_ns,
+        key=raw.key,
+        degraded=bool(raw.flags & REC_DEGRADED),
+        kstack_id=raw.kstack_id,
+        ustack_id=raw.ustack_id,
+    )
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Compile-time sizes of the kernel maps."""
+
+    map_entries: int = 16384
+    ringbuf_pages: int = 16
+    stack_entries: int = 1024
+
+
+class KernelSensor:
+    """Owns the loaded program. Not thread-safe: poll() belongs to the reader thread."""
+
+    kind: Literal["kernel", "sampler"] = "kernel"
+
+    def __init__(self, sizes: Sizes | None = None, *, naive: bool = False, stacks: bool = True):
+        self.sizes = sizes or Sizes()
+        self.naive = naive
+        self.stacks = stacks
+        self.sections: tuple[str, ...] = ()
+        self.settings: dict[str, SignalSettings] = {}
+        self._bpf: Any = None
+
+    def defines(self, sections: tuple[str, ...]) -> dict[str, int]:
+        defines = {
+            "REMEDY_MAP_ENTRIES": self.sizes.map_entries,
+            "REMEDY_RINGBUF_PAGES": self.sizes.ringbuf_pages,
+            "REMEDY_STACK_ENTRIES": self.sizes.stack_entries,
+        }
+        defines.update({f"REMEDY_SECTION_{s.upper()}": 1 for s in sections})
+        return defines
+
+    def source(self, settings: Mapping[str, SignalSettings]) -> str:
+        """The program as bcc compiles it, with the configuration user space will write
+        (``remedy run --print-bpf``)."""
+        sections = sections_for(settings)
+        text, cflags = bpf.render_source(PROGRAM, self.defines(sections))
+        lines = [f"// cflags: {' '.join(cflags)}", "// signal_config entries written at start:"]
+        for name, s in sorted(settings.items()):
+            c = self._config(name, s)
+            lines.append(
+                f"//   [{SIGNALS[name].id}] {name}: window_ns={c.window_ns} "
+                f"threshold={c.threshold} sustain={c.sustain} lifetime_ns={c.lifetime_ns} "
+                f"mode={c.mode} naive={c.naive}"
+            )
+        return "\n".join(lines) + "\n" + text
+
+    def start(self, settings: Mapping[str, SignalSettings]) -> None:
+        """Compile the sections the signals need, load, attach, then arm the filter."""
+        unknown = set(settings) - set(SIGNALS)
+        if unknown:
+            raise SensorError(f"unknown signal(s): {', '.join(sorted(unknown))}")
+        for name in settings:
+            for tp in SIGNALS[name].tracepoints:
+                bpf.require_tracepoint(*tp.split(":"))
+        self.sections = sections_for(settings)
+        self._bpf = bpf.load(PROGRAM, self.defines(self.sections))
+        self.configure(settings)
+
+    def _table(self, name: str) -> Any:
+        if self._bpf is None:
+            raise SensorError("kernel sensor is not started")
+        return self._bpf[name.encode()]
+
+    def _config(self, name: str, s: SignalSettings) -> SignalConfigC:
+        return SignalConfigC(
+            window_ns=int(s.window_s * 1e9),
+            threshold=to_kernel_threshold(name, s),
+            lifetime_ns=int(s.lifetime_s * 1e9),
+            sustain=max(1, s.sustain),
+            mode=int(SIGNALS[name].mode),
+            naive=int(self.naive),
+            flags=CFG_STACKS if self.stacks else 0,
+        )
+
+    def configure(self, settings: Mapping[str, SignalSettings]) -> None:
+        """Write every signal's config: a map update, no recompilation. Signals absent from
+        ``settings`` are disabled; a signal whose section is not compiled in cannot be enabled."""
+        missing = set(sections_for(settings)) - set(self.sections)
+        if missing:
+            raise SensorError(
+                f"section(s) {', '.join(sorted(missing))} not loaded; restart to add signals"
+            )
+        table = self._table("signal_config")
+        for sig in SIGNALS.values():
+            s = settings.get(sig.name)
+            table[ctypes.c_int(sig.id)] = self._config(sig.name, s) if s else SignalConfigC()
+        self.settings = dict(settings)
+
+    def open_ring_buffer(self, callback: Callable[[SensorRecord], None]) -> None:
+        def _on_event(_ctx: Any, data: Any, _size: int) -> None:
+            callback(decode(ctypes.cast(data, ctypes.POINTER(RecordC)).contents))
+
+        self._table("events").open_ring_buffer(_on_event)
+
+    def poll(self, timeout_ms: int) -> None:
+        if self._bpf is None:
+            raise SensorError("kernel sensor is not started")
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def counters(self) -> dict[str, SignalCounters]:
+        sums = bpf.percpu_sums(self._table("counters"), SIG_MAX * len(Counter))
+        n = len(Counter)
+        return {
+            sig.name: SignalCounters(*sums[sig.id * n : (sig.id + 1) * n])
+            for sig in SIGNALS.values()
+        }
+
+    def window_value(self, name: str, key: int) -> int | None:
+        """The current raw value of a key's window (tests and diagnostics)."""
+        table = self._table("windows")
+        k = table.Key(SIGNALS[name].id, 0, key)
+        try:
+            return int(table[k].value)
+        except KeyError:
+            return None
+
+    def lineage(self, tgid: int) -> tuple[int, str] | None:
+        """(parent tgid, comm) the kernel remembers for ``tgid``: exited processes included."""
+        try:
+            entry = self._table("lineage")[ctypes.c_uint32(tgid)]
+        except KeyError:
+            return None
+        return int(entry.ppid), bytes(entry.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def stack(self, stack_id: int, *, user_pid: int | None = None) -> list[str]:
+        """Symbolized frames of a captured stack ("[unknown]" where no symbols exist)."""
+        if stack_id < 0 or self._bpf is None:
+            return []
+        try:
+            frames = list(self._table("stacks").walk(stack_id))
+        except KeyError:
+            return []
+        if user_pid is None:
+            return [self._bpf.ksym(addr).decode("utf-8", "replace") for addr in frames]
+        return [self._bpf.sym(addr, user_pid).decode("utf-8", "replace") for addr in frames]
+
+    def layout_types(self) -> tuple[Any, Any]:
+        """bcc's own ctypes types for the config and record structs, to check our mirrors."""
+        return (self._table("signal_config").Leaf, self._table("record_layout").Leaf)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

@@ -1,0 +1,56 @@
+"""Shared by the kernel tests: run a bounded workload in the test's cgroup, collect records."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remedy.sensors.catalog import SignalSettings
+from remedy.sensors.kernel import KernelSensor
+from remedy.sensors.records import SensorRecord
+from remedy.service.sandbox import CgroupSandbox
+
+STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"
+
+
+@dataclass
+class Harness:
+    """A started sensor whose records are collected in ``records`` on every ``drain()``."""
+
+    sensor: KernelSensor
+    records: list[SensorRecord] = field(default_factory=list)
+
+    def configure(self, **settings: SignalSettings) -> None:
+        self.drain()
+        self.records.clear()
+        self.sensor.configure(settings)
+
+    def drain(self) -> None:
+        for _ in range(3):
+            self.sensor.poll(30)
+
+    def run(self, box: CgroupSandbox, mode: str, *args: str, timeout: float = 30) -> int:
+        """Run ``storm.py mode args`` in ``box`` to completion; return its pid."""
+        proc = box.spawn([sys.executable, str(STORM), mode, *args])
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            self.sensor.poll(50)
+        assert proc.wait(1) == 0
+        self.drain()
+        return proc.pid
+
+    def of(self, signal: str, key: int) -> list[SensorRecord]:
+        return [r for r in self.records if r.signal == signal and r.key == key]
+
+
+def start(sensor: KernelSensor, settings: dict[str, SignalSettings]) -> Iterator[Harness]:
+    sensor.start(settings)
+    harness = Harness(sensor)
+    sensor.open_ring_buffer(harness.records.append)
+    try:
+        yield harness
+    finally:
+        sensor.close()
