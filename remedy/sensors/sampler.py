@@ -60,6 +60,7 @@ __all__ = [
     "ProcessSource",
     "ProcessTable",
     "PsutilSource",
+    "cgroup_key",
 ]
 
 _MIB = 1 << 20
