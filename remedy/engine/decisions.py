@@ -35,6 +35,9 @@ class Decision:
     reason: str
     message: str
     state: str
+    degraded: bool = False  # records were lost around this window
+    context: dict[str, Any] | None = None  # container, exe, cmdline, uid, parent chain
+    stack: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The audit line: every field, plus ``ts``, the time in ISO 8601 UTC for humans."""

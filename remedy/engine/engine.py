@@ -9,11 +9,12 @@ escalation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from remedy.clock import Clock
 from remedy.engine.decisions import ACTED, SKIPPED, WOULD_ACT, Decision, DecisionSink
@@ -22,6 +23,7 @@ from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_
 from remedy.errors import ActionError
 from remedy.policy import Policy, PolicySet, Step
 from remedy.sensors.catalog import SIGNALS
+from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,14 @@ class Executor(Protocol):
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str: ...
 
     def release(self, subject: Subject) -> None: ...
+
+
+def _context_json(context: Context | None) -> dict[str, Any] | None:
+    if context is None:
+        return None
+    data = dataclasses.asdict(context)
+    data["summary"] = context.summary()
+    return data
 
 
 @dataclass(frozen=True)
@@ -186,9 +196,10 @@ class Engine:
         policy, record, offender = case.policy, case.record, case.offender
         subject = offender.subject
         what = record.describe(policy.threshold, SIGNALS[record.signal].noun)
+        about = f" [{subject.context.summary()}]" if subject.context else ""
         target = (
             f"{case.step.action} pid {subject.pid} ({subject.comm}) "
-            f"in {subject.cgroup_display}: {what}"
+            f"in {subject.cgroup_display}{about}: {what}"
         )
         if outcome == WOULD_ACT:
             text = f"would {target}; {detail}"
@@ -215,6 +226,9 @@ class Engine:
             reason=reason,
             message=text,
             state=offender.state,
+            degraded=record.degraded,
+            context=_context_json(subject.context),
+            stack=subject.stack,
         )
         self.stats[f"decision-{outcome}"] += 1
         self._sink.record(decision)

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from transitions import Machine
 
+from remedy.sensors.context import Context
+
 STATES = ("observed", "offending", "acting", "cooldown", "released")
 
 # trigger, source(s), destination
@@ -51,6 +53,8 @@ class Subject:
     cgroup_display: str  # absolute path for humans
     handle: Handle | None = None
     parents: tuple[tuple[int, str], ...] = ()  # (pid, comm), nearest first
+    context: Context | None = None  # container, exe, cmdline, parent chain: for humans
+    stack: tuple[str, ...] = ()  # symbolized frames at the crossing, when captured
 
     @property
     def key(self) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -28,6 +28,7 @@ from remedy.errors import SensorError
 from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
+from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
@@ -38,6 +39,7 @@ from remedy.windows.counting import WindowCounter
 log = logging.getLogger(__name__)
 
 SensorChoice = Literal["auto", "kernel", "sampler"]
+STACK_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,17 @@ class AgentStats:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _stack_reader(sensor: KernelSensor) -> Callable[[SensorRecord], tuple[str, ...]]:
+    """Symbolized frames for a record: kernel frames, then the offender's user frames."""
+
+    def frames(record: SensorRecord) -> tuple[str, ...]:
+        kernel = sensor.stack(record.kstack_id)[:STACK_FRAMES]
+        user = sensor.stack(record.ustack_id, user_pid=record.tgid)[:STACK_FRAMES]
+        return (*kernel, *(f"user: {f}" for f in user))
+
+    return frames
 
 
 def signal_settings(policies: PolicySet) -> dict[str, SignalSettings]:
@@ -144,14 +157,24 @@ class Agent:
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
 
-    def _engine(self, policies: PolicySet, sink: DecisionSink) -> Engine:
+    def _engine(self, policies: PolicySet, sink: DecisionSink, sensor: Sensor) -> Engine:
         procfs = ProcFS(self.options.proc_root)
         cgroups = detect(self.options.cgroup_root, procfs)
         ctx = ActionContext(cgroups, procfs, self.options.quarantine_root)
         self._say(f"cgroups: v{cgroups.version} at {cgroups.root}")
+        kernel = sensor if isinstance(sensor, KernelSensor) else None
+        enricher = Enricher(
+            procfs,
+            CgroupIndex.detect(self.options.cgroup_root),
+            # The kernel's lineage map remembers parents that already exited.
+            ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
+            proc_cgroup=cgroups.cgroup_of,
+        )
         return Engine(
             policies,
-            identifier=ProcIdentifier(procfs, cgroups),
+            identifier=ProcIdentifier(
+                procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None
+            ),
             executor=ActionExecutor(ctx),
             sink=sink,
             clock=self._clock,
@@ -193,14 +216,15 @@ class Agent:
         audit = AuditLog(opts.audit_path) if opts.audit_path else None
         if audit is not None:
             sinks.append(audit)
-        engine = self._engine(policies, FanOut(sinks))
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
         sensor: Sensor | None = None
         reader: RingBufferReader | None = None
+        engine: Engine | None = None
         try:
             sensor = self._start_sensor(settings)
             self.stats.sensor = sensor.kind
+            engine = self._engine(policies, FanOut(sinks), sensor)
             reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
             reader.start()
             worker = threading.Thread(
@@ -222,7 +246,8 @@ class Agent:
             self._stop.set()
             if reader is not None:
                 reader.stop()
-            engine.close()
+            if engine is not None:
+                engine.close()
             if sensor is not None:
                 sensor.close()
             if audit is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS
+from remedy.sensors.context import Enricher
 from remedy.sensors.records import SensorRecord
 
 MAX_PARENTS = 4
@@ -29,9 +33,17 @@ class ProcIdentifier:
     started after the kernel counted the forks holds a reused pid and is not the offender.
     """
 
-    def __init__(self, procfs: ProcFS, cgroups: CgroupDriver) -> None:
+    def __init__(
+        self,
+        procfs: ProcFS,
+        cgroups: CgroupDriver,
+        enricher: Enricher | None = None,
+        stack_of: Callable[[SensorRecord], tuple[str, ...]] | None = None,
+    ) -> None:
         self._procfs = procfs
         self._cgroups = cgroups
+        self._enricher = enricher
+        self._stack_of = stack_of
 
     def identify(self, record: SensorRecord) -> Subject:
         handle = ProcessHandle.bind(
@@ -44,6 +56,10 @@ class ProcIdentifier:
         except ActionError:
             handle.close()
             raise
+        context = None
+        if self._enricher is not None:
+            # About the offender, which for parent-keyed signals is not the record's task.
+            context = self._enricher.enrich(replace(record, tgid=info.pid, ppid=info.ppid))
         return Subject(
             pid=info.pid,
             start_ticks=info.start_ticks,
@@ -56,4 +72,6 @@ class ProcIdentifier:
             cgroup_display=self._cgroups.display_path(cgroup),
             handle=handle,
             parents=parents,
+            context=context,
+            stack=self._stack_of(record) if self._stack_of else (),
         )

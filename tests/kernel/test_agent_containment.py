@@ -7,6 +7,7 @@ but processes this test spawned, whatever else the host is doing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -150,4 +151,11 @@ def test_dry_run_writes_would_records_and_leaves_the_storm_alone(
     assert all(d["dry_run"] is True for d in mine)
     assert mine[0]["outcome"] == "would-act" and mine[0]["action"] == "quarantine"
     assert mine[0]["message"].startswith("would quarantine")
+    # Context attached once, near the event: parent chain, cgroup path, exe, stack.
+    context = mine[0]["context"]
+    assert context["parents"][0]["pid"] == os.getpid()
+    assert context["cgroup_path"] == test_cgroup.rel
+    assert context["exe"] == os.path.realpath(sys.executable)
+    assert f"parent {os.getpid()}" in mine[0]["message"]
+    assert any("clone" in frame for frame in mine[0]["stack"])
     assert not (test_cgroup.pids_dir / "quarantine").exists()
