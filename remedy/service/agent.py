@@ -83,6 +83,7 @@ class AgentStats:
     cpu_s: float = 0.0  # the whole run, start-up (compiling the BPF program) included
     ready_cpu_s: float = 0.0  # start-up alone: cpu_s - ready_cpu_s is the cost of watching
     wall_s: float = 0.0
+    max_rss_mib: float = 0.0  # peak resident memory of the agent process
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +255,8 @@ class Agent:
                 audit.close()
         self.stats.cpu_s = round(_cpu_seconds() - started_cpu, 3)
         self.stats.wall_s = round(time.monotonic() - started_wall, 3)
+        # ru_maxrss is in KiB on Linux.
+        self.stats.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self._report()
         return self.stats
 
