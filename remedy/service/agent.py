@@ -264,16 +264,17 @@ class Agent:
         self, sensor: Sensor, settings: Mapping[str, SignalSettings], policies: PolicySet
     ) -> str:
         watched = ", ".join(
-            f"{name} ≥ {s.threshold} {SIGNALS[name].unit.split(' per ')[0]} per {s.window_s:g} s"
+            f"{name} ≥ {s.threshold:,} {SIGNALS[name].noun} per {s.window_s:g} s"
             for name, s in sorted(settings.items())
         )
-        mode = "dry-run (audit only)" if self.options.dry_run else "enforce"
+        if self.options.dry_run:
+            mode = "dry-run for every policy (audit only)"
+        else:
+            audit_only = [p.name for p in policies.policies if p.dry_run]
+            mode = "enforce" + (f", dry-run: {', '.join(audit_only)}" if audit_only else "")
         how = "kernel funnel" if sensor.kind == "kernel" else "/proc sampler (degraded fidelity)"
         naive = ", naive" if self.options.naive else ""
-        return (
-            f"ready: {how}{naive}; watching {watched}; "
-            f"{len(policies.policies)} policy(ies), mode {mode}"
-        )
+        return f"ready: {how}{naive}; watching {watched}; mode {mode}"
 
     def _work(
         self,

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ def in_cgroups(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:
 class AgentProcess:
     """``remedy run`` as a child process, with its output captured to a file."""
 
-    def __init__(self, args: Sequence[str], cwd: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
@@ -35,7 +41,7 @@ class AgentProcess:
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def output(self) -> str:

@@ -67,3 +67,11 @@ def test_print_bpf_shows_the_program_with_the_policies_parameters(
     assert "-DREMEDY_SECTION_SCHED=1" in out
     assert "-DREMEDY_SECTION_FILES" not in out  # no policy watches files: not compiled in
     assert "fork_rate: window_ns=1000000000 threshold=200" in out
+
+
+def test_the_example_policies_for_every_signal_validate(
+    repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    examples = repo_root / "policies" / "examples"
+    assert main(["check", str(examples), str(repo_root / "playbooks")]) == 0
+    assert "ok: 9 policy(ies)" in capsys.readouterr().out
