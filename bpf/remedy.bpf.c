@@ -209,7 +209,8 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
         u32 contiguous = now - w->start_ns < 2 * cfg->window_ns;
         w->streak = ((w->flags & W_CROSSED) && contiguous) ? w->streak + 1 : 0;
         w->start_ns = now;
-        w->value = 0;
+        if (cfg->mode != MODE_LEVEL)
+            w->value = 0;  // a level carries over: it is where the process is, not a sum
         w->emits = 0;
         w->flags = 0;
         bump(sig, C_WINDOWS_OPENED);
@@ -217,7 +218,12 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
 
     s64 old = 0, cur = delta;
     if (cfg->mode == MODE_LEVEL) {
+        // Only a rising level crosses: when a process exits, its mm is torn down and the
+        // level falls through the threshold on the way to zero, which is not growth.
+        old = w->value;
         w->value = delta;
+        if (cur <= old)
+            return;
     } else {
         // Atomic: concurrent events of one key on several CPUs see distinct old values.
         old = __sync_fetch_and_add(&w->value, delta);

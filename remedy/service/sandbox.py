@@ -44,6 +44,10 @@ class CgroupSandbox:
         return f"/{self.name}"
 
     @property
+    def has_cgroup_id(self) -> bool:
+        return self.v2 or self.dirs[-1].parent.name == "unified"
+
+    @property
     def cgroup_id(self) -> int:
         """The id BPF sees for members: the inode of the cgroup2 directory."""
         v2_dir = self.dirs[0] if self.v2 else self.dirs[-1]

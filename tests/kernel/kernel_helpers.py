@@ -22,6 +22,7 @@ class Harness:
 
     sensor: KernelSensor
     records: list[SensorRecord] = field(default_factory=list)
+    cgroup_ids: set[int] = field(default_factory=set)  # of the boxes workloads ran in
 
     def configure(self, **settings: SignalSettings) -> None:
         self.drain()
@@ -34,6 +35,8 @@ class Harness:
 
     def run(self, box: CgroupSandbox, mode: str, *args: str, timeout: float = 30) -> int:
         """Run ``storm.py mode args`` in ``box`` to completion; return its pid."""
+        if box.has_cgroup_id:
+            self.cgroup_ids.add(box.cgroup_id)
         proc = box.spawn([sys.executable, str(STORM), mode, *args])
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
@@ -43,7 +46,15 @@ class Harness:
         return proc.pid
 
     def of(self, signal: str, key: int) -> list[SensorRecord]:
-        return [r for r in self.records if r.signal == signal and r.key == key]
+        """Records of ``signal`` for ``key`` made by the test's own workloads: a host process
+        that once held the same pid (pids wrap) is not one of ours."""
+        return [
+            r
+            for r in self.records
+            if r.signal == signal
+            and r.key == key
+            and (not self.cgroup_ids or r.cgroup_id in self.cgroup_ids)
+        ]
 
 
 def start(sensor: KernelSensor, settings: dict[str, SignalSettings]) -> Iterator[Harness]:
