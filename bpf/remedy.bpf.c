@@ -209,8 +209,7 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
         u32 contiguous = now - w->start_ns < 2 * cfg->window_ns;
         w->streak = ((w->flags & W_CROSSED) && contiguous) ? w->streak + 1 : 0;
         w->start_ns = now;
-        if (cfg->mode != MODE_LEVEL)
-            w->value = 0;  // a level carries over: it is where the process is, not a sum
+        w->value = 0;
         w->emits = 0;
         w->flags = 0;
         bump(sig, C_WINDOWS_OPENED);
@@ -218,12 +217,9 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
 
     s64 old = 0, cur = delta;
     if (cfg->mode == MODE_LEVEL) {
-        // Only a rising level crosses: when a process exits, its mm is torn down and the
-        // level falls through the threshold on the way to zero, which is not growth.
-        old = w->value;
+        // A level, not a sum. Teardown at exit does not cross: exit_mm() clears current->mm
+        // before the counters fall, so those events have curr == 0 and are filtered out.
         w->value = delta;
-        if (cur <= old)
-            return;
     } else {
         // Atomic: concurrent events of one key on several CPUs see distinct old values.
         old = __sync_fetch_and_add(&w->value, delta);
@@ -327,7 +323,9 @@ TRACEPOINT_PROBE(sched, sched_stat_runtime)
 
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
-    // curr: the mm is the current task's, so the current tgid names its owner.
+    // curr: the mm is the current task's, so the current tgid names its owner. A child
+    // between fork and exec shares its parent's pages and counts them: it is as big as it
+    // looks, for as long as it lasts.
     if (!args->curr || args->member != REMEDY_MM_ANONPAGES)
         return 0;
     account(args, SIG_RSS, bpf_get_current_pid_tgid() >> 32, args->size);
