@@ -8,15 +8,31 @@ from __future__ import annotations
 
 from remedy.policy.durations import parse_duration
 from remedy.policy.loader import check_paths, load_policy_set
-from remedy.policy.model import SIGNALS, Playbook, Policy, PolicySet, RateLimit, Selector, Step
+from remedy.policy.model import (
+    SEVERITIES,
+    SIGNALS,
+    Breaker,
+    Facts,
+    Playbook,
+    Policy,
+    PolicySet,
+    RateLimit,
+    Selector,
+    Silence,
+    Step,
+)
 
 __all__ = [
+    "SEVERITIES",
     "SIGNALS",
+    "Breaker",
+    "Facts",
     "Playbook",
     "Policy",
     "PolicySet",
     "RateLimit",
     "Selector",
+    "Silence",
     "Step",
     "check_paths",
     "load_policy_set",

@@ -6,6 +6,7 @@ everything downstream can trust every field (see the invariants noted on each fi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -14,7 +15,24 @@ from pathlib import Path
 from remedy.actions.params import ActionParams
 from remedy.sensors.catalog import CATALOGUE
 
-__all__ = ["SIGNALS", "Playbook", "Policy", "PolicySet", "RateLimit", "Selector", "Step"]
+__all__ = [
+    "NOTHING",
+    "SEVERITIES",
+    "SIGNALS",
+    "Breaker",
+    "Facts",
+    "Playbook",
+    "Policy",
+    "PolicySet",
+    "RateLimit",
+    "Selector",
+    "Silence",
+    "Step",
+]
+
+#: Severities, lowest first. When several policies match one offender, the higher severity
+#: takes precedence (then load order): see docs/policies.md.
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 #: Signals a policy can watch: the catalogue in remedy/sensors/catalog.py.
 SIGNALS: tuple[str, ...] = tuple(s.name for s in CATALOGUE)
@@ -29,21 +47,107 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class Facts:
+    """What selectors test about a process: read once when its record is enriched."""
+
+    cgroup: str  # cgroup path, "/a/b"
+    comm: str
+    exe: str | None = None
+    cmdline: str = ""
+    uid: int = -1  # -1: unknown
+    container_id: str | None = None
+    pod_uid: str | None = None
+
+
+@dataclass(frozen=True)
 class Selector:
-    """Which processes a policy applies to. An empty tuple matches anything."""
+    """Which processes a policy applies to (``match:``) or never applies to (``exclude:``).
+
+    Every non-empty field must match (AND across fields, OR within one). An empty selector
+    matches anything. Nothing is ever a substring match except the ``cmdlines`` regexes, which
+    are explicit: names and paths are exact, cgroups are globs.
+    """
 
     cgroups: tuple[str, ...] = ()  # fnmatch globs on the cgroup path, e.g. "/system.slice/*"
     comms: tuple[str, ...] = ()  # exact comm names (at most 15 bytes, as the kernel truncates)
+    exes: tuple[str, ...] = ()  # exact executable paths
+    cmdlines: tuple[str, ...] = ()  # regexes searched in the command line (validated at load)
+    uids: tuple[int, ...] = ()  # numeric uids (user names are resolved at load)
+    containers: tuple[str, ...] = ()  # container ids, full or the 12-character short id
+    pods: tuple[str, ...] = ()  # Kubernetes pod uids
 
-    def matches(self, cgroup: str, comm: str) -> bool:
-        """True when ``cgroup`` matches one of the globs and ``comm`` is one of the names.
+    @property
+    def empty(self) -> bool:
+        return not any(
+            (
+                self.cgroups,
+                self.comms,
+                self.exes,
+                self.cmdlines,
+                self.uids,
+                self.containers,
+                self.pods,
+            )
+        )
 
-        Globs are matched case-sensitively on every platform (cgroup paths are), and ``*`` also
-        matches ``/``, so ``/system.slice/*`` covers nested cgroups too.
-        """
-        if self.cgroups and not any(fnmatchcase(cgroup, glob) for glob in self.cgroups):
-            return False
-        return not self.comms or comm in self.comms
+    def mismatch(self, facts: Facts) -> str | None:
+        """The first field that does not match, as words ("comm 'x' not in [...]"), or None."""
+        if self.cgroups and not any(fnmatchcase(facts.cgroup, g) for g in self.cgroups):
+            return f"cgroup {facts.cgroup!r} matches none of {list(self.cgroups)}"
+        if self.comms and facts.comm not in self.comms:
+            return f"comm {facts.comm!r} not in {list(self.comms)}"
+        if self.exes and facts.exe not in self.exes:
+            return f"exe {facts.exe!r} not in {list(self.exes)}"
+        if self.cmdlines and not any(re.search(r, facts.cmdline) for r in self.cmdlines):
+            return f"command line matches none of {list(self.cmdlines)}"
+        if self.uids and facts.uid not in self.uids:
+            return f"uid {facts.uid} not in {list(self.uids)}"
+        cid = facts.container_id or ""
+        if self.containers and not any(c in (cid, cid[:12]) for c in self.containers if cid):
+            return f"container {cid[:12] or 'none'} not in {list(self.containers)}"
+        if self.pods and facts.pod_uid not in self.pods:
+            return f"pod {facts.pod_uid or 'none'} not in {list(self.pods)}"
+        return None
+
+    def matches(self, facts: Facts | str, comm: str | None = None) -> bool:
+        """True when every given field matches. ``matches(cgroup, comm)`` is the short form."""
+        if isinstance(facts, str):
+            facts = Facts(cgroup=facts, comm=comm or "")
+        return self.mismatch(facts) is None
+
+
+NOTHING = Selector()  # an empty exclude: excludes nothing
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """A policy that acts on more than ``max_offenders`` distinct offenders (or executables, or
+    cgroups) within ``per_s`` is demoted to monitor mode and raises an alert: a bad policy must
+    not become the outage."""
+
+    max_offenders: int = 20
+    per_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A maintenance window: no actions for matching processes until ``expires`` (epoch
+    seconds). Sensing and auditing continue; decisions say who silenced them and why."""
+
+    name: str
+    file: Path
+    match: Selector
+    author: str
+    reason: str
+    expires: float  # wall-clock seconds since the epoch
+    policies: tuple[str, ...] = ()  # empty: every policy
+
+    def applies(self, policy: str, facts: Facts, now_wall: float) -> bool:
+        return (
+            now_wall < self.expires
+            and (not self.policies or policy in self.policies)
+            and self.match.matches(facts)
+        )
 
 
 @dataclass(frozen=True)
@@ -62,8 +166,25 @@ class Policy:
     rate_limit: RateLimit
     match: Selector
     description: str = ""
-    sustain: int = 1  # consecutive crossing windows before a record counts (cpu runaway: K)
+    sustain: int = 1  # YAML `for`: consecutive crossing windows before a record counts
     lifetime_s: float = 0.1  # churn: children that exit sooner than this are short-lived
+    severity: str = "warning"  # one of SEVERITIES; decides precedence between policies
+    exclude: Selector = field(default_factory=lambda: NOTHING)  # never act on these
+    breaker: Breaker = field(default_factory=Breaker)
+
+    @property
+    def mode(self) -> str:
+        """``monitor`` (dry-run: decide and audit, never act) or ``enforce``."""
+        return "monitor" if self.dry_run else "enforce"
+
+    def applies_to(self, facts: Facts) -> str | None:
+        """Why this policy does not apply to ``facts``, or None when it does."""
+        why = self.match.mismatch(facts)
+        if why is not None:
+            return f"match: {why}"
+        if not self.exclude.empty and self.exclude.mismatch(facts) is None:
+            return "excluded by exclude:"
+        return None
 
 
 @dataclass(frozen=True)
@@ -93,6 +214,8 @@ class PolicySet:
 
     policies: tuple[Policy, ...]
     playbooks: Mapping[str, Playbook]
+    silences: tuple[Silence, ...] = ()
+    protected_exes: frozenset[str] = frozenset()  # added to the built-in protected set
     # The engine asks for_signal() on every record, so the grouping is computed once here.
     _by_signal: Mapping[str, tuple[Policy, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
