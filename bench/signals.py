@@ -18,7 +18,6 @@ in its row; the table is always printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import resource
@@ -99,7 +98,7 @@ STORMS: tuple[Storm, ...] = (
         2,
         80_000,
         (),
-        "tracepoint:syscalls:sys_exit_openat /args.ret >= 0/ { @[pid] = count(); }",
+        "tracepoint:syscalls:sys_exit_openat /args->ret >= 0/ { @[pid] = count(); }",
     ),
     Storm(
         "connect",
@@ -118,7 +117,7 @@ _POLICY = """\
 apiVersion: remedy/v1
 kind: Policy
 name: bench-{storm}
-description: armed but never crossed: the kernel counts every event, nothing is acted on
+description: "armed, never crossed: the kernel counts every event, nothing is acted on"
 signal: {signal}
 threshold: 1000000
 window: 1s
@@ -272,7 +271,8 @@ def _bpftrace(storm: Storm, scale: float) -> Run:
     try:
         deadline = time.monotonic() + 60
         while not attached.is_set():
-            if proc.poll() is not None or time.monotonic() > deadline:
+            # Not proc.poll(): it would reap the child, and its rusage (peak RSS) with it.
+            if not reader.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"bpftrace did not attach: {''.join(head)[-300:]}")
             attached.wait(0.05)
         # "Attaching N probes..." is printed just before the attach calls; give them time.
@@ -281,8 +281,9 @@ def _bpftrace(storm: Storm, scale: float) -> Run:
         run = _storm(storm, scale)
         run.cpu_s = _proc_cpu_s(proc.pid) - cpu_before
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
+        # os.kill, not proc.send_signal(), which polls (reaps) first. Until we reap it the pid
+        # cannot be reused, so this signals bpftrace and nothing else.
+        os.kill(proc.pid, signal.SIGINT)
         status = _wait4(proc, timeout_s=30)
         reader.join(5)
     code, rusage = status
