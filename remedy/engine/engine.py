@@ -14,14 +14,22 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from remedy.clock import Clock
-from remedy.engine.decisions import ACTED, SKIPPED, WOULD_ACT, Decision, DecisionSink
-from remedy.engine.guards import Protector, RateLimiter
+from remedy.engine.decisions import (
+    ACTED,
+    BREAKER_TRIPPED,
+    SKIPPED,
+    WOULD_ACT,
+    Decision,
+    DecisionSink,
+)
+from remedy.engine.guards import Breakers, Protector, RateLimiter
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
-from remedy.policy import Policy, PolicySet, Step
+from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Step
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
@@ -63,6 +71,22 @@ class _Case:
     step: Step
     step_index: int
     dry_run: bool
+    facts: Facts
+
+
+def facts_of(subject: Subject) -> Facts:
+    """What selectors and silences test, from what identification read."""
+    context = subject.context
+    container = context.container if context else None
+    return Facts(
+        cgroup=subject.cgroup,
+        comm=subject.comm,
+        exe=subject.exe,
+        cmdline=context.cmdline if context else "",
+        uid=subject.uid,
+        container_id=container.container_id if container else None,
+        pod_uid=container.pod_uid if container else None,
+    )
 
 
 class Engine:
@@ -84,8 +108,19 @@ class Engine:
         self._executor = executor
         self._sink = sink
         self._clock = clock
-        self._protector = protector
+        self._base_exes = protector.exes
+        self._protector = dataclasses.replace(
+            protector, exes=protector.exes | policies.protected_exes
+        )
         self.dry_run = dry_run
+        self._breakers = Breakers()
+        self._guards = (
+            self._protected,
+            self._silenced,
+            self._degraded,
+            self._precedence,
+            self._rate_limited,
+        )
         self._machine = new_machine()
         self._offenders: dict[tuple[int, int, str], Offender] = {}
         self._limiters = {
@@ -119,6 +154,12 @@ class Engine:
         key = (subject.pid, subject.start_ticks, policy.name)
         offender = self._offenders.get(key)
         if offender is None:
+            # Another policy may already track this process: share its subject and pidfd.
+            known = self._offenders_of(subject)
+            if known:
+                if subject.handle is not None and subject.handle is not known[0].subject.handle:
+                    subject.handle.close()
+                subject = known[0].subject
             offender = attach(self._machine, Offender(subject, policy.name, now, now))
             self._offenders[key] = offender
         elif subject.handle is not None and subject.handle is not offender.subject.handle:
@@ -127,72 +168,150 @@ class Engine:
         offender.records += 1
         return offender
 
+    def reload(self, policies: PolicySet) -> None:
+        """Swap in a new, already validated policy set, keeping what was learned: offenders of
+        policies that still exist keep their state, escalation step and cooldown; rate limits
+        keep their history when unchanged; a policy demoted by its breaker starts over.
+        Offenders of removed policies are released."""
+        old_limits = {p.name: p.rate_limit for p in self.policies.policies}
+        self.policies = policies
+        self._by_name = {p.name: p for p in policies.policies}
+        self._protector = dataclasses.replace(
+            self._protector, exes=self._base_exes | policies.protected_exes
+        )
+        self._limiters = {
+            p.name: (
+                self._limiters[p.name]
+                if old_limits.get(p.name) == p.rate_limit and p.name in self._limiters
+                else RateLimiter(p.rate_limit.max_actions, p.rate_limit.per_s)
+            )
+            for p in policies.policies
+        }
+        for name in list(self._by_name):
+            self._breakers.reset(name)
+        for key, offender in list(self._offenders.items()):
+            if offender.policy not in self._by_name:
+                if offender.state == "cooldown":
+                    fire(offender, "cooled")
+                self._release(key, offender)
+        self.stats["reloads"] += 1
+
     def _evaluate(self, policy: Policy, record: SensorRecord, subject: Subject) -> None:
-        if not policy.match.matches(subject.cgroup, subject.comm):
+        facts = facts_of(subject)
+        why_not = policy.applies_to(facts)
+        if why_not is not None:
             self.stats["unmatched"] += 1
-            if subject.handle is not None:
+            log.debug("policy %s does not apply to pid %d: %s", policy.name, subject.pid, why_not)
+            if subject.handle is not None and not self._tracked(subject):
                 subject.handle.close()
             return
         now = self._clock.monotonic()
         offender = self._offender(policy, subject, now)
-        subject = offender.subject
         playbook = self.policies.playbook_for(policy)
         step_index = min(offender.step, len(playbook.steps) - 1)
         step = playbook.steps[step_index]
-        dry_run = self.dry_run or policy.dry_run
-
-        case = _Case(policy, record, offender, step, step_index, dry_run)
-
-        def decide(outcome: str, reason: str, detail: str = "") -> None:
-            self._emit(case, outcome, reason, detail)
+        demoted = self._breakers.demoted(policy.name)
+        dry_run = self.dry_run or policy.dry_run or demoted is not None
+        case = _Case(policy, record, offender, step, step_index, dry_run, facts)
 
         if offender.state == "cooldown":
             left = offender.cooldown_until - now
-            decide(SKIPPED, f"cooldown, {left:.1f} s left")
+            self._emit(case, SKIPPED, f"cooldown, {left:.1f} s left")
             return
-        fire(offender, "offend")
-        protected = self._protector.why_protected(subject)
-        if protected is not None:
-            fire(offender, "hold")
-            decide(SKIPPED, f"protected: {protected}")
-            return
-        if record.degraded and step.action == "kill":
-            # Records were lost around this window: the count may be right, but a kill is not
-            # something to do on partial data. Earlier, reversible steps still run.
-            fire(offender, "hold")
-            decide(SKIPPED, "degraded window: records were lost; never kill on partial data")
-            return
-        limiter = self._limiters[policy.name]
-        if not limiter.allow(now):
-            fire(offender, "hold")
-            retry = limiter.retry_in(now)
-            limit = policy.rate_limit
-            decide(
-                SKIPPED,
-                f"rate limit {limit.max_actions} per {limit.per_s:g} s, next in {retry:.1f} s",
-            )
-            return
+        fire(offender, "suspect")
+        for guard in self._guards:
+            reason = guard(case, now)
+            if reason is not None:
+                fire(offender, "hold")
+                self._emit(case, SKIPPED, reason)
+                return
+        if not case.dry_run:
+            tripped = self._breakers.check(policy, offender.subject, now)
+            if tripped is not None:
+                self._alert(case, tripped)
+                case = dataclasses.replace(case, dry_run=True)
+        fire(offender, "confirm")
         fire(offender, "act")
-        plan = self._executor.describe(step, subject)
-        if dry_run:
+        plan = self._executor.describe(step, offender.subject)
+        if case.dry_run:
             self._after_action(offender, policy, now)
-            decide(WOULD_ACT, "dry-run", plan)
+            why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
+            if self._breakers.demoted(policy.name) is not None:
+                why = f"demoted to monitor by its breaker: {self._breakers.demoted(policy.name)}"
+            self._emit(case, WOULD_ACT, why, plan)
             return
         try:
-            detail = self._executor.execute(step, subject, policy)
+            detail = self._executor.execute(step, offender.subject, policy)
         except ActionError as err:
             fire(offender, "hold")
-            decide(err.outcome, str(err), plan)
+            self._emit(case, err.outcome, str(err), plan)
             return
+        self._breakers.record(policy, offender.subject, now)
         self._after_action(offender, policy, now)
-        decide(ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
+        self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
+
+    # -- guards: each returns a reason to skip, or None. Order matters: the rate limiter
+    # -- consumes a token, so it runs last.
+
+    def _protected(self, case: _Case, now: float) -> str | None:
+        why = self._protector.why_protected(case.offender.subject)
+        return None if why is None else f"protected: {why}"
+
+    def _silenced(self, case: _Case, now: float) -> str | None:
+        wall = self._clock.wall()
+        for silence in self.policies.silences:
+            if silence.applies(case.policy.name, case.facts, wall):
+                until = datetime.fromtimestamp(silence.expires, UTC).isoformat(timespec="seconds")
+                return f"silenced by {silence.author} until {until}: {silence.reason}"
+        return None
+
+    def _degraded(self, case: _Case, now: float) -> str | None:
+        # Records were lost around this window: the count may be right, but a kill is not
+        # something to do on partial data. Earlier, reversible steps still run.
+        if case.record.degraded and case.step.action == "kill":
+            return "degraded window: records were lost; never kill on partial data"
+        return None
+
+    def _precedence(self, case: _Case, now: float) -> str | None:
+        """One policy remediates a process at a time; a higher severity may take over."""
+        mine = SEVERITIES.index(case.policy.severity)
+        subject = case.offender.subject
+        for other in self._offenders_of(subject):
+            if other is case.offender or other.state not in ("remediating", "cooldown"):
+                continue
+            theirs = SEVERITIES.index(self._by_name[other.policy].severity)
+            if theirs >= mine:
+                return f"another policy is remediating: {other.policy}"
+        return None
+
+    def _rate_limited(self, case: _Case, now: float) -> str | None:
+        limiter = self._limiters[case.policy.name]
+        if limiter.allow(now):
+            return None
+        limit = case.policy.rate_limit
+        return (
+            f"rate limit {limit.max_actions} per {limit.per_s:g} s, "
+            f"next in {limiter.retry_in(now):.1f} s"
+        )
+
+    def _alert(self, case: _Case, reason: str) -> None:
+        """The breaker tripped: say so loudly, once, in the log and the audit."""
+        log.warning("policy %s demoted to monitor: %s", case.policy.name, reason)
+        self.stats["breaker-tripped"] += 1
+        self._emit(case, BREAKER_TRIPPED, reason)
+
+    def _offenders_of(self, subject: Subject) -> list[Offender]:
+        return [o for (pid, start, _), o in self._offenders.items() if (pid, start) == subject.key]
+
+    def _tracked(self, subject: Subject) -> bool:
+        return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
     def _after_action(self, offender: Offender, policy: Policy, now: float) -> None:
         offender.step += 1
         offender.cooldown_until = now + policy.cooldown_s
         fire(offender, "acted")
 
-    def _emit(self, case: _Case, outcome: str, reason: str, detail: str) -> None:
+    def _emit(self, case: _Case, outcome: str, reason: str, detail: str = "") -> None:
         policy, record, offender = case.policy, case.record, case.offender
         subject = offender.subject
         what = record.describe(policy.threshold, SIGNALS[record.signal].noun)
@@ -253,15 +372,16 @@ class Engine:
             self._executor.release(offender.subject)
         except ActionError as err:
             log.warning("release of pid %d: %s", offender.subject.pid, err)
-        if offender.subject.handle is not None:
-            offender.subject.handle.close()
         detach(self._machine, offender)
         del self._offenders[key]
+        handle = offender.subject.handle
+        if handle is not None and not self._offenders_of(offender.subject):
+            handle.close()  # the last offender of this process: nobody else holds the pidfd
 
     def close(self) -> None:
         """Release every offender (closes pidfds)."""
         for key, offender in list(self._offenders.items()):
-            if offender.state in ("acting", "offending"):
+            if offender.state in ("suspect", "offending", "remediating"):
                 fire(offender, "hold")
             if offender.state == "cooldown":
                 fire(offender, "cooled")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from remedy.engine.offender import Subject
 from remedy.errors import RemedyError
+from remedy.policy.model import Policy
 from remedy.proc import ProcFS
 
 # Exact paths, never substrings: "sshd" as a substring would also protect "/tmp/not-sshd".
@@ -94,3 +95,61 @@ class Protector:
         if subject.exe is not None and subject.exe in self.exes:
             return f"protected executable {subject.exe}"
         return None
+
+
+@dataclass
+class _Acted:
+    at: float
+    offender: tuple[int, int]
+    exe: str | None
+    cgroup: str
+
+
+class Breakers:
+    """The blast-radius breaker of every policy.
+
+    A policy about to act on one more distinct offender, executable or cgroup than its
+    breaker allows within the breaker's window is demoted to monitor mode instead: it keeps
+    deciding and auditing ("would …"), and acts no more until the policy set is reloaded.
+    Only enforced actions count; dry-run and monitor decisions never trip it.
+    """
+
+    def __init__(self) -> None:
+        self._acted: dict[str, deque[_Acted]] = {}
+        self._demoted: dict[str, str] = {}
+
+    def demoted(self, policy: str) -> str | None:
+        """Why ``policy`` is demoted, or None."""
+        return self._demoted.get(policy)
+
+    def check(self, policy: Policy, subject: Subject, now: float) -> str | None:
+        """Trip (and return why) if acting on ``subject`` now would exceed the breaker."""
+        breaker = policy.breaker
+        acted = self._acted.setdefault(policy.name, deque())
+        while acted and now - acted[0].at >= breaker.per_s:
+            acted.popleft()
+        candidate = _Acted(now, subject.key, subject.exe, subject.cgroup)
+        window = [*acted, candidate]
+        for what, distinct in (
+            ("offenders", {a.offender for a in window}),
+            ("executables", {a.exe for a in window}),
+            ("cgroups", {a.cgroup for a in window}),
+        ):
+            if len(distinct) > breaker.max_offenders:
+                reason = (
+                    f"breaker: acting on pid {subject.pid} would make {len(distinct)} distinct "
+                    f"{what} in {breaker.per_s:g} s (max {breaker.max_offenders}); "
+                    "demoted to monitor until the policies are reloaded"
+                )
+                self._demoted[policy.name] = reason
+                return reason
+        return None
+
+    def record(self, policy: Policy, subject: Subject, now: float) -> None:
+        """Count an enforced action."""
+        acted = self._acted.setdefault(policy.name, deque())
+        acted.append(_Acted(now, subject.key, subject.exe, subject.cgroup))
+
+    def reset(self, policy: str) -> None:
+        """A reloaded policy starts undemoted (its action history is kept)."""
+        self._demoted.pop(policy, None)

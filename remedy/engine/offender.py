@@ -14,17 +14,21 @@ from transitions import Machine
 
 from remedy.sensors.context import Context
 
-STATES = ("observed", "offending", "acting", "cooldown", "released")
+STATES = ("observed", "suspect", "offending", "remediating", "cooldown", "released")
 
 # trigger, source(s), destination
 TRANSITIONS: tuple[dict[str, Any], ...] = (
-    {"trigger": "offend", "source": "observed", "dest": "offending"},
-    {"trigger": "act", "source": "offending", "dest": "acting"},
-    {"trigger": "acted", "source": "acting", "dest": "cooldown"},
-    # No action was taken (rate limit, protection, a failed action): wait for the next record.
-    {"trigger": "hold", "source": ["offending", "acting"], "dest": "observed"},
+    # A record crossed for this process: the engine checks its guards.
+    {"trigger": "suspect", "source": "observed", "dest": "suspect"},
+    # Every guard passed: the policy says act.
+    {"trigger": "confirm", "source": "suspect", "dest": "offending"},
+    {"trigger": "act", "source": "offending", "dest": "remediating"},
+    {"trigger": "acted", "source": "remediating", "dest": "cooldown"},
+    # No action was taken (protected, silenced, degraded, precedence, breaker, rate limit, or the
+    # action failed): back to watching; the escalation level is kept.
+    {"trigger": "hold", "source": ["suspect", "offending", "remediating"], "dest": "observed"},
     {"trigger": "cooled", "source": "cooldown", "dest": "observed"},
-    {"trigger": "release", "source": ["observed", "offending", "cooldown"], "dest": "released"},
+    {"trigger": "release", "source": ["observed", "cooldown"], "dest": "released"},
 )
 
 

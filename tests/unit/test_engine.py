@@ -14,7 +14,7 @@ from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Subject
 from remedy.errors import PermissionDenied, ProcessGone
-from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
+from remedy.policy import Breaker, Playbook, Policy, PolicySet, RateLimit, Selector, Silence, Step
 from remedy.sensors.records import SensorRecord
 
 POLICY = Policy(
@@ -277,3 +277,137 @@ def test_a_degraded_window_never_escalates_to_a_kill() -> None:
     assert r.executor.ran == [("quarantine", 42)]
     r.engine.on_record(record(42))  # a clean window may escalate
     assert r.outcomes()[-1] == ("acted", "kill")
+
+
+# -- issue 4: guard rails, precedence, reload ---------------------------------------------
+
+
+def _set(*policies: Policy, **kw: object) -> PolicySet:
+    return PolicySet(policies, {PLAYBOOK.name: PLAYBOOK}, **kw)  # type: ignore[arg-type]
+
+
+def rig_set(policy_set: PolicySet, *subjects: Subject) -> Rig:
+    r = rig(*subjects)
+    r.engine.reload(policy_set)
+    return r
+
+
+def test_breaker_demotes_a_policy_acting_on_too_many_offenders_and_alerts() -> None:
+    policy = replace(
+        POLICY, breaker=Breaker(max_offenders=2, per_s=600.0), rate_limit=RateLimit(100, 60.0)
+    )
+    r = rig_set(_set(policy), *(subject(p, exe=f"/bin/w{p}") for p in range(10, 14)))
+    for pid in range(10, 14):
+        r.engine.on_record(record(pid))
+    assert r.outcomes() == [
+        ("acted", "quarantine"),
+        ("acted", "quarantine"),
+        ("breaker-tripped", "quarantine"),
+        ("would-act", "quarantine"),
+        ("would-act", "quarantine"),
+    ]
+    assert "3 distinct offenders" in r.sink.decisions[2].reason
+    assert "demoted to monitor" in r.sink.decisions[-1].reason
+    assert r.executor.ran == [("quarantine", 10), ("quarantine", 11)]
+    assert r.engine.stats["breaker-tripped"] == 1
+    r.engine.reload(_set(policy))  # an operator reloads: the policy enforces again
+    r.clock.advance(3.0)
+    r.engine.tick()
+    r.engine.on_record(record(10))
+    assert r.outcomes()[-1] == ("acted", "kill")
+
+
+def test_silences_suppress_actions_until_they_expire() -> None:
+    r = rig(subject(42))
+    silence = Silence(
+        name="maintenance",
+        file=Path("s.yaml"),
+        match=Selector(comms=("forker",)),
+        author="alice",
+        reason="load test",
+        expires=r.clock.wall() + 100,
+    )
+    r.engine.reload(_set(POLICY, silences=(silence,)))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("skipped", "quarantine")]
+    assert r.sink.decisions[0].reason.startswith("silenced by alice until ")
+    assert r.sink.decisions[0].reason.endswith(": load test")
+    r.clock.advance(101)
+    r.engine.tick()
+    r.engine.on_record(record(42))  # still sensed; the expired silence no longer applies
+    assert r.outcomes()[-1] == ("acted", "quarantine")
+
+
+def test_protected_processes_are_never_acted_on_even_when_a_policy_names_them() -> None:
+    sshd = replace(POLICY, match=Selector(exes=("/usr/sbin/sshd",)))
+    r = rig_set(_set(sshd), subject(42, exe="/usr/sbin/sshd"))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("skipped", "quarantine")]
+    assert "protected executable" in r.sink.decisions[0].reason
+
+
+def test_the_protected_set_is_extended_by_configuration() -> None:
+    r = rig_set(
+        _set(POLICY, protected_exes=frozenset({"/opt/db/bin/db"})),
+        subject(42, exe="/opt/db/bin/db"),
+        subject(43, exe="/opt/db/bin/db-tool"),
+    )
+    r.engine.on_record(record(42))
+    r.engine.on_record(record(43))
+    assert r.outcomes() == [("skipped", "quarantine"), ("acted", "quarantine")]
+
+
+def test_exclude_wins_over_match() -> None:
+    policy = replace(POLICY, exclude=Selector(comms=("forker",)))
+    r = rig_set(_set(policy), subject(42))
+    r.engine.on_record(record(42))
+    assert r.sink.decisions == []
+    assert r.engine.stats["unmatched"] == 1
+
+
+def test_precedence_one_policy_remediates_a_process_and_higher_severity_takes_over() -> None:
+    cpu = replace(POLICY, name="cpu-hog", signal="cpu", severity="critical")
+    fork = replace(POLICY, severity="warning")
+    r = rig_set(_set(fork, cpu), subject(42))
+    r.engine.on_record(replace(record(42), signal="cpu"))  # critical acts first
+    r.engine.on_record(record(42))  # warning: the critical policy is remediating
+    assert r.outcomes() == [("acted", "quarantine"), ("skipped", "quarantine")]
+    assert r.sink.decisions[1].reason == "another policy is remediating: cpu-hog"
+
+    r2 = rig_set(_set(fork, cpu), subject(42))
+    r2.engine.on_record(record(42))  # warning acts first
+    r2.engine.on_record(replace(record(42), signal="cpu"))  # critical takes over
+    assert r2.outcomes() == [("acted", "quarantine"), ("acted", "quarantine")]
+    assert len(r2.identifier.handles) == 2
+    assert r2.identifier.handles[1].closed  # the second identification reused the first pidfd
+
+
+def test_reload_keeps_offender_state_and_releases_removed_policies() -> None:
+    r = rig(subject(42))
+    r.engine.on_record(record(42))  # quarantine; cooldown 2 s; next step is kill
+    r.engine.reload(_set(replace(POLICY, threshold=150)))
+    [offender] = r.engine.offenders()
+    assert (offender.state, offender.step) == ("cooldown", 1)
+    r.clock.advance(2.5)
+    r.engine.tick()
+    r.engine.on_record(record(42))
+    assert r.outcomes()[-1] == ("acted", "kill")
+    other = replace(POLICY, name="other")
+    r.engine.reload(_set(other))
+    assert list(r.engine.offenders()) == []
+    assert r.executor.released == [42]
+
+
+def test_states_walk_suspect_offending_remediating_cooldown() -> None:
+    seen: list[str] = []
+
+    class Spy(FakeExecutor):
+        def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+            seen.append(next(iter(r.engine.offenders())).state)
+            return super().execute(step, subject, policy)
+
+    r = rig(subject(42))
+    r.engine._executor = Spy()  # type: ignore[attr-defined]
+    r.engine.on_record(record(42))
+    assert seen == ["remediating"]
+    assert next(iter(r.engine.offenders())).state == "cooldown"
