@@ -407,7 +407,7 @@ def test_states_walk_suspect_offending_remediating_cooldown() -> None:
             return super().execute(step, subject, policy)
 
     r = rig(subject(42))
-    r.engine._executor = Spy()  # type: ignore[attr-defined]
+    r.engine._executor = Spy()
     r.engine.on_record(record(42))
     assert seen == ["remediating"]
     assert next(iter(r.engine.offenders())).state == "cooldown"
