@@ -86,8 +86,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nstopping ({signal.Signals(signum).name})", flush=True)
         agent.request_stop()
 
+    def _reload(_signum: int, _frame: FrameType | None) -> None:
+        agent.request_reload()
+
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _reload)
     agent.run()
     return 0
 

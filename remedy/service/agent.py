@@ -24,7 +24,7 @@ from remedy.clock import Clock, SystemClock
 from remedy.engine.decisions import DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
-from remedy.errors import SensorError
+from remedy.errors import ConfigErrors, SensorError
 from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
@@ -83,6 +83,8 @@ class AgentStats:
     cpu_s: float = 0.0  # the whole run, start-up (compiling the BPF program) included
     ready_cpu_s: float = 0.0  # start-up alone: cpu_s - ready_cpu_s is the cost of watching
     wall_s: float = 0.0
+    reloads: int = 0
+    reloads_failed: int = 0
     max_rss_mib: float = 0.0  # peak resident memory of the agent process
 
     def to_json(self) -> dict[str, Any]:
@@ -133,6 +135,9 @@ class LossWatch:
             self._last[name] = lost
         self._last_queue_full = queue_full
 
+    def reconfigure(self, settings: Mapping[str, SignalSettings]) -> None:
+        self._settings = dict(settings)
+
     def mark(self, record: SensorRecord, now: float) -> SensorRecord:
         if not record.degraded and now < self._until.get(record.signal, 0.0):
             return dataclasses.replace(record, degraded=True)
@@ -149,11 +154,33 @@ class Agent:
         self._clock = clock or SystemClock()
         self._out = out
         self._stop = threading.Event()
+        self._reload = threading.Event()
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """Reload policies and playbooks (SIGHUP); done by the worker between records."""
+        self._reload.set()
+
+    def _do_reload(self, engine: Engine, sensor: Sensor, losses: LossWatch) -> None:
+        """All or nothing: a set that does not load, or needs signals this running program
+        cannot watch, is refused and the running set stays in force."""
+        opts = self.options
+        try:
+            policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
+            settings = signal_settings(policies)
+            sensor.configure(settings)
+        except (ConfigErrors, SensorError) as err:
+            self.stats.reloads_failed += 1
+            self._say(f"reload refused, keeping the running policies:\n{err}")
+            return
+        engine.reload(policies)
+        losses.reconfigure(settings)
+        self.stats.reloads += 1
+        self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
 
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
@@ -291,6 +318,9 @@ class Agent:
             if reader.error is not None:
                 self._stop.set()
                 return
+            if self._reload.is_set():
+                self._reload.clear()
+                self._do_reload(engine, sensor, losses)
             now = self._clock.monotonic()
             if now >= next_check:  # counters are per-CPU map reads: once a second is plenty
                 losses.update(sensor.counters(), reader.queue_full, now)
