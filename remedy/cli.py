@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate policies and playbooks")
     check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
 
+    explain = sub.add_parser("explain", help="draw the state machine; which policies apply")
+    explain.add_argument("--policies", type=Path, action="append", help="policy dir or file")
+    explain.add_argument("--playbooks", type=Path, action="append", help="playbook dir or file")
+    explain.add_argument("--diagram", type=Path, help="write the state machine here (.svg, .png)")
+    explain.add_argument(
+        "offender", nargs="*", help="key=value facts: cgroup comm exe cmdline uid container pod"
+    )
+
     doctor = sub.add_parser("doctor", help="report what this host offers; exit 1 if BPF cannot run")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -53,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
 def _check(paths: Sequence[Path]) -> int:
     policy_set = check_paths(paths)
     print(f"ok: {len(policy_set.policies)} policy(ies), {len(policy_set.playbooks)} playbook(s)")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from remedy.policy import load_policy_set  # noqa: PLC0415
+    from remedy.service.explain import draw_states, explain, parse_facts  # noqa: PLC0415
+
+    if args.diagram:
+        print(f"state machine drawn to {draw_states(args.diagram)}")
+    if args.offender or not args.diagram:
+        policies = load_policy_set(
+            tuple(args.policies or [Path("policies")]),
+            tuple(args.playbooks or [Path("playbooks")]),
+        )
+        print(explain(policies, parse_facts(args.offender)))
     return 0
 
 
@@ -106,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.paths)
+        if args.command == "explain":
+            return _explain(args)
         if args.command == "doctor":
             from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${REMEDY_VENV:-.venv}
 KERNEL=$(uname -r)
-APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip stress-ng bpftrace)
+APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip stress-ng bpftrace graphviz)
 
 say() { printf 'setup: %s\n' "$*"; }
 loud() { printf '\n!!! setup WARNING: %s\n\n' "$*" >&2; }
