@@ -17,6 +17,7 @@ from remedy.sensors.catalog import CATALOGUE
 
 __all__ = [
     "NOTHING",
+    "SCOPES",
     "SEVERITIES",
     "SIGNALS",
     "Breaker",
@@ -33,6 +34,10 @@ __all__ = [
 #: Severities, lowest first. When several policies match one offender, the higher severity
 #: takes precedence (then load order): see docs/policies.md.
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+
+#: What an action reaches: the offending process; it and its descendants; or every process of
+#: its cgroup (a bomb spread over many pids, a container gone wrong).
+SCOPES: tuple[str, ...] = ("process", "tree", "cgroup")
 
 #: Signals a policy can watch: the catalogue in remedy/sensors/catalog.py.
 SIGNALS: tuple[str, ...] = tuple(s.name for s in CATALOGUE)
@@ -171,6 +176,7 @@ class Policy:
     severity: str = "warning"  # one of SEVERITIES; decides precedence between policies
     exclude: Selector = field(default_factory=lambda: NOTHING)  # never act on these
     breaker: Breaker = field(default_factory=Breaker)
+    scope: str = "process"  # one of SCOPES: the process, its tree, or its whole cgroup
 
     @property
     def mode(self) -> str:
@@ -193,6 +199,7 @@ class Step:
 
     action: str  # a key of remedy.actions.params.PARAMS
     params: ActionParams  # an instance of PARAMS[action]
+    scope: str = "process"  # set by the engine from the policy: what the action reaches
 
 
 @dataclass(frozen=True)
