@@ -166,7 +166,13 @@ class Row:
 
 def _one_line(text: str, limit: int = 160) -> str:
     text = " ".join(text.split()).replace("|", "/")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    # Keep both ends: the start says what failed, the end of a traceback says why.
+    return text if len(text) <= limit else text[:60] + " … " + text[-(limit - 63) :]
+
+
+def _tail(output: str, lines: int = 2) -> str:
+    """The end of a program's output: where a traceback says what went wrong."""
+    return " / ".join([line for line in output.splitlines() if line.strip()][-lines:])
 
 
 def _bogo_ops(output: str, stressor: str) -> int:
@@ -191,7 +197,7 @@ def _storm(storm: Storm, scale: float) -> Run:
         wall = time.monotonic() - started
     text = out.decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"stress-ng exited {proc.returncode}: {text[-300:]}")
+        raise RuntimeError(f"stress-ng exited {proc.returncode}: {_tail(text, 3)}")
     ops = _bogo_ops(text, storm.stressor)
     if wall >= STORM_TIMEOUT_S:
         raise RuntimeError(f"storm hit its {STORM_TIMEOUT_S} s timeout ({ops} ops)")
@@ -214,7 +220,7 @@ def _remedy(storm: Storm, scale: float, workdir: Path) -> Run:
     finally:
         code = agent.stop(timeout_s=60)
     if code != 0 or not stats_path.exists():
-        raise RuntimeError(f"agent exited {code}: {agent.output()[-300:]}")
+        raise RuntimeError(f"agent exited {code}: {_tail(agent.output())}")
     stats = AgentProcess.read_stats(stats_path)
     counters = stats["signals"].get(storm.signal)
     if counters is None:
