@@ -28,6 +28,7 @@ unit: setup
 
 bench: setup
 	$(PY) -m bench.funnel
+	$(PY) -m bench.signals
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache audit.jsonl
