@@ -22,7 +22,8 @@ class Kill:
     def describe(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, KillParams)
         extra = ", and every member of its quarantine" if params.quarantine else ""
-        return f"{params.signal} through its pidfd{extra}"
+        reach = {"tree": " and its descendants", "cgroup": " and every process of its cgroup"}
+        return f"{params.signal} through its pidfd{reach.get(ctx.scope, '')}{extra}"
 
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         assert isinstance(params, KillParams)
@@ -31,26 +32,38 @@ class Kill:
             raise ActionError(
                 "no pidfd for the offender; refusing to signal a bare pid", pid=subject.pid
             )
+        # Find the tree before the offender dies: its orphans are reparented at once.
+        targets = ctx.reach(subject, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
         subject.handle.send_signal(sig)
+        reached = self._signal_all(sig, targets, ctx)
         swept = self._sweep(sig, subject, ctx) if params.quarantine else 0
-        return f"signalled the offender and {swept} quarantine member(s)"
+        return (
+            f"signalled the offender, {reached} process(es) of its {ctx.scope} scope "
+            f"and {swept} quarantine member(s)"
+        )
+
+    @staticmethod
+    def _signal_all(sig: int, pids: list[int], ctx: ActionContext) -> int:
+        now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        done = 0
+        for pid in pids:
+            try:
+                with ProcessHandle.bind(pid, ctx.procfs, started_before_ns=now_ns) as member:
+                    member.send_signal(sig)
+                    done += 1
+            except ProcessGone:
+                continue
+        return done
 
     def _sweep(self, sig: int, subject: Subject, ctx: ActionContext) -> int:
         rel = ctx.quarantine_of(subject)
         if not ctx.cgroups.exists(rel):
             return 0
-        now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         swept = 0
         # Members can keep forking between our read and our signal; a few passes catch them.
         for _ in range(5):
             members = [p for p in ctx.cgroups.members(rel) if p != subject.pid]
             if not members:
                 break
-            for pid in members:
-                try:
-                    with ProcessHandle.bind(pid, ctx.procfs, started_before_ns=now_ns) as member:
-                        member.send_signal(sig)
-                        swept += 1
-                except ProcessGone:
-                    continue
+            swept += self._signal_all(sig, members, ctx)
         return swept

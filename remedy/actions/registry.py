@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from remedy.actions.base import Action, ActionContext
 from remedy.actions.kill import Kill
@@ -23,15 +24,18 @@ class ActionExecutor:
         self.ctx = ctx
 
     def describe(self, step: Step, subject: Subject) -> str:
-        return ACTIONS[step.action].describe(step.params, subject, self.ctx)
+        return ACTIONS[step.action].describe(step.params, subject, self._ctx(step))
 
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
         try:
-            return ACTIONS[step.action].run(step.params, subject, self.ctx)
+            return ACTIONS[step.action].run(step.params, subject, self._ctx(step))
         except ActionError as err:
             if err.policy is None:
                 err.policy = policy.name
             raise
+
+    def _ctx(self, step: Step) -> ActionContext:
+        return self.ctx if step.scope == self.ctx.scope else replace(self.ctx, scope=step.scope)
 
     def release(self, subject: Subject) -> None:
         """Remove the offender's quarantine once nothing lives in it. A quarantine with live

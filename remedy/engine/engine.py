@@ -30,6 +30,7 @@ from remedy.engine.guards import Breakers, Protector, RateLimiter
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
 from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Step
+from remedy.proc import ProcessInfo
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
@@ -130,6 +131,10 @@ class Engine:
         self._by_name = {p.name: p for p in policies.policies}
         self.stats: Counter[str] = Counter()
 
+    def spare(self, info: ProcessInfo) -> str | None:
+        """Why an action reaching beyond the offender must leave this process alone."""
+        return self._protector.why(info.pid, info.is_kernel_thread, info.exe)
+
     def offenders(self) -> Iterator[Offender]:
         return iter(self._offenders.values())
 
@@ -210,6 +215,8 @@ class Engine:
         playbook = self.policies.playbook_for(policy)
         step_index = min(offender.step, len(playbook.steps) - 1)
         step = playbook.steps[step_index]
+        if step.scope != policy.scope:
+            step = dataclasses.replace(step, scope=policy.scope)
         demoted = self._breakers.demoted(policy.name)
         dry_run = self.dry_run or policy.dry_run or demoted is not None
         case = _Case(policy, record, offender, step, step_index, dry_run, facts)

@@ -84,16 +84,21 @@ class Protector:
 
     def why_protected(self, subject: Subject) -> str | None:
         """A reason when ``subject`` must not be acted on, else None."""
-        if subject.pid <= 1:
+        return self.why(subject.pid, subject.is_kernel_thread, subject.exe)
+
+    def why(self, pid: int, is_kernel_thread: bool, exe: str | None) -> str | None:
+        """The same test on bare facts: actions that reach beyond the offender (its tree, its
+        cgroup) apply it to every process they would touch."""
+        if pid <= 1:
             return "pid 1 (init)"
-        if subject.is_kernel_thread:
+        if is_kernel_thread:
             return "kernel thread"
-        if subject.pid == self.agent_pid:
+        if pid == self.agent_pid:
             return "the agent itself"
-        if subject.pid in self.agent_ancestors:
+        if pid in self.agent_ancestors:
             return "an ancestor of the agent"
-        if subject.exe is not None and subject.exe in self.exes:
-            return f"protected executable {subject.exe}"
+        if exe is not None and exe in self.exes:
+            return f"protected executable {exe}"
         return None
 
 

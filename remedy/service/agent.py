@@ -198,17 +198,22 @@ class Agent:
             ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
             proc_cgroup=cgroups.cgroup_of,
         )
-        return Engine(
+        executor = ActionExecutor(ctx)
+        engine = Engine(
             policies,
             identifier=ProcIdentifier(
                 procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None
             ),
-            executor=ActionExecutor(ctx),
+            executor=executor,
             sink=sink,
             clock=self._clock,
             protector=Protector.for_this_agent(procfs, os.getpid()),
             dry_run=self.options.dry_run,
         )
+        # Actions that reach beyond the offender (scope tree, cgroup) spare what the engine
+        # protects, including the protected executables the configuration adds.
+        executor.ctx = dataclasses.replace(ctx, spare=engine.spare)
+        return engine
 
     def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
         """The kernel funnel; in auto mode, the /proc sampler when the kernel path cannot load."""

@@ -1,0 +1,128 @@
+"""Offender scope on real cgroups and real processes (all spawned by this test, inside its
+pids-limited cgroup): process, tree (the offender and its descendants), cgroup (all of it)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from remedy.actions.base import ActionContext
+from remedy.actions.cgroups import detect
+from remedy.actions.kill import Kill
+from remedy.actions.params import KillParams, QuarantineParams
+from remedy.actions.process import ProcessHandle
+from remedy.actions.quarantine import Quarantine
+from remedy.engine.offender import Subject
+from remedy.proc import ProcessInfo, ProcFS
+from remedy.service.sandbox import CgroupSandbox
+
+pytestmark = pytest.mark.root
+
+# A parent with three sleeping children: a small tree to act on.
+TREE = """
+import os, time
+kids = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+print(" ".join(map(str, kids)), flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def tree(test_cgroup: CgroupSandbox) -> Iterator[tuple[Subject, list[int]]]:
+    import subprocess  # noqa: PLC0415
+
+    parent = test_cgroup.spawn([sys.executable, "-c", TREE], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    kids = [int(x) for x in parent.stdout.readline().split()]
+    procfs = ProcFS()
+    cgroups = detect()
+    handle = ProcessHandle.bind(parent.pid, procfs)
+    info = handle.info
+    subject = Subject(
+        pid=info.pid,
+        start_ticks=info.start_ticks,
+        comm=info.comm,
+        ppid=info.ppid,
+        exe=info.exe,
+        uid=info.uid,
+        is_kernel_thread=False,
+        cgroup=cgroups.cgroup_of(info.pid),
+        cgroup_display=cgroups.display_path(cgroups.cgroup_of(info.pid)),
+        handle=handle,
+    )
+    try:
+        yield subject, kids
+    finally:
+        handle.close()
+
+
+def _ctx(box: CgroupSandbox, scope: str, spare: set[int] | None = None) -> ActionContext:
+    spared = spare or set()
+
+    def spare_fn(info: ProcessInfo) -> str | None:
+        return "spared by the test" if info.pid in spared else None
+
+    return ActionContext(detect(), ProcFS(), f"{box.rel}/q", scope=scope, spare=spare_fn)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    procfs = ProcFS()
+    alive = []
+    for pid in pids:
+        try:
+            if procfs.read(pid).state != "Z":
+                alive.append(pid)
+        except Exception:
+            continue
+    return alive
+
+
+def _wait_dead(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + 5
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _alive(pids)
+
+
+def test_scope_process_moves_only_the_offender(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    subject, _kids = tree
+    ctx = _ctx(test_cgroup, "process")
+    Quarantine().run(QuarantineParams(pids_max=16), subject, ctx)
+    assert ctx.cgroups.members(ctx.quarantine_of(subject)) == [subject.pid]
+
+
+def test_scope_tree_moves_and_kills_the_descendants_too(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    subject, kids = tree
+    ctx = _ctx(test_cgroup, "tree")
+    assert "with its descendants" in Quarantine().describe(QuarantineParams(), subject, ctx)
+    Quarantine().run(QuarantineParams(pids_max=16), subject, ctx)
+    assert sorted(ctx.cgroups.members(ctx.quarantine_of(subject))) == sorted([subject.pid, *kids])
+    detail = Kill().run(KillParams(quarantine=False), subject, ctx)
+    assert "3 process(es) of its tree scope" in detail
+    assert _wait_dead([subject.pid, *kids]) == []
+
+
+def test_scope_cgroup_caps_in_place_and_kills_every_member_but_the_spared(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    subject, kids = tree
+    ctx = _ctx(test_cgroup, "cgroup", spare={kids[0]})
+    Quarantine().run(QuarantineParams(pids_max=50, cpu=0.5), subject, ctx)
+    assert (test_cgroup.pids_dir / "pids.max").read_text().strip() == "50"
+    assert not ctx.cgroups.exists(ctx.quarantine_of(subject))  # nothing was moved
+    Kill().run(KillParams(quarantine=False), subject, ctx)
+    assert _wait_dead([subject.pid, *kids[1:]]) == []
+    assert _alive([kids[0]]) == [kids[0]], "a protected member is spared"
