@@ -3,12 +3,17 @@
 The service (``remedy run``) and ``remedy check`` both come through here, so a configuration that
 passes ``check`` is exactly one the service accepts. Nothing is half-loaded: any error anywhere
 rejects the whole set with a ConfigErrors listing every problem found, each located by file, dotted
-key and line.
+key and line. A file holds one or more documents (``---`` separated); each document's ``kind:``
+(Policy, Playbook, Silence, Protection) decides what it is, wherever the file is.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import os
+import stat
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +24,39 @@ from pydantic import BaseModel, ValidationError
 
 from remedy.actions.params import PARAMS, ActionParams
 from remedy.errors import ConfigError, ConfigErrors
-from remedy.policy.model import Playbook, Policy, PolicySet, RateLimit, Selector, Step
-from remedy.policy.schema import API_VERSION, KINDS, PlaybookDoc, PolicyDoc
-from remedy.policy.source import Document, dotted, read_document
+from remedy.policy.model import (
+    Breaker,
+    Playbook,
+    Policy,
+    PolicySet,
+    RateLimit,
+    Selector,
+    Silence,
+    Step,
+)
+from remedy.policy.schema import (
+    API_VERSION,
+    KINDS,
+    UNSUPPORTED_MATCH_KEYS,
+    MatchDoc,
+    PlaybookDoc,
+    PolicyDoc,
+    ProtectionDoc,
+    SilenceDoc,
+)
+from remedy.policy.source import Document, dotted, read_documents
 
-__all__ = ["YAML_SUFFIXES", "check_paths", "load_policy_set"]
+__all__ = ["YAML_SUFFIXES", "check_paths", "insecure", "load_policy_set"]
 
 #: Files a directory contributes; anything else in it (READMEs, editor backups) is ignored.
 YAML_SUFFIXES = (".yaml", ".yml")
 
 _REPR_MAX = 60
+
+_log = logging.getLogger(__name__)
+
+# Old spellings still accepted, each with its new name; giving both in one document is an error.
+_ALIASES = {"dry_run": "mode", "sustain": "for"}
 
 # Pydantic speaks of Python types ("a valid dictionary or instance of StepDoc"); users wrote YAML.
 _TYPE_MESSAGES = {
@@ -47,35 +75,78 @@ _TYPE_MESSAGES = {
 }
 
 
-def load_policy_set(policy_paths: Sequence[Path], playbook_paths: Sequence[Path]) -> PolicySet:
-    """Load policies from ``policy_paths`` and playbooks from ``playbook_paths``.
+def load_policy_set(
+    policy_paths: Sequence[Path],
+    playbook_paths: Sequence[Path],
+    require_secure: bool | None = None,
+) -> PolicySet:
+    """Load the configuration the service runs with (``remedy run``, and on SIGHUP).
 
     Each path is a file or a directory; a directory contributes its ``*.yaml``/``*.yml`` files in
-    name order (not recursively). Every document under ``policy_paths`` must be a Policy and every
-    one under ``playbook_paths`` a Playbook.
+    name order (not recursively), policy paths first. Every document's ``kind:`` decides what it is,
+    so a policy and its playbook may share a file. ``require_secure`` (default: when running as
+    root) refuses any file that is not owned by root or is writable by group or other, or whose
+    directory is.
 
-    Raises ConfigErrors listing every problem: unreadable files, invalid YAML, unknown or missing
-    keys, bad values, a policy naming an unknown playbook, duplicate names, two policies for one
-    signal, or no policies at all.
+    Raises ConfigErrors listing every problem: unreadable or insecure files, invalid YAML,
+    unknown or missing keys, bad values, a policy naming an unknown playbook, a silence naming an
+    unknown policy, duplicate names, two policies for one signal, or no policies at all. Warnings
+    (an expired silence, an old key spelling) are logged.
     """
-    loader = _Loader()
-    for file in loader.expand(policy_paths):
-        loader.load(file, ("Policy",))
-    for file in loader.expand(playbook_paths):
-        loader.load(file, ("Playbook",))
-    return loader.finish(policy_paths)
+    if require_secure is None:
+        require_secure = os.geteuid() == 0
+    loader = _Loader(require_secure=require_secure)
+    for file in loader.expand([*policy_paths, *playbook_paths]):
+        loader.load(file)
+    for warning in loader.warnings:
+        _log.warning("%s", warning)
+    return loader.finish([*policy_paths, *playbook_paths])
 
 
-def check_paths(paths: Sequence[Path]) -> PolicySet:
-    """Validate files and directories holding policies and playbooks in any mix (``remedy check``).
+def check_paths(
+    paths: Sequence[Path],
+    require_secure: bool = False,
+    warnings: list[ConfigError] | None = None,
+) -> PolicySet:
+    """Validate files and directories of documents of any kind (``remedy check``).
 
-    Each document's ``kind:`` decides what it is. Otherwise exactly the validation and cross-checks
-    of :func:`load_policy_set`: a policy whose playbook is not among ``paths`` is an error.
+    Exactly the validation and cross-checks of :func:`load_policy_set`: a policy whose playbook is
+    not among ``paths`` is an error. ``require_secure`` defaults to False here, since CI runs
+    ``remedy check`` as any user on a checkout. Problems that do not reject the configuration (an
+    expired silence, an old key spelling) are appended to ``warnings`` when it is given, even when
+    ConfigErrors is raised.
     """
-    loader = _Loader()
+    loader = _Loader(require_secure=require_secure)
     for file in loader.expand(paths):
-        loader.load(file, KINDS)
+        loader.load(file)
+    if warnings is not None:
+        warnings.extend(loader.warnings)
     return loader.finish(paths)
+
+
+def insecure(path: Path) -> str | None:
+    """Why root should not trust ``path`` or its directory, as a ConfigError message, or None.
+
+    Like sshd's StrictModes: anyone who can write a policy can make remedy kill processes as
+    root, so the file and its directory must be owned by root and not group- or world-writable.
+    """
+    target = path.resolve()
+    for candidate in (target, target.parent):
+        try:
+            info = candidate.stat()
+        except OSError as err:
+            return f"cannot stat {candidate}: {err.strerror or err}"
+        reasons = []
+        if info.st_uid != 0:
+            reasons.append(f"owned by uid {info.st_uid}")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            reasons.append("writable by group or other")
+        if reasons:
+            return (
+                f"refusing {candidate}: {' and '.join(reasons)} (like sshd, remedy only loads "
+                "root-owned configuration when running as root)"
+            )
+    return None
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -89,17 +160,28 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _known_keys(model: type[BaseModel], loc: Sequence[object]) -> list[str]:
-    """Keys allowed in the mapping at ``loc`` inside ``model`` (list indices are skipped)."""
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s fields by the key written in YAML (``for``, not ``for_``)."""
+    return {info.alias or name: info for name, info in model.model_fields.items()}
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[object]) -> type[BaseModel] | None:
+    """The model of the mapping at ``loc`` inside ``model`` (list indices are skipped)."""
     current: type[BaseModel] | None = model
     for part in loc:
         if current is None:
-            return []
+            return None
         if isinstance(part, int):
             continue
-        info = current.model_fields.get(str(part))
+        info = _keys(current).get(str(part))
         current = _submodel(info.annotation) if info is not None else None
-    return list(current.model_fields) if current is not None else []
+    return current
+
+
+def _known_keys(model: type[BaseModel], loc: Sequence[object]) -> list[str]:
+    """Keys allowed in the mapping at ``loc`` inside ``model``."""
+    current = _model_at(model, loc)
+    return list(_keys(current)) if current is not None else []
 
 
 def _describe(value: object) -> str:
@@ -112,6 +194,8 @@ def _message(error: Any, model: type[BaseModel], loc: Sequence[object]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = loc[-1] if loc else "?"
+        if key in UNSUPPORTED_MATCH_KEYS and _model_at(model, loc[:-1]) is MatchDoc:
+            return f"{key!r}: {UNSUPPORTED_MATCH_KEYS[str(key)]}"
         known = _known_keys(model, loc[:-1])
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -153,17 +237,40 @@ def _translate(
     return found
 
 
+def _selector(spec: MatchDoc) -> Selector:
+    # The validators have resolved user names to uids; the annotation still says int | str.
+    return Selector(
+        cgroups=tuple(spec.cgroups),
+        comms=tuple(spec.comms),
+        exes=tuple(spec.exes),
+        cmdlines=tuple(spec.cmdlines),
+        uids=tuple(uid for uid in spec.uids if isinstance(uid, int)),
+        containers=tuple(spec.containers),
+        pods=tuple(spec.pods),
+    )
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 @dataclass
 class _Loader:
     """Accumulates documents and errors over many files; ``finish`` cross-checks and decides."""
 
+    require_secure: bool = False
     errors: list[ConfigError] = field(default_factory=list)
+    warnings: list[ConfigError] = field(default_factory=list)
     policies: list[tuple[Policy, Document]] = field(default_factory=list)
     playbooks: list[tuple[Playbook, Document]] = field(default_factory=list)
-    # Names of playbooks that exist but are invalid: a policy naming one already fails through
-    # the playbook's own errors, and "unknown playbook" on top would send the reader astray.
-    broken_playbooks: set[str] = field(default_factory=set)
-    # A Policy document (valid or not) was found, so "no policies found" would be wrong.
+    silences: list[tuple[Silence, Document]] = field(default_factory=list)
+    protections: list[tuple[str, frozenset[str], Document]] = field(default_factory=list)
+    # Names of documents that exist but are invalid: a policy naming a broken playbook (or a
+    # silence naming a broken policy) already fails through that document's own errors, and
+    # "unknown playbook" on top would send the reader astray.
+    broken: dict[str, set[str]] = field(default_factory=lambda: {kind: set() for kind in KINDS})
+    # A Policy document (valid or not) was found, or a file that might have held one could not
+    # be read, so "no policies found" would be wrong.
     saw_policy: bool = False
     _seen_files: set[Path] = field(default_factory=set)
 
@@ -196,23 +303,27 @@ class _Loader:
                     files.append(file)
         return files
 
-    def load(self, file: Path, kinds: Sequence[str]) -> None:
-        """Read and validate one file whose document must be one of ``kinds``."""
-        doc = read_document(file)
-        if isinstance(doc, ConfigError):
-            self.errors.append(doc)
-            # It may well have been a policy: "no policies found" on top would be noise.
-            self.saw_policy = self.saw_policy or "Policy" in kinds
-            return
+    def load(self, file: Path) -> None:
+        """Read and validate every document of one file."""
         before = len(self.errors)
-        self.errors.extend(doc.problems)
-        self._load_document(doc, kinds)
+        why = insecure(file) if self.require_secure else None
+        if why is not None:
+            self.errors.append(ConfigError(file, "", why))
+            self.saw_policy = True  # it may well have been a policy: "no policies" is noise
+            return
+        documents, failure = read_documents(file)
+        for doc in documents:
+            self.errors.extend(doc.problems)
+            self._load_document(doc)
+        if failure is not None:
+            self.errors.append(failure)
+            self.saw_policy = True
         # Within one file, report in reading order, however the validators happened to run.
         self.errors[before:] = sorted(self.errors[before:], key=lambda e: e.line or 0)
 
-    def _load_document(self, doc: Document, kinds: Sequence[str]) -> None:
+    def _load_document(self, doc: Document) -> None:
         data = doc.data
-        expected = " or ".join(kinds)
+        expected = ", ".join(KINDS[:-1]) + f" or {KINDS[-1]}"
         if not isinstance(data, dict):
             got = "nothing" if data is None else type(data).__name__
             self.error(doc, "", f"expected a mapping (a {expected} document), got {got}")
@@ -228,29 +339,56 @@ class _Loader:
             )
             return
         kind = data.get("kind")
-        if kind not in kinds:
+        if kind not in KINDS:
             if "kind" not in data:
                 message = f"missing required key 'kind' (expected {expected})"
-            elif kind in KINDS:
-                # Only load_policy_set restricts kinds: policies and playbooks have their own paths.
-                message = (
-                    f"expected kind {expected} here, got {kind!r}; it belongs in the other path"
-                )
             else:
                 message = f"unknown kind {_describe(kind)}; expected {expected}"
             self.error(doc, "kind", message)
             return
+        before = len(self.errors)
         if kind == "Policy":
             self.saw_policy = True
             self._load_policy(doc, data)
-        else:
+        elif kind == "Playbook":
             self._load_playbook(doc, data)
+        elif kind == "Silence":
+            self._load_silence(doc, data)
+        else:
+            self._load_protection(doc, data)
+        name = data.get("name")
+        if len(self.errors) > before and isinstance(name, str):
+            self.broken[kind].add(name)
+
+    def _validate(self, doc: Document, model: type[BaseModel], data: dict[Any, Any]) -> Any:
+        """``data`` as ``model``, or None after recording every error."""
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            self.errors.extend(_translate(doc, err, model))
+            return None
 
     def _load_policy(self, doc: Document, data: dict[Any, Any]) -> None:
-        try:
-            spec = PolicyDoc.model_validate(data)
-        except ValidationError as err:
-            self.errors.extend(_translate(doc, err, PolicyDoc))
+        both = False
+        for old, new in _ALIASES.items():
+            if old in data and new in data:
+                both = True
+                self.error(
+                    doc,
+                    old,
+                    f"give either {new!r} or {old!r}, not both; {old!r} is the old name of {new!r}",
+                )
+            elif old == "sustain" and old in data:
+                self.warnings.append(
+                    ConfigError(
+                        doc.file,
+                        old,
+                        "'sustain' is the old name of 'for'; rename it",
+                        doc.line_of(old),
+                    )
+                )
+        spec: PolicyDoc | None = self._validate(doc, PolicyDoc, data)
+        if spec is None or both:
             return
         policy = Policy(
             name=spec.name,
@@ -259,35 +397,63 @@ class _Loader:
             threshold=spec.threshold,
             window_s=spec.window,
             playbook=spec.playbook,
-            dry_run=spec.dry_run,
+            dry_run=spec.mode == "monitor" or spec.dry_run,
             cooldown_s=spec.cooldown,
             release_after_s=spec.release_after,
             rate_limit=RateLimit(
                 max_actions=spec.rate_limit.max_actions, per_s=spec.rate_limit.per
             ),
-            match=Selector(cgroups=tuple(spec.match.cgroups), comms=tuple(spec.match.comms)),
+            match=_selector(spec.match),
             description=spec.description,
-            sustain=spec.sustain,
+            sustain=spec.for_ if "for" in data else spec.sustain,
             lifetime_s=spec.lifetime,
+            severity=spec.severity,
+            exclude=_selector(spec.exclude),
+            breaker=Breaker(max_offenders=spec.breaker.max_offenders, per_s=spec.breaker.per),
         )
         self.policies.append((policy, doc))
 
     def _load_playbook(self, doc: Document, data: dict[Any, Any]) -> None:
         before = len(self.errors)
-        spec: PlaybookDoc | None = None
-        try:
-            spec = PlaybookDoc.model_validate(data)
-        except ValidationError as err:
-            self.errors.extend(_translate(doc, err, PlaybookDoc))
+        spec: PlaybookDoc | None = self._validate(doc, PlaybookDoc, data)
         # Step parameters are checked on the raw data, so a mistake in one step does not hide
         # mistakes in the parameters of the others.
         steps = self._steps(doc, data.get("steps"))
         if spec is None or len(self.errors) > before:
-            name = data.get("name")
-            if isinstance(name, str):
-                self.broken_playbooks.add(name)
             return
         self.playbooks.append((Playbook(name=spec.name, file=doc.file, steps=tuple(steps)), doc))
+
+    def _load_silence(self, doc: Document, data: dict[Any, Any]) -> None:
+        spec: SilenceDoc | None = self._validate(doc, SilenceDoc, data)
+        if spec is None:
+            return
+        silence = Silence(
+            name=spec.name,
+            file=doc.file,
+            match=_selector(spec.match),
+            author=spec.author,
+            reason=spec.reason,
+            expires=spec.expires,
+            policies=tuple(spec.policies),
+        )
+        if silence.expires <= time.time():
+            # Not an error: a silence left behind after its window is harmless, and refusing the
+            # whole configuration for it would block an urgent policy change.
+            self.warnings.append(
+                ConfigError(
+                    doc.file,
+                    "expires",
+                    f"silence {silence.name!r} expired at {_when(silence.expires)}; "
+                    "it silences nothing, remove it",
+                    doc.line_of("expires"),
+                )
+            )
+        self.silences.append((silence, doc))
+
+    def _load_protection(self, doc: Document, data: dict[Any, Any]) -> None:
+        spec: ProtectionDoc | None = self._validate(doc, ProtectionDoc, data)
+        if spec is not None:
+            self.protections.append((spec.name, frozenset(spec.exes), doc))
 
     def _steps(self, doc: Document, raw: object) -> list[Step]:
         steps: list[Step] = []
@@ -319,27 +485,26 @@ class _Loader:
             steps.append(Step(action=action, params=validated))
         return steps
 
+    def _unique(self, kind: str, named: Iterable[tuple[str, Document]]) -> set[str]:
+        """Report every later document reusing a ``kind`` name; return the names seen."""
+        first: dict[str, Document] = {}
+        for name, doc in named:
+            other = first.setdefault(name, doc)
+            if other is not doc:
+                where = f"{other.file}:{other.line_of('name')}"
+                self.error(doc, "name", f"duplicate {kind.lower()} name {name!r}; also in {where}")
+        return set(first)
+
     def finish(self, searched: Sequence[Path]) -> PolicySet:
         """Cross-check everything loaded; return the set or raise ConfigErrors with all errors."""
         playbooks: dict[str, Playbook] = {}
-        for playbook, doc in self.playbooks:
-            seen = playbooks.get(playbook.name)
-            if seen is not None:
-                self.error(
-                    doc, "name", f"duplicate playbook name {playbook.name!r}; also in {seen.file}"
-                )
-                continue
-            playbooks[playbook.name] = playbook
+        self._unique("Playbook", ((p.name, doc) for p, doc in self.playbooks))
+        for playbook, _ in self.playbooks:
+            playbooks.setdefault(playbook.name, playbook)
 
-        names: dict[str, Policy] = {}
+        names = self._unique("Policy", ((p.name, doc) for p, doc in self.policies))
         by_signal: dict[str, Policy] = {}
         for policy, doc in self.policies:
-            other = names.get(policy.name)
-            if other is not None:
-                self.error(
-                    doc, "name", f"duplicate policy name {policy.name!r}; also in {other.file}"
-                )
-            names.setdefault(policy.name, policy)
             first = by_signal.setdefault(policy.signal, policy)
             if first is not policy:
                 # The kernel filter holds a single threshold and window per signal, so a second
@@ -350,7 +515,7 @@ class _Loader:
                     f"policy {first.name!r} in {first.file} already watches {policy.signal!r}; "
                     "only one policy per signal is supported",
                 )
-            if policy.playbook not in playbooks and policy.playbook not in self.broken_playbooks:
+            if policy.playbook not in playbooks and policy.playbook not in self.broken["Playbook"]:
                 known = ", ".join(sorted(playbooks)) or "none"
                 self.error(
                     doc,
@@ -358,13 +523,32 @@ class _Loader:
                     f"unknown playbook {policy.playbook!r} (loaded playbooks: {known})",
                 )
 
+        self._unique("Silence", ((s.name, doc) for s, doc in self.silences))
+        for silence, doc in self.silences:
+            for index, name in enumerate(silence.policies):
+                if name not in names and name not in self.broken["Policy"]:
+                    known = ", ".join(sorted(names)) or "none"
+                    self.error(
+                        doc,
+                        f"policies.{index}",
+                        f"unknown policy {name!r} (loaded policies: {known})",
+                    )
+
+        self._unique("Protection", ((name, doc) for name, _, doc in self.protections))
+
         if not self.saw_policy:
             where = ", ".join(str(p) for p in searched) or "no paths given"
             origin = searched[0] if searched else Path()
             self.errors.append(ConfigError(origin, "", f"no policies found (looked in: {where})"))
         if self.errors:
             raise ConfigErrors(self.errors)
+        # First definition wins for duplicates, which are errors anyway.
+        silences: dict[str, Silence] = {}
+        for silence, _ in self.silences:
+            silences.setdefault(silence.name, silence)
         return PolicySet(
             policies=tuple(policy for policy, _ in self.policies),
             playbooks=MappingProxyType(playbooks),
+            silences=tuple(silences.values()),
+            protected_exes=frozenset().union(*(exes for _, exes, _ in self.protections)),
         )

@@ -15,7 +15,7 @@ import yaml
 
 from remedy.errors import ConfigError
 
-__all__ = ["Document", "dotted", "read_document"]
+__all__ = ["Document", "dotted", "read_documents"]
 
 
 def dotted(path: tuple[object, ...]) -> str:
@@ -108,50 +108,57 @@ def _yaml_error(file: Path, err: yaml.YAMLError, text: str) -> ConfigError:
     return ConfigError(file, "", message, line)
 
 
-def read_document(file: Path) -> Document | ConfigError:
-    """Read ``file`` as exactly one YAML document, or say why it cannot be.
+def _is_empty(node: yaml.Node) -> bool:
+    # "a: 1\n---\n" ends with an empty document (an implicit null): a separator, not content.
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null") and node.value == ""
 
-    Never raises for bad content: every problem, including undecodable bytes and YAML that
-    PyYAML's own constructors choke on, comes back as a ConfigError.
+
+def read_documents(file: Path) -> tuple[list[Document], ConfigError | None]:
+    """Read every YAML document of ``file`` (``---`` separated), in order.
+
+    Returns the documents read and, if the file cannot be read completely, the ConfigError that
+    stopped reading (the documents before it are still returned, so their mistakes are reported
+    too). Never raises for bad content: undecodable bytes, invalid YAML and YAML that PyYAML's own
+    constructors choke on all come back as a ConfigError. Empty documents (a trailing ``---``)
+    are skipped; a file with no document at all is an error.
     """
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        return ConfigError(file, "", f"not UTF-8 text: {err.reason} at byte {err.start}")
+        return [], ConfigError(file, "", f"not UTF-8 text: {err.reason} at byte {err.start}")
     except OSError as err:
-        return ConfigError(file, "", f"cannot read: {err.strerror or err}")
+        return [], ConfigError(file, "", f"cannot read: {err.strerror or err}")
 
     try:
         # The constructor already scans for unprintable characters and may raise ReaderError.
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as err:
-        return _yaml_error(file, err, text)
+        return [], _yaml_error(file, err, text)
+    documents: list[Document] = []
+    start: int | None = None  # first line of the document being read, for value errors
     try:
-        nodes: list[yaml.Node] = []
         while loader.check_node():
-            node = loader.get_node()
-            if node is not None:
-                nodes.append(node)
-            if len(nodes) > 1:
-                line = nodes[1].start_mark.line + 1
-                return ConfigError(
-                    file, "", "more than one YAML document ('---'); use one file per document", line
-                )
-        if not nodes:
-            return ConfigError(file, "", "file is empty", None)
-        root = nodes[0]
-        data = loader.construct_document(root)
-        lines, problems = _record_lines(file, root, loader)
+            root = loader.get_node()
+            if root is None or _is_empty(root):
+                continue
+            start = root.start_mark.line + 1
+            # Line marks count from the start of the stream, so every document's lines are the
+            # file's lines.
+            data = loader.construct_document(root)
+            lines, problems = _record_lines(file, root, loader)
+            documents.append(Document(file, data, lines, start, tuple(problems)))
     except yaml.YAMLError as err:
-        return _yaml_error(file, err, text)
+        return documents, _yaml_error(file, err, text)
     except (ValueError, TypeError, OverflowError) as err:
         # PyYAML's implicit resolvers match things its constructors then reject without a
         # YAMLError: the timestamp "2024-13-01" raises datetime's bare ValueError. That is still
-        # a problem in the file, not a crash, but there is no mark to give a line.
-        return ConfigError(file, "", f"invalid YAML value: {err}", None)
+        # a problem in the file, not a crash; there is no mark, so the document's line stands in.
+        return documents, ConfigError(file, "", f"invalid YAML value: {err}", start)
     except RecursionError:
         # Deeply nested flow collections ("[[[[...") exhaust the recursive composer.
-        return ConfigError(file, "", "invalid YAML: nested too deeply", None)
+        return documents, ConfigError(file, "", "invalid YAML: nested too deeply", None)
     finally:
         loader.dispose()
-    return Document(file, data, lines, root.start_mark.line + 1, tuple(problems))
+    if not documents:
+        return [], ConfigError(file, "", "file is empty", None)
+    return documents, None

@@ -322,11 +322,11 @@ def test_playbook_needs_steps(tmp_path: Path) -> None:
     assert (error.key, error.line) == ("steps", 4)
 
 
-def test_wrong_kind_in_policies_dir(tmp_path: Path) -> None:
-    errors = errors_of({"p.yaml": POLICY, "x.yaml": PLAYBOOK}, tmp_path)
-    error = only(errors)
-    assert (error.file.name, error.key, error.line) == ("x.yaml", "kind", 2)
-    assert "expected kind Policy" in error.message
+def test_kind_decides_wherever_the_file_is(tmp_path: Path) -> None:
+    # A playbook in the policies directory is a playbook: no "wrong directory" error.
+    pol, play = tree(tmp_path, {"p.yaml": POLICY, "x.yaml": PLAYBOOK}, {})
+    policy_set = load_policy_set([pol], [play])
+    assert list(policy_set.playbooks) == ["contain"]
 
 
 @pytest.mark.parametrize(
@@ -337,7 +337,6 @@ def test_wrong_kind_in_policies_dir(tmp_path: Path) -> None:
         (POLICY.replace("kind: Policy", "kind: Polcy"), "kind", "unknown kind"),
         ("- a\n- b\n", "", "expected a mapping"),
         ("", "", "empty"),
-        (POLICY + "---\n" + POLICY, "", "more than one YAML document"),
     ],
 )
 def test_document_shape(tmp_path: Path, text: str, key: str, needle: str) -> None:
