@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from remedy.errors import ConfigErrors, RemedyError
+from remedy.errors import ConfigError, ConfigErrors, RemedyError
 from remedy.policy import check_paths
 
 
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate policies and playbooks")
     check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
+    check.add_argument(
+        "--format", choices=("text", "json"), default="text", help="json: one report on stdout"
+    )
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of policy files, for editors")
+    schema.add_argument("--kind", choices=("Policy", "Playbook", "Silence", "Protection"))
 
     explain = sub.add_parser("explain", help="draw the state machine; which policies apply")
     explain.add_argument("--policies", type=Path, action="append", help="policy dir or file")
@@ -58,8 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(paths: Sequence[Path]) -> int:
-    policy_set = check_paths(paths)
+def _check(paths: Sequence[Path], fmt: str = "text") -> int:
+    if fmt == "json":
+        from remedy.policy.report import check_report  # noqa: PLC0415
+
+        report = check_report(paths)
+        print(json.dumps(report, indent=2))
+        return 0 if report["ok"] else 1
+    warnings: list[ConfigError] = []
+    try:
+        policy_set = check_paths(paths, warnings=warnings)
+    finally:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(policy_set.policies)} policy(ies), {len(policy_set.playbooks)} playbook(s)")
     return 0
 
@@ -128,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "check":
-            return _check(args.paths)
+            return _check(args.paths, args.format)
+        if args.command == "schema":
+            from remedy.policy.schema import json_schema  # noqa: PLC0415
+
+            print(json.dumps(json_schema(args.kind), indent=2))
+            return 0
         if args.command == "explain":
             return _explain(args)
         if args.command == "doctor":

@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from remedy.actions.params import PARAMS
 from remedy.policy.durations import UNITS, parse_duration
 from remedy.policy.model import SIGNALS, Breaker
 
@@ -264,7 +265,7 @@ class PolicyDoc(_KindDoc):
 
     kind: Literal["Policy"]
     description: str = ""
-    signal: str
+    signal: Annotated[str, WithJsonSchema({"type": "string", "enum": list(SIGNALS)})]
     threshold: int = Field(ge=1)
     window: PositiveDuration
     match: MatchDoc = Field(default_factory=MatchDoc)
@@ -305,7 +306,7 @@ class StepDoc(_Doc):
     """One entry of a playbook's ``steps:``. ``params`` are checked against the action's model
     by the loader, once ``action`` is known to exist."""
 
-    action: str
+    action: Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(PARAMS)})]
     params: dict[str, Any] = Field(default_factory=dict)
 
 
