@@ -62,7 +62,59 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="report what this host offers; exit 1 if BPF cannot run")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    record = sub.add_parser("record", help="record what crosses the funnel to a trace; no actions")
+    record.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    record.add_argument("--out", type=Path, required=True, help="write the trace (JSON lines) here")
+    record.add_argument("--policies", type=Path, action="append", help="policy dir or file")
+    record.add_argument("--playbooks", type=Path, action="append", help="playbook dir or file")
+    record.add_argument("--sensor", choices=("auto", "kernel", "sampler"), default="auto")
+
+    replay = sub.add_parser("replay", help="run policies over a trace; exit 3 if --against differs")
+    replay.add_argument("trace", type=Path, help="a trace written by `remedy record`")
+    replay.add_argument("--policies", type=Path, action="append", required=True)
+    replay.add_argument("--playbooks", type=Path, action="append", default=[])
+    replay.add_argument("--against", type=Path, action="append", default=[], help="other policies")
+    replay.add_argument("--against-playbooks", type=Path, action="append", default=[])
+    replay.add_argument("--format", choices=("text", "json"), default="text")
     return parser
+
+
+def _record(args: argparse.Namespace) -> int:
+    from remedy.service.trace import Recorder, RecordOptions  # noqa: PLC0415 - needs bcc
+
+    recorder = Recorder(
+        RecordOptions(
+            out_path=args.out,
+            policy_paths=tuple(args.policies or [Path("policies")]),
+            playbook_paths=tuple(args.playbooks or [Path("playbooks")]),
+            duration_s=args.duration,
+            sensor=args.sensor,
+        )
+    )
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        print(f"\nstopping ({signal.Signals(signum).name})", flush=True)
+        recorder.request_stop()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    recorder.run()
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from remedy.service import replay  # noqa: PLC0415
+
+    return replay.main(
+        args.trace,
+        args.policies,
+        args.playbooks,
+        against=args.against,
+        against_playbooks=args.against_playbooks,
+        fmt=args.format,
+        out=sys.stdout,
+    )
 
 
 def _check(paths: Sequence[Path], fmt: str = "text") -> int:
@@ -138,7 +190,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error."""
+    """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error, 3
+    when `replay --against` finds the two policy sets deciding differently."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -154,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "explain":
             return _explain(args)
+        if args.command == "record":
+            return _record(args)
+        if args.command == "replay":
+            return _replay(args)
         if args.command == "doctor":
             from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
 
