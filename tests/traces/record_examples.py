@@ -58,10 +58,10 @@ def record(name: str, config: Path) -> Path:
 
     out = HERE / f"{name}.jsonl"
     log = (config / f"{name}.log").open("w+")
+    argv = [sys.executable, "-m", "remedy", "record", "--sensor", "kernel", "--duration", "60"]
+    argv += ["--policies", str(config / "policies"), "--playbooks", str(config / "playbooks")]
     recorder = subprocess.Popen(
-        [sys.executable, "-m", "remedy", "record", "--sensor", "kernel", "--duration", "60"]
-        + ["--policies", str(config / "policies"), "--playbooks", str(config / "playbooks")]
-        + ["--out", str(out)],
+        [*argv, "--out", str(out)],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
