@@ -119,6 +119,9 @@ def _regex(value: str) -> str:
         re.compile(value)
     except re.error as err:
         raise ValueError(f"invalid regular expression {value!r}: {err}") from None
+    except (RecursionError, OverflowError) as err:
+        # sre_parse recurses per group and limits repetition counts: "((((...))))", "a{10**12}".
+        raise ValueError(f"invalid regular expression {value!r}: {err}") from None
     return value
 
 
@@ -129,7 +132,7 @@ def _uid(value: int | str) -> int:
         return value
     try:
         return pwd.getpwnam(value).pw_uid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL byte in the name
         raise ValueError(
             f"unknown user {value!r} on this host; give a numeric uid or an existing user name"
         ) from None
