@@ -4,7 +4,8 @@ The engine is the one the agent runs, with four things swapped for replay:
 
 * the clock is a :class:`~remedy.clock.FakeClock` moved to each entry's ``t`` (its wall clock
   starts at the trace's ``recorded_at``, so silences are judged as on the day of recording);
-* the identifier hands back the Subject the recorder identified (ProcessGone when it had gone);
+* the identifier hands back the Subject the recorder identified (ProcessGone when it had gone,
+  or when a replayed ``kill`` ended it: its later records would never have been made);
 * the executor describes each step with the real action's ``describe()`` against a cgroup v2
   driver rooted at ``/sys/fs/cgroup`` (only its paths are used) and "runs" a step by noting it;
 * the protector knows no agent (pid 0, no ancestors): the recording agent is not running here.
@@ -67,17 +68,44 @@ _START = 1000.0  # the fake monotonic clock's origin; t = 0 is here
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+# Steps after which the process is taken to have exited: its later records are dropped as
+# ProcessGone, as they would never have been made. Anything else (a quarantine) is assumed to
+# leave the recorded behaviour unchanged: the trace cannot tell how a capped process behaves.
+ENDS_PROCESS = frozenset({"kill"})
+
+
+@dataclass
+class _ReplayHandle:
+    """A pinned process in replay: it has exited once a replayed step ended it."""
+
+    key: tuple[int, int]
+    ended: set[tuple[int, int]]
+
+    def has_exited(self) -> bool:
+        return self.key in self.ended
+
+    def send_signal(self, sig: int) -> None:
+        """Never signals anything."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class TraceIdentifier:
     """Returns the Subject recorded for the entry being replayed (set ``entry`` first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended: set[tuple[int, int]] | None = None) -> None:
         self.entry: TraceEntry | None = None
+        self.ended = ended if ended is not None else set()
 
     def identify(self, record: SensorRecord) -> Subject:
         if self.entry is None or self.entry.subject is None:
             raise ProcessGone("exited before identification (recorded)", pid=record.tgid)
-        # A fresh copy each time, without a handle: nothing here can exit or be signalled.
-        return dataclasses.replace(self.entry.subject, handle=None)
+        subject = self.entry.subject
+        if subject.key in self.ended:
+            raise ProcessGone("ended by an earlier replayed step", pid=subject.pid)
+        # A fresh copy each time, with a handle that can only say whether replay ended it.
+        return dataclasses.replace(subject, handle=_ReplayHandle(subject.key, self.ended))
 
 
 class ReplayExecutor:
@@ -87,6 +115,7 @@ class ReplayExecutor:
         procfs = ProcFS(Path("/nonexistent/proc"))  # never read: describe() uses paths only
         self._ctx = ActionContext(CgroupV2Driver(_CGROUP_ROOT, procfs), procfs, quarantine_root)
         self.executed: list[tuple[str, int, str]] = []  # (action, pid, policy)
+        self.ended: set[tuple[int, int]] = set()  # (pid, start_ticks) a replayed step ended
 
     def describe(self, step: Step, subject: Subject) -> str:
         action = ACTIONS.get(step.action)
@@ -99,6 +128,8 @@ class ReplayExecutor:
 
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
         self.executed.append((step.action, subject.pid, policy.name))
+        if step.action in ENDS_PROCESS:
+            self.ended.add(subject.key)
         return "replayed"
 
     def release(self, subject: Subject) -> None:
@@ -189,8 +220,8 @@ def replay(
     """Run the real engine over ``entries``; ticks between entries and, at the end, past every
     cooldown and release, so the last offenders are released as the agent would."""
     clock = FakeClock(start=_START, wall_offset=header.recorded_epoch)
-    identifier = TraceIdentifier()
     executor = ReplayExecutor(quarantine_root)
+    identifier = TraceIdentifier(executor.ended)
     sink = _Sink()
     engine = Engine(
         policies,
