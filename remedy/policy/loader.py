@@ -408,6 +408,7 @@ class _Loader:
             sustain=spec.for_ if "for" in data else spec.sustain,
             lifetime_s=spec.lifetime,
             severity=spec.severity,
+            scope=spec.scope,
             exclude=_selector(spec.exclude),
             breaker=Breaker(max_offenders=spec.breaker.max_offenders, per_s=spec.breaker.per),
         )

@@ -278,6 +278,7 @@ class PolicyDoc(_KindDoc):
     # The old spelling of ``mode``; the loader refuses both in one document.
     dry_run: bool = Field(default=False, json_schema_extra={"deprecated": True})
     severity: Literal["info", "warning", "critical"] = "warning"
+    scope: Literal["process", "tree", "cgroup"] = "process"
     cooldown: NonNegativeDuration = 5.0
     release_after: PositiveDuration = 60.0
     rate_limit: RateLimitDoc = Field(default_factory=RateLimitDoc)

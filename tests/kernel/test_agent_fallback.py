@@ -22,7 +22,7 @@ name: test-cpu
 signal: cpu
 threshold: 50
 window: 500ms
-sustain: 2
+for: 2
 match:
   cgroups: ["{rel}"]
 playbook: test-contain

@@ -608,3 +608,18 @@ def test_junk_documents_only_raise_config_errors(tmp_path: Path, first: str, sec
         check_paths([path])
     except ConfigErrors as err:
         assert all(isinstance(e, ConfigError) for e in err.errors)
+
+
+def test_scope_is_read_and_checked(tmp_path: Path) -> None:
+    from remedy.errors import ConfigErrors  # noqa: PLC0415
+    from remedy.policy import load_policy_set  # noqa: PLC0415
+
+    policies = tmp_path / "p"
+    policies.mkdir()
+    shipped = (REPO / "policies" / "fork-bomb.yaml").read_text()
+    (policies / "fork.yaml").write_text(shipped + "scope: tree\n")
+    loaded = load_policy_set([policies], [REPO / "playbooks"], require_secure=False)
+    assert loaded.policies[0].scope == "tree"
+    (policies / "fork.yaml").write_text(shipped + "scope: everything\n")
+    with pytest.raises(ConfigErrors, match="scope"):
+        load_policy_set([policies], [REPO / "playbooks"], require_secure=False)
