@@ -264,9 +264,19 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
+#endif  // REMEDY_SECTION_SCHED (fork); exec is shared with the memory section
+
+#if REMEDY_SECTION_SCHED || REMEDY_SECTION_MEMORY
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
+#if REMEDY_SECTION_MEMORY
+    // A new program gets a new address space: the level the old image (often a fork of a
+    // big parent, between fork and exec) reached in this window is not the new program's.
+    struct window_key rss = {.signal = SIG_RSS, ._pad = 0, .id = tgid};
+    windows.delete(&rss);
+#endif
+#if REMEDY_SECTION_SCHED
     struct lineage *l = lineage.lookup(&tgid);
     if (l) {
         // The process has a new name now; chains built later should show it.
@@ -277,9 +287,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         account(args, SIG_EXEC, l->ppid, 1);
     }
     account(args, SIG_EXEC_CGROUP, bpf_get_current_cgroup_id(), 1);
+#endif
     return 0;
 }
+#endif
 
+#if REMEDY_SECTION_SCHED
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();

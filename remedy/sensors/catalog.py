@@ -118,7 +118,7 @@ CATALOGUE: tuple[Signal, ...] = (
         Mode.LEVEL,
         "MiB of anonymous resident memory",
         "MiB",
-        ("kmem:rss_stat",),
+        ("kmem:rss_stat", "sched:sched_process_exec"),
         "anonymous resident memory per process past a size",
     ),
     _S(
