@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from remedy.actions.base import ActionContext
-from remedy.actions.cgroups import detect
+from remedy.actions.cgroups import CgroupDriver, detect
 from remedy.actions.registry import ActionExecutor
 from remedy.clock import Clock, SystemClock
 from remedy.engine.decisions import DecisionSink
@@ -29,7 +29,7 @@ from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
-from remedy.sensors.kernel import KernelSensor
+from remedy.sensors.kernel import KernelSensor, Sizes
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.service.audit import AuditLog, ConsoleSink, FanOut
@@ -105,6 +105,59 @@ def _stack_reader(sensor: KernelSensor) -> Callable[[SensorRecord], tuple[str, .
         return (*kernel, *(f"user: {f}" for f in user))
 
     return frames
+
+
+def start_sensor(
+    settings: Mapping[str, SignalSettings],
+    choice: SensorChoice,
+    *,
+    ringbuf_pages: int = 16,
+    naive: bool = False,
+    say: Callable[[str], None] = print,
+) -> Sensor:
+    """The kernel funnel; with ``auto``, the /proc sampler when the kernel path cannot load,
+    said loudly. Shared by the agent and ``remedy record``."""
+    if choice != "sampler":
+        kernel = KernelSensor(Sizes(ringbuf_pages=ringbuf_pages), naive=naive)
+        try:
+            kernel.start(settings)
+            return kernel
+        except SensorError as err:
+            if choice == "kernel":
+                raise
+            say(
+                f"WARNING: kernel sensors unavailable ({err}); falling back to sampling "
+                "/proc: lower fidelity (short-lived processes and sub-interval bursts missed)"
+            )
+    from remedy.sensors.sampler import ProcSampler  # noqa: PLC0415
+
+    sampler = ProcSampler()
+    sampler.start(settings)
+    return sampler
+
+
+def identifier_for(
+    sensor: Sensor, procfs: ProcFS, cgroups: CgroupDriver, cgroup_root: Path
+) -> ProcIdentifier:
+    """Identification with context: /proc, the cgroup index, and (from the kernel sensor) the
+    lineage map for exited parents and symbolized stacks. Shared by the agent and the recorder."""
+    kernel = sensor if isinstance(sensor, KernelSensor) else None
+    enricher = Enricher(
+        procfs,
+        CgroupIndex.detect(cgroup_root),
+        # The kernel's lineage map remembers parents that already exited.
+        ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
+        proc_cgroup=cgroups.cgroup_of,
+    )
+    return ProcIdentifier(procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None)
+
+
+def watched(settings: Mapping[str, SignalSettings]) -> str:
+    """ "fork_rate ≥ 200 forks per 1 s, …" for ready lines."""
+    return ", ".join(
+        f"{name} ≥ {s.threshold:,} {SIGNALS[name].noun} per {s.window_s:g} s"
+        for name, s in sorted(settings.items())
+    )
 
 
 def signal_settings(policies: PolicySet) -> dict[str, SignalSettings]:
@@ -190,20 +243,10 @@ class Agent:
         cgroups = detect(self.options.cgroup_root, procfs)
         ctx = ActionContext(cgroups, procfs, self.options.quarantine_root)
         self._say(f"cgroups: v{cgroups.version} at {cgroups.root}")
-        kernel = sensor if isinstance(sensor, KernelSensor) else None
-        enricher = Enricher(
-            procfs,
-            CgroupIndex.detect(self.options.cgroup_root),
-            # The kernel's lineage map remembers parents that already exited.
-            ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
-            proc_cgroup=cgroups.cgroup_of,
-        )
         executor = ActionExecutor(ctx)
         engine = Engine(
             policies,
-            identifier=ProcIdentifier(
-                procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None
-            ),
+            identifier=identifier_for(sensor, procfs, cgroups, self.options.cgroup_root),
             executor=executor,
             sink=sink,
             clock=self._clock,
@@ -216,29 +259,10 @@ class Agent:
         return engine
 
     def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
-        """The kernel funnel; in auto mode, the /proc sampler when the kernel path cannot load."""
-        choice = self.options.sensor
-        if choice != "sampler":
-            from remedy.sensors.kernel import Sizes  # noqa: PLC0415
-
-            kernel = KernelSensor(
-                Sizes(ringbuf_pages=self.options.ringbuf_pages), naive=self.options.naive
-            )
-            try:
-                kernel.start(settings)
-                return kernel
-            except SensorError as err:
-                if choice == "kernel":
-                    raise
-                self._say(
-                    f"WARNING: kernel sensors unavailable ({err}); falling back to sampling "
-                    "/proc: lower fidelity (short-lived processes and sub-interval bursts missed)"
-                )
-        from remedy.sensors.sampler import ProcSampler  # noqa: PLC0415
-
-        sampler = ProcSampler()
-        sampler.start(settings)
-        return sampler
+        opts = self.options
+        return start_sensor(
+            settings, opts.sensor, ringbuf_pages=opts.ringbuf_pages, naive=opts.naive, say=self._say
+        )
 
     def run(self) -> AgentStats:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
@@ -295,10 +319,6 @@ class Agent:
     def _ready_line(
         self, sensor: Sensor, settings: Mapping[str, SignalSettings], policies: PolicySet
     ) -> str:
-        watched = ", ".join(
-            f"{name} ≥ {s.threshold:,} {SIGNALS[name].noun} per {s.window_s:g} s"
-            for name, s in sorted(settings.items())
-        )
         if self.options.dry_run:
             mode = "dry-run for every policy (audit only)"
         else:
@@ -306,7 +326,7 @@ class Agent:
             mode = "enforce" + (f", dry-run: {', '.join(audit_only)}" if audit_only else "")
         how = "kernel funnel" if sensor.kind == "kernel" else "/proc sampler (degraded fidelity)"
         naive = ", naive" if self.options.naive else ""
-        return f"ready: {how}{naive}; watching {watched}; mode {mode}"
+        return f"ready: {how}{naive}; watching {watched(settings)}; mode {mode}"
 
     def _work(
         self,

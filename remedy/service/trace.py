@@ -36,13 +36,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
+from remedy.actions.cgroups import detect
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError, RemedyError, SensorError
+from remedy.policy import load_policy_set
+from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalSettings
 from remedy.sensors.context import Ancestor, ContainerRef, Context
+from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
+from remedy.service.agent import (
+    LossWatch,
+    SensorChoice,
+    identifier_for,
+    signal_settings,
+    start_sensor,
+    watched,
+)
 
 __all__ = [
     "TRACE_VERSION",
@@ -353,9 +365,6 @@ def read_trace(path: Path) -> tuple[TraceHeader, list[TraceEntry]]:
 
 # --- recording -------------------------------------------------------------------------------
 
-SensorChoice = Literal["auto", "kernel", "sampler"]
-STACK_FRAMES = 8  # as the agent
-
 
 @dataclass(frozen=True)
 class RecordOptions:
@@ -406,62 +415,9 @@ class Recorder:
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
 
-    def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
-        """As the agent: the kernel funnel; in auto mode, the /proc sampler, loudly."""
-        choice = self.options.sensor
-        if choice != "sampler":
-            from remedy.sensors.kernel import KernelSensor, Sizes  # noqa: PLC0415
-
-            kernel = KernelSensor(Sizes(ringbuf_pages=self.options.ringbuf_pages))
-            try:
-                kernel.start(settings)
-                return kernel
-            except SensorError as err:
-                if choice == "kernel":
-                    raise
-                self._say(
-                    f"WARNING: kernel sensors unavailable ({err}); recording from the /proc "
-                    "sampler: lower fidelity"
-                )
-        from remedy.sensors.sampler import ProcSampler  # noqa: PLC0415
-
-        sampler = ProcSampler()
-        sampler.start(settings)
-        return sampler
-
-    def _identifier(self, sensor: Sensor) -> Any:
-        """A ProcIdentifier wired exactly as the agent wires the engine's."""
-        from remedy.actions.cgroups import detect  # noqa: PLC0415
-        from remedy.proc import ProcFS  # noqa: PLC0415
-        from remedy.sensors.context import CgroupIndex, Enricher, ParentChain  # noqa: PLC0415
-        from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
-        from remedy.service.identify import ProcIdentifier  # noqa: PLC0415
-
-        procfs = ProcFS(self.options.proc_root)
-        cgroups = detect(self.options.cgroup_root, procfs)
-        kernel = sensor if isinstance(sensor, KernelSensor) else None
-        enricher = Enricher(
-            procfs,
-            CgroupIndex.detect(self.options.cgroup_root),
-            ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
-            proc_cgroup=cgroups.cgroup_of,
-        )
-        stack_of = None
-        if kernel is not None:
-
-            def stack_of(record: SensorRecord) -> tuple[str, ...]:
-                k = kernel.stack(record.kstack_id)[:STACK_FRAMES]
-                u = kernel.stack(record.ustack_id, user_pid=record.tgid)[:STACK_FRAMES]
-                return (*k, *(f"user: {f}" for f in u))
-
-        return ProcIdentifier(procfs, cgroups, enricher, stack_of)
-
     def run(self) -> RecordStats:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then record
         until the duration ends or :meth:`request_stop`."""
-        from remedy.policy import load_policy_set  # noqa: PLC0415
-        from remedy.sensors.reader import RingBufferReader  # noqa: PLC0415
-        from remedy.service.agent import LossWatch, signal_settings  # noqa: PLC0415
 
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
@@ -471,18 +427,21 @@ class Recorder:
         sensor: Sensor | None = None
         reader: RingBufferReader | None = None
         try:
-            sensor = self._start_sensor(settings)
+            sensor = start_sensor(
+                settings, opts.sensor, ringbuf_pages=opts.ringbuf_pages, say=self._say
+            )
             self.stats.sensor = sensor.kind
-            identifier = self._identifier(sensor)
+            procfs = ProcFS(opts.proc_root)
+            identifier = identifier_for(
+                sensor, procfs, detect(opts.cgroup_root, procfs), opts.cgroup_root
+            )
             with TraceWriter(opts.out_path, TraceHeader.here(settings)) as writer:
                 reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
                 reader.start()
                 origin = time.monotonic()
-                watched = ", ".join(
-                    f"{n} ≥ {s.threshold:,} {SIGNALS[n].noun} per {s.window_s:g} s"
-                    for n, s in sorted(settings.items())
+                self._say(
+                    f"ready: recording ({sensor.kind}); watching {watched(settings)}; no actions"
                 )
-                self._say(f"ready: recording ({sensor.kind}); watching {watched}; no actions")
                 deadline = None if opts.duration_s is None else origin + opts.duration_s
                 losses = LossWatch(settings)
                 next_check = 0.0
