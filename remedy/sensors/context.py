@@ -383,7 +383,7 @@ class Enricher:
             uid=info.uid,
             comm=info.comm,
             exe=info.exe,
-            cmdline=_truncate(" ".join(info.cmdline)),
+            cmdline=_truncate(" ".join(info.cmdline).strip()),
             cgroup_path=cgroup_path,
             container=container,
             parents=parents,
