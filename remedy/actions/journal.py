@@ -1,0 +1,353 @@
+"""The undo journal: every reversible change is made durable *before* it is applied.
+
+One JSON object per line, appended, flushed and fsynced per entry (like the audit log):
+
+    {"op": "apply",   "record": {...UndoRecord...}, "at": wall}
+    {"op": "revert",  "id": ..., "reason": ..., "outcome": ..., "at": wall[, "detail": ...]}
+    {"op": "abandon", "id": ..., "reason": ..., "at": wall}
+    {"op": "revert-failed", "id": ..., "reason": ..., "error": ..., "at": wall}
+
+A record is *active* from its "apply" line until a "revert" or "abandon" line closes it;
+"revert-failed" is informational and leaves it active, so it is retried. Replaying the file
+gives the same active set every time, which is what lets a restarted agent reconcile a crashed
+run: nothing stays throttled forever, and nothing is reverted twice. See docs/undo.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from remedy.actions.undo import UndoRecord
+from remedy.clock import Clock
+from remedy.errors import RemedyError
+
+__all__ = ["Journal", "JournalError", "reconcile"]
+
+log = logging.getLogger(__name__)
+
+REASON_TTL_AFTER_RESTART = "ttl expired after restart"
+REASON_AGENT_RESTART = "agent restart"
+
+
+class JournalError(RemedyError):
+    """The journal could not be opened, locked or written; the message names the file."""
+
+
+class Journal:
+    """The append-only undo journal at ``path``.
+
+    Opening replays the file (a torn last line from a crash is dropped with a warning) and takes
+    an exclusive ``flock`` on it, so two agents never own, and so never revert, the same records.
+    The file is created 0600 (it names processes and cgroups), its parent directory 0700.
+    Methods are thread-safe.
+    """
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active: dict[str, UndoRecord] = {}
+        self._applied_at: dict[str, float] = {}
+        self._closed_ids: set[str] = set()
+        self._closed_lines = 0
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = self._open_locked(path)
+        except OSError as err:
+            raise JournalError(f"cannot open undo journal {path}: {err}") from err
+        try:
+            self._replay()
+        except OSError as err:
+            os.close(self._fd)
+            raise JournalError(f"cannot read undo journal {path}: {err}") from err
+        # A compaction that crashed before its rename left the tmp file; the journal itself is
+        # intact (the rename is the commit point), so the leftover is garbage.
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp_path().unlink()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def active(self) -> list[UndoRecord]:
+        """Records applied and neither reverted nor abandoned, in apply order."""
+        with self._lock:
+            return list(self._active.values())
+
+    def due(self, now_wall: float) -> list[UndoRecord]:
+        """Active records whose TTL has passed (``expires <= now_wall``), in apply order."""
+        return [r for r in self.active() if r.expires <= now_wall]
+
+    def for_offender(self, pid: int, start_ticks: int) -> list[UndoRecord]:
+        """Active records made against the process (pid, start_ticks): its identity, not its pid."""
+        return [r for r in self.active() if r.pid == pid and r.start_ticks == start_ticks]
+
+    def for_policy(self, policy: str) -> list[UndoRecord]:
+        """Active records made by ``policy``."""
+        return [r for r in self.active() if r.policy == policy]
+
+    @property
+    def closed_entries(self) -> int:
+        """How many records in the file are closed: the agent compacts on start when many are."""
+        with self._lock:
+            return self._closed_lines
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin(self, record: UndoRecord) -> None:
+        """Make ``record`` durable. Call it *before* applying the change it describes; when this
+        returns the apply line is on disk. Raises ValueError for an id already journaled (ids
+        are never reused, or a closed record could be reopened) and JournalError if the write
+        fails, in which case the caller must not apply the change."""
+        with self._lock:
+            if record.id in self._active or record.id in self._closed_ids:
+                raise ValueError(f"undo record {record.id} is already in {self.path}")
+            at = self._clock.wall()
+            self._append({"op": "apply", "record": record.to_json(), "at": at})
+            self._active[record.id] = record
+            self._applied_at[record.id] = at
+
+    def reverted(
+        self,
+        record_id: str,
+        reason: str,
+        outcome: str = "reverted",
+        *,
+        detail: str | None = None,
+    ) -> bool:
+        """Close an active record as reverted. Returns False, and writes nothing, when the id is
+        unknown or already closed: that is how a second revert is refused."""
+        entry: dict[str, Any] = {"op": "revert", "id": record_id, "reason": reason}
+        entry["outcome"] = outcome
+        if detail is not None:
+            entry["detail"] = detail
+        return self._close(record_id, entry)
+
+    def abandon(self, record_id: str, reason: str) -> bool:
+        """Close an active record whose apply failed: the change never happened, nothing to undo.
+        Returns False for an unknown or already-closed id."""
+        return self._close(record_id, {"op": "abandon", "id": record_id, "reason": reason})
+
+    def failed(self, record_id: str, reason: str, error: str) -> bool:
+        """Note a revert attempt that failed. The record stays active and is retried; this line
+        only tells the operator why it is still there. False for an unknown or closed id."""
+        with self._lock:
+            if record_id not in self._active:
+                return False
+            entry = {"op": "revert-failed", "id": record_id, "reason": reason, "error": error}
+            self._append({**entry, "at": self._clock.wall()})
+            return True
+
+    def compact(self) -> None:
+        """Rewrite the file with only the active records' apply lines, atomically: a tmp file is
+        written and fsynced, renamed over the journal, and the directory fsynced. A crash before
+        the rename leaves the old journal intact; after it, the new one is complete."""
+        with self._lock:
+            tmp = self._tmp_path()
+            try:
+                fd = self._open_locked(tmp, truncate=True)
+            except OSError as err:
+                raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
+            try:
+                lines = [
+                    _encode({"op": "apply", "record": r.to_json(), "at": self._applied_at[i]})
+                    for i, r in self._active.items()
+                ]
+                _write_all(fd, b"".join(lines))
+                os.fsync(fd)
+                os.replace(tmp, self.path)  # the commit point
+            except OSError as err:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
+            # From here the path names the new file: appends must go to it, whatever happens.
+            os.close(self._fd)
+            self._fd = fd
+            self._closed_lines = 0
+            try:
+                _fsync_dir(self.path.parent)
+            except OSError as err:
+                raise JournalError(f"cannot sync directory of {self.path}: {err}") from err
+
+    def close(self) -> None:
+        """Release the file and its lock. Idempotent; writing afterwards raises JournalError."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _close(self, record_id: str, entry: dict[str, Any]) -> bool:
+        with self._lock:
+            if record_id not in self._active:
+                return False
+            self._append({**entry, "at": self._clock.wall()})
+            del self._active[record_id]
+            del self._applied_at[record_id]
+            self._closed_ids.add(record_id)
+            self._closed_lines += 1
+            return True
+
+    def _tmp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    @staticmethod
+    def _open_locked(path: Path, *, truncate: bool = False) -> int:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode at open; it must be private
+        except BlockingIOError as err:
+            os.close(fd)
+            raise JournalError(f"undo journal {path} is in use by another process") from err
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        """Write one line and fsync it. On failure the file is cut back to its previous length,
+        so a half-written line can never be followed (and corrupted) by the next append."""
+        if self._fd < 0:
+            raise JournalError(f"undo journal {self.path} is closed")
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, _encode(entry))
+            os.fsync(self._fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise JournalError(f"cannot write undo journal {self.path}: {err}") from err
+
+    def _replay(self) -> None:
+        with open(self._fd, "rb", closefd=False) as f:
+            data = f.read()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline, as every complete write does
+        for number, raw in enumerate(lines, start=1):
+            self._apply_line(raw, number)
+        if not tail:
+            return
+        number = len(lines) + 1
+        if _parse(tail) is not None:
+            # Crashed between the object and its newline: the entry is whole, finish the line.
+            self._apply_line(tail, number)
+            _write_all(self._fd, b"\n")
+        else:
+            log.warning(
+                "%s:%d: ignoring a torn last line (%d bytes) left by a crash mid-write",
+                self.path,
+                number,
+                len(tail),
+            )
+            os.ftruncate(self._fd, len(data) - len(tail))
+        os.fsync(self._fd)
+
+    def _apply_line(self, raw: bytes, number: int) -> None:
+        if not raw.strip():
+            return
+        entry = _parse(raw)
+        if entry is None:
+            log.warning("%s:%d: ignoring a line that is not a JSON object", self.path, number)
+            return
+        op = entry.get("op")
+        try:
+            if op == "apply":
+                record = UndoRecord.from_json(entry["record"])
+                if record.id in self._active or record.id in self._closed_ids:
+                    log.warning(
+                        "%s:%d: ignoring a second apply of %s", self.path, number, record.id
+                    )
+                    return
+                self._active[record.id] = record
+                self._applied_at[record.id] = float(entry.get("at", record.created))
+            elif op in ("revert", "abandon"):
+                record_id = str(entry["id"])
+                if self._active.pop(record_id, None) is not None:
+                    del self._applied_at[record_id]
+                    self._closed_ids.add(record_id)
+                    self._closed_lines += 1
+            elif op != "revert-failed":
+                log.warning("%s:%d: ignoring unknown op %r", self.path, number, op)
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("%s:%d: ignoring a malformed %r entry: %s", self.path, number, op, err)
+
+
+def reconcile(
+    journal: Journal,
+    revert: Callable[[UndoRecord], str],
+    now_wall: float,
+    *,
+    keep_unexpired: bool = True,
+) -> list[tuple[UndoRecord, str]]:
+    """Settle what a previous (crashed) run left applied; call once on start, before arming TTLs.
+
+    Every active record whose TTL has passed is reverted now. With ``keep_unexpired`` the others
+    stay active for the engine to re-arm; without it they are reverted too. ``revert`` undoes
+    one record and returns a detail string; each success is journaled as a revert. A revert that
+    raises is logged and journaled as "revert-failed" but the record stays active, so the next
+    start retries it. Returns (record, detail) for each record handled, a failure's detail being
+    ``"revert-failed: <error>"``.
+    """
+    done: list[tuple[UndoRecord, str]] = []
+    for record in journal.active():
+        if record.expires <= now_wall:
+            reason = REASON_TTL_AFTER_RESTART
+        elif keep_unexpired:
+            continue
+        else:
+            reason = REASON_AGENT_RESTART
+        try:
+            detail = revert(record)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            log.warning(
+                "undo %s (%s on pid %d, cgroup %s) failed, retried next start: %s",
+                record.id,
+                record.action,
+                record.pid,
+                record.cgroup,
+                error,
+            )
+            journal.failed(record.id, reason, error)
+            done.append((record, f"revert-failed: {error}"))
+            continue
+        journal.reverted(record.id, reason, detail=detail)
+        done.append((record, detail))
+    return done
+
+
+def _encode(entry: dict[str, Any]) -> bytes:
+    return (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is (rename(2), fsync(2) NOTES).
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
