@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -23,6 +24,7 @@ from remedy.errors import CgroupError, ProcessGone
 from remedy.proc import ProcFS
 
 __all__ = [
+    "KNOBS",
     "CgroupDriver",
     "CgroupV1Driver",
     "CgroupV2Driver",
@@ -39,6 +41,52 @@ CPU_PERIOD_US = 100_000
 _MIN_QUOTA_US = 1_000
 # The v2 controllers a quarantine needs enabled down the tree.
 _V2_CONTROLLERS = ("pids", "cpu")
+# How long a freeze may take to settle (FREEZING -> FROZEN) before we call it failed.
+_FREEZE_WAIT_S = 1.0
+
+KNOBS = ("pids_max", "cpu_cores", "memory_high", "frozen", "io_weight")
+"""The names of the limits a driver reads and writes raw (:meth:`CgroupDriver.read_knobs`).
+
+Raw values are what the kernel files hold, per version:
+
+==============  =========================================  ===========================
+knob            v1 (hierarchy/file)                        v2 file
+==============  =========================================  ===========================
+pids_max        pids/pids.max ("max" or N)                 pids.max
+cpu_cores       cpu/cpu.cfs_quota_us + cfs_period_us,      cpu.max ("max 100000")
+                joined "quota period" ("-1 100000")
+memory_high     memory/memory.soft_limit_in_bytes          memory.high ("max" or N)
+frozen          freezer/freezer.state (THAWED/FROZEN)      cgroup.freeze ("0"/"1")
+io_weight       blkio/blkio.weight (10..1000)              io.weight ("default 100")
+==============  =========================================  ===========================
+
+v1 has no memory.high. memory.soft_limit_in_bytes is its nearest relative: above it the
+cgroup is reclaimed first under global memory pressure, without OOM-killing anything, which
+is what memory.high means for remedy (slow it down, do not kill it). memory.limit_in_bytes
+would OOM-kill instead, so it is deliberately not used.
+"""
+# v1 knob -> hierarchy
+_V1_HIERARCHY = {
+    "pids_max": "pids",
+    "cpu_cores": "cpu",
+    "memory_high": "memory",
+    "frozen": "freezer",
+    "io_weight": "blkio",
+}
+_V2_FILE = {
+    "pids_max": "pids.max",
+    "cpu_cores": "cpu.max",
+    "memory_high": "memory.high",
+    "frozen": "cgroup.freeze",
+    "io_weight": "io.weight",
+}
+# v2 knob -> the controller that must be enabled in the parent for the file to exist.
+_V2_CONTROLLER_OF = {
+    "pids_max": "pids",
+    "cpu_cores": "cpu",
+    "memory_high": "memory",
+    "io_weight": "io",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +95,35 @@ class Limits:
 
     pids_max: int | None = None
     cpu_cores: float | None = None
+    memory_high: int | None = None  # bytes (v1: memory.soft_limit_in_bytes, see KNOBS)
+    frozen: bool | None = None
+    io_weight: int | None = None  # 1..10000 (v2 io.weight); v1 clamps to blkio's 10..1000
+
+    def knobs(self) -> list[str]:
+        """The names (from :data:`KNOBS`) of the limits that are set."""
+        return [k for k in KNOBS if getattr(self, k) is not None]
+
+    def raw(self, version: int) -> dict[str, str]:
+        """The set limits as raw file values for cgroup ``version`` (see :data:`KNOBS`)."""
+        values: dict[str, str] = {}
+        if self.pids_max is not None:
+            values["pids_max"] = str(self.pids_max)
+        quota = self.cpu_quota_us()
+        if quota is not None:
+            values["cpu_cores"] = f"{quota} {CPU_PERIOD_US}"
+        if self.memory_high is not None:
+            values["memory_high"] = str(self.memory_high)
+        if self.frozen is not None:
+            if version == 1:
+                values["frozen"] = "FROZEN" if self.frozen else "THAWED"
+            else:
+                values["frozen"] = "1" if self.frozen else "0"
+        if self.io_weight is not None:
+            if version == 1:
+                values["io_weight"] = str(min(1000, max(10, self.io_weight)))
+            else:
+                values["io_weight"] = f"default {self.io_weight}"
+        return values
 
     def cpu_quota_us(self) -> int | None:
         """CFS quota per :data:`CPU_PERIOD_US` for ``cpu_cores`` (at least the kernel's 1 ms)."""
@@ -81,6 +158,26 @@ class CgroupDriver(Protocol):
 
     def create(self, rel: str, limits: Limits) -> None:
         """Create ``rel`` (and its parents) if needed, then write every limit that is set."""
+        ...
+
+    def apply(self, rel: str, limits: Limits) -> None:
+        """Write every limit that is set to the existing ``rel`` (never creates anything).
+
+        A freeze waits up to 1 s for the kernel to report the cgroup frozen.
+        """
+        ...
+
+    def inode(self, rel: str) -> int:
+        """The inode of ``rel``'s directory (v1: in the pids hierarchy): a cgroup removed and
+        created again under the same name has a different one."""
+        ...
+
+    def read_knobs(self, rel: str, knobs: Iterable[str]) -> dict[str, str]:
+        """The current raw values of ``knobs`` (names from :data:`KNOBS`) in ``rel``, for undo."""
+        ...
+
+    def write_knobs(self, rel: str, values: dict[str, str]) -> None:
+        """Write raw values as :meth:`read_knobs` returned them (restoring an undo record)."""
         ...
 
     def move(self, pid: int, rel: str) -> None:
@@ -189,6 +286,24 @@ def _read_pids(procs: Path) -> list[int]:
     return [int(x) for x in procs.read_text().split()]
 
 
+def _reads(path: Path, line: str) -> Callable[[], bool]:
+    """A check that ``path`` holds ``line`` as one of its lines."""
+    return lambda: line in path.read_text().splitlines()
+
+
+def _wait_for(done: Callable[[], bool], state: str, rel: str) -> None:
+    """Poll ``done`` until it holds or :data:`_FREEZE_WAIT_S` passes (a freeze is asynchronous:
+    v1 reports FREEZING, v2 "frozen 0" in cgroup.events, until every task has stopped)."""
+    deadline = time.monotonic() + _FREEZE_WAIT_S
+    try:
+        while not done():
+            if time.monotonic() > deadline:
+                raise CgroupError(f"not {state} after {_FREEZE_WAIT_S:g} s", cgroup=rel)
+            time.sleep(0.01)
+    except OSError as err:
+        raise _error(err, f"cannot check for {state}", rel) from err
+
+
 def _rmdir_tree(top: Path, rel: str, rmdir: Callable[[Path], None]) -> None:
     if not top.is_dir():
         return
@@ -248,13 +363,24 @@ class CgroupV1Driver:
         return self._dir("pids", _parts(rel)).is_dir()
 
     def create(self, rel: str, limits: Limits) -> None:
-        """mkdir in the pids and cpu hierarchies; write pids.max and the CFS quota."""
+        """mkdir in the pids and cpu hierarchies, and in the hierarchy of every other limit that
+        is set (memory, freezer, blkio); then write the limits (:meth:`apply`)."""
         parts = _non_root_parts(rel, "create")
-        for hierarchy in self._HIERARCHIES:
+        extra = [
+            _V1_HIERARCHY[k] for k in limits.knobs() if _V1_HIERARCHY[k] not in self._HIERARCHIES
+        ]
+        for hierarchy in (*self._HIERARCHIES, *extra):
+            if hierarchy in extra:
+                self._require_hierarchy(hierarchy, rel)
             try:
                 self._dir(hierarchy, parts).mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise _error(err, f"cannot create in the {hierarchy} hierarchy", rel) from err
+        self.apply(rel, limits)
+
+    def apply(self, rel: str, limits: Limits) -> None:
+        """Write the set limits; pids.max and the CFS quota through cgroupspy."""
+        parts = _parts(rel)
         try:
             if limits.pids_max is not None:
                 self._node("pids", parts).controller.max = limits.pids_max
@@ -268,11 +394,86 @@ class CgroupV1Driver:
             # EINVAL on cfs_quota_us also means a parent's quota is smaller than this one
             # (tg_cfs_schedulable_down() in kernel/sched/core.c).
             raise _error(err, f"cannot write limits {limits}", rel) from err
+        raw = limits.raw(self.version)
+        rest: dict[str, str] = {
+            k: raw[k] for k in ("memory_high", "io_weight", "frozen") if k in raw
+        }
+        self.write_knobs(rel, rest)
+
+    def _require_hierarchy(self, hierarchy: str, rel: str) -> None:
+        probe = {"blkio": "blkio.weight", "memory": "memory.soft_limit_in_bytes"}
+        top = self.root / hierarchy
+        name = probe.get(hierarchy, "tasks")
+        if not (top / name).exists():
+            what = "io" if hierarchy == "blkio" else hierarchy
+            # Since Linux 5.0 blkio.weight exists only with the BFQ scheduler (CFQ was removed).
+            raise CgroupError(f"{what} controller not available (no {top / name})", cgroup=rel)
+
+    def inode(self, rel: str) -> int:
+        """os.stat of the pids-hierarchy directory."""
+        try:
+            return os.stat(self._dir("pids", _parts(rel))).st_ino
+        except OSError as err:
+            raise _error(err, "cannot stat cgroup", rel) from err
+
+    def _knob_files(self, knob: str, parts: list[str]) -> tuple[Path, ...]:
+        hierarchy = _V1_HIERARCHY[knob]
+        d = self._dir(hierarchy, parts)
+        if knob == "cpu_cores":
+            return (d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us")
+        name = {
+            "pids_max": "pids.max",
+            "memory_high": "memory.soft_limit_in_bytes",
+            "frozen": "freezer.state",
+            "io_weight": "blkio.weight",
+        }[knob]
+        return (d / name,)
+
+    def read_knobs(self, rel: str, knobs: Iterable[str]) -> dict[str, str]:
+        """cpu_cores reads as "quota period"; the rest as the single file holds it."""
+        parts = _parts(rel)
+        values: dict[str, str] = {}
+        for knob in knobs:
+            self._require_hierarchy(_V1_HIERARCHY[knob], rel)
+            try:
+                values[knob] = " ".join(
+                    f.read_text().strip() for f in self._knob_files(knob, parts)
+                )
+            except OSError as err:
+                raise _error(err, f"cannot read {knob}", rel) from err
+        return values
+
+    def write_knobs(self, rel: str, values: dict[str, str]) -> None:
+        """cpu_cores: the period first, then the quota; frozen: waits for FROZEN up to 1 s."""
+        parts = _parts(rel)
+        for knob, value in values.items():
+            self._require_hierarchy(_V1_HIERARCHY[knob], rel)
+            files = self._knob_files(knob, parts)
+            if not files[0].parent.is_dir():
+                raise CgroupError(
+                    f"no such cgroup in the {_V1_HIERARCHY[knob]} hierarchy", cgroup=rel
+                )
+            try:
+                if knob == "cpu_cores":
+                    quota, period = value.split()
+                    files[1].write_text(period)
+                    files[0].write_text(quota)
+                else:
+                    files[0].write_text(value)
+            except (OSError, ValueError) as err:
+                why = err.strerror if isinstance(err, OSError) else str(err)
+                raise CgroupError(f"cannot write {knob}={value!r}: {why}", cgroup=rel) from err
+            if knob == "frozen" and value == "FROZEN":
+                _wait_for(_reads(files[0], "FROZEN"), "FROZEN", rel)
 
     def move(self, pid: int, rel: str) -> None:
-        """Write ``pid`` to cgroup.procs in the pids and cpu hierarchies."""
+        """Write ``pid`` to cgroup.procs in the pids and cpu hierarchies, and in the memory,
+        freezer and blkio hierarchies where ``rel`` exists there (created for a limit)."""
         parts = _parts(rel)
-        for hierarchy in self._HIERARCHIES:
+        extra = [
+            h for h in ("memory", "freezer", "blkio") if parts and self._dir(h, parts).is_dir()
+        ]
+        for hierarchy in (*self._HIERARCHIES, *extra):
             try:
                 # Not cgroupspy's ``procs`` setter: it joins pids with newlines in one write,
                 # and cgroup.procs takes exactly one pid per write(2).
@@ -301,9 +502,9 @@ class CgroupV1Driver:
         return pid in self.members(rel)
 
     def remove(self, rel: str) -> None:
-        """rmdir in the pids and cpu hierarchies, children first."""
+        """rmdir in every hierarchy remedy creates in, children first."""
         parts = _non_root_parts(rel, "remove")
-        for hierarchy in self._HIERARCHIES:
+        for hierarchy in (*self._HIERARCHIES, "memory", "freezer", "blkio"):
             _rmdir_tree(self._dir(hierarchy, parts), rel, os.rmdir)
 
 
@@ -342,11 +543,11 @@ class CgroupV2Driver:
         """Whether the directory exists."""
         return self._dir(_parts(rel)).is_dir()
 
-    def _enable_controllers(self, cgroup: Path, rel: str) -> None:
+    def _enable_controllers(self, cgroup: Path, rel: str, wanted: tuple[str, ...]) -> None:
         control = cgroup / "cgroup.subtree_control"
         try:
             enabled = set(control.read_text().split()) if control.exists() else set()
-            missing = [c for c in _V2_CONTROLLERS if c not in enabled]
+            missing = [c for c in wanted if c not in enabled]
             if missing:
                 control.write_text(" ".join(f"+{c}" for c in missing))
         except OSError as err:
@@ -356,28 +557,84 @@ class CgroupV2Driver:
             raise _error(err, f"cannot enable controllers in {control}", rel) from err
 
     def create(self, rel: str, limits: Limits) -> None:
-        """mkdir with parents, enabling +pids +cpu in each ancestor's subtree_control that lacks
-        them (from the root down), then write pids.max and cpu.max."""
+        """mkdir with parents, enabling +pids +cpu (and +memory, +io for those limits) in each
+        ancestor's subtree_control that lacks them (from the root down), then :meth:`apply`."""
         parts = _non_root_parts(rel, "create")
+        extra = [
+            _V2_CONTROLLER_OF[k]
+            for k in limits.knobs()
+            if k in _V2_CONTROLLER_OF and _V2_CONTROLLER_OF[k] not in _V2_CONTROLLERS
+        ]
+        wanted = (*_V2_CONTROLLERS, *extra)
+        for controller in extra:
+            self._require_controller(controller, rel)
         # A limit file only appears in a child once its parent has enabled the controller, so
         # each level is enabled before the next is created.
         for depth in range(len(parts)):
             parent = self._dir(parts[:depth])
-            self._enable_controllers(parent, rel)
+            self._enable_controllers(parent, rel, wanted)
             child = self._dir(parts[: depth + 1])
             try:
                 child.mkdir(exist_ok=True)
             except OSError as err:
                 raise _error(err, f"cannot create {child}", rel) from err
-        target = self._dir(parts)
+        self.apply(rel, limits)
+
+    def _require_controller(self, controller: str, rel: str) -> None:
+        listed = self.root / "cgroup.controllers"
         try:
-            if limits.pids_max is not None:
-                (target / "pids.max").write_text(str(limits.pids_max))
-            quota = limits.cpu_quota_us()
-            if quota is not None:
-                (target / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            available = listed.read_text().split()
         except OSError as err:
-            raise _error(err, f"cannot write limits {limits}", rel) from err
+            raise _error(err, f"cannot read {listed}", rel) from err
+        if controller not in available:
+            raise CgroupError(
+                f"{controller} controller not available (not in {listed})", cgroup=rel
+            )
+
+    def apply(self, rel: str, limits: Limits) -> None:
+        """Write pids.max, cpu.max, memory.high, io.weight and cgroup.freeze as set."""
+        _parts(rel)
+        try:
+            self.write_knobs(rel, limits.raw(self.version))
+        except CgroupError as err:
+            raise CgroupError(f"cannot write limits {limits}: {err}", cgroup=rel) from err
+
+    def inode(self, rel: str) -> int:
+        """os.stat of the cgroup directory."""
+        try:
+            return os.stat(self._dir(_parts(rel))).st_ino
+        except OSError as err:
+            raise _error(err, "cannot stat cgroup", rel) from err
+
+    def read_knobs(self, rel: str, knobs: Iterable[str]) -> dict[str, str]:
+        """The files' contents, stripped ("max 100000", "default 100", "0")."""
+        d = self._dir(_parts(rel))
+        values: dict[str, str] = {}
+        for knob in knobs:
+            if knob == "io_weight":
+                self._require_controller("io", rel)
+            try:
+                values[knob] = (d / _V2_FILE[knob]).read_text().strip()
+            except OSError as err:
+                raise _error(err, f"cannot read {_V2_FILE[knob]}", rel) from err
+        return values
+
+    def write_knobs(self, rel: str, values: dict[str, str]) -> None:
+        """Write each file; cgroup.freeze "1" waits up to 1 s for "frozen 1" in cgroup.events
+        (where the file exists: a fixture tree has none)."""
+        d = self._dir(_parts(rel))
+        if not d.is_dir():
+            raise CgroupError("no such cgroup", cgroup=rel)
+        for knob, value in values.items():
+            if knob == "io_weight":
+                self._require_controller("io", rel)
+            try:
+                (d / _V2_FILE[knob]).write_text(value)
+            except OSError as err:
+                raise _error(err, f"cannot write {_V2_FILE[knob]}={value!r}", rel) from err
+            events = d / "cgroup.events"
+            if knob == "frozen" and value == "1" and events.exists():
+                _wait_for(_reads(events, "frozen 1"), "frozen", rel)
 
     def move(self, pid: int, rel: str) -> None:
         """Write ``pid`` to rel/cgroup.procs."""
