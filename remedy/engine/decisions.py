@@ -10,6 +10,7 @@ from typing import Any, Protocol
 ACTED = "acted"
 WOULD_ACT = "would-act"
 SKIPPED = "skipped"
+RECOVERED = "recovered"  # a step's `until` held after settling: changes taken back
 BREAKER_TRIPPED = "breaker-tripped"  # an alert: the policy was demoted to monitor mode
 
 

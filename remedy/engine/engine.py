@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from remedy.clock import Clock
 from remedy.engine.decisions import (
     ACTED,
     BREAKER_TRIPPED,
+    RECOVERED,
     SKIPPED,
     WOULD_ACT,
     Decision,
@@ -90,6 +91,22 @@ def facts_of(subject: Subject) -> Facts:
     )
 
 
+class Undo(Protocol):
+    """Takes back what reversible steps changed (the undo journal, issue 5)."""
+
+    def revert_offender(self, subject: Subject, reason: str) -> list[str]: ...
+
+    def revert_policy(self, policy: str, reason: str) -> list[str]: ...
+
+    def expire(self) -> list[str]: ...
+
+    def revert_all(self, reason: str) -> list[str]: ...
+
+
+# The current window's value of a signal's key, in the signal's unit; None when unknown.
+Measure = Callable[[str, int], int | None]
+
+
 class Engine:
     """Evaluates policies against records. Single-threaded: call from the worker thread only."""
 
@@ -103,6 +120,9 @@ class Engine:
         clock: Clock,
         protector: Protector,
         dry_run: bool = False,
+        measure: Measure | None = None,
+        undo: Undo | None = None,
+        keep_on_close: bool = False,
     ) -> None:
         self.policies = policies
         self._identifier = identifier
@@ -114,6 +134,9 @@ class Engine:
             protector, exes=protector.exes | policies.protected_exes
         )
         self.dry_run = dry_run
+        self._measure = measure
+        self._undo = undo
+        self._keep_on_close = keep_on_close
         self._breakers = Breakers()
         self._guards = (
             self._protected,
@@ -194,6 +217,10 @@ class Engine:
         }
         for name in list(self._by_name):
             self._breakers.reset(name)
+        if self._undo is not None:
+            for name in old_limits.keys() - self._by_name.keys():
+                for detail in self._undo.revert_policy(name, "policy removed"):
+                    log.info("reverted (policy %s removed): %s", name, detail)
         for key, offender in list(self._offenders.items()):
             if offender.policy not in self._by_name:
                 if offender.state == "cooldown":
@@ -215,7 +242,7 @@ class Engine:
         playbook = self.policies.playbook_for(policy)
         step_index = min(offender.step, len(playbook.steps) - 1)
         step = playbook.steps[step_index]
-        if step.scope != policy.scope:
+        if not step.scope_set and step.scope != policy.scope:
             step = dataclasses.replace(step, scope=policy.scope)
         demoted = self._breakers.demoted(policy.name)
         dry_run = self.dry_run or policy.dry_run or demoted is not None
@@ -225,6 +252,7 @@ class Engine:
             left = offender.cooldown_until - now
             self._emit(case, SKIPPED, f"cooldown, {left:.1f} s left")
             return
+        offender.last_record = record
         fire(offender, "suspect")
         for guard in self._guards:
             reason = guard(case, now)
@@ -241,7 +269,7 @@ class Engine:
         fire(offender, "act")
         plan = self._executor.describe(step, offender.subject)
         if case.dry_run:
-            self._after_action(offender, policy, now)
+            self._after_action(offender, policy, step, now)
             why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
             if self._breakers.demoted(policy.name) is not None:
                 why = f"demoted to monitor by its breaker: {self._breakers.demoted(policy.name)}"
@@ -254,7 +282,7 @@ class Engine:
             self._emit(case, err.outcome, str(err), plan)
             return
         self._breakers.record(policy, offender.subject, now)
-        self._after_action(offender, policy, now)
+        self._after_action(offender, policy, step, now)
         self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
 
     # -- guards: each returns a reason to skip, or None. Order matters: the rate limiter
@@ -313,9 +341,11 @@ class Engine:
     def _tracked(self, subject: Subject) -> bool:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
-    def _after_action(self, offender: Offender, policy: Policy, now: float) -> None:
+    def _after_action(self, offender: Offender, policy: Policy, step: Step, now: float) -> None:
         offender.step += 1
-        offender.cooldown_until = now + policy.cooldown_s
+        offender.cooldown_until = now + max(policy.cooldown_s, step.settle_s)
+        offender.until_below = step.until_below
+        offender.judge_at = now + step.settle_s if step.until_below is not None else None
         fire(offender, "acted")
 
     def _emit(self, case: _Case, outcome: str, reason: str, detail: str = "") -> None:
@@ -332,7 +362,7 @@ class Engine:
         elif outcome == ACTED:
             text = f"{target}; {detail}"
         else:
-            text = f"{outcome} ({reason}): {target}"
+            text = f"{outcome} ({reason}): {target}" + (f"; {detail}" if detail else "")
         decision = Decision(
             time=self._clock.wall(),
             policy=policy.name,
@@ -360,17 +390,58 @@ class Engine:
         self._sink.record(decision)
 
     def tick(self) -> None:
-        """Advance time: end cooldowns, release offenders that exited or went quiet."""
+        """Advance time: judge settled steps, end cooldowns, undo expired changes, release
+        offenders that exited or went quiet."""
         now = self._clock.monotonic()
+        if self._undo is not None:
+            for detail in self._undo.expire():
+                self.stats["ttl-reverted"] += 1
+                log.info("TTL expired, reverted: %s", detail)
         for key, offender in list(self._offenders.items()):
             policy = self._by_name[offender.policy]
             handle = offender.subject.handle
             exited = handle is not None and handle.has_exited()
+            judge = offender.judge_at
+            if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
+                self._judge(offender, policy, now)
+                continue
             if offender.state == "cooldown" and (now >= offender.cooldown_until or exited):
                 fire(offender, "cooled")
             quiet = now - offender.last_seen >= policy.release_after_s
             if offender.state == "observed" and (quiet or exited):
                 self._release(key, offender)
+
+    def _judge(self, offender: Offender, policy: Policy, now: float) -> None:
+        """The step's settle time is over: re-measure the signal. Recovered → take back what
+        the playbook changed and start over from its first step; still offending → escalate
+        now, through the same guards as a fresh record."""
+        record, below = offender.last_record, offender.until_below
+        offender.judge_at = None
+        if record is None or below is None:
+            return
+        value = self._measure(record.signal, record.key) if self._measure else None
+        fire(offender, "cooled")
+        if value is not None and value < below:
+            reverted = (
+                self._undo.revert_offender(offender.subject, "recovered") if self._undo else []
+            )
+            offender.step = 0
+            self.stats["recovered"] += 1
+            case = self._case(policy, dataclasses.replace(record, count=value), offender)
+            detail = "; ".join(reverted) if reverted else "nothing to revert"
+            self._emit(
+                case, RECOVERED, f"{record.signal} at {value} < {below} after settling", detail
+            )
+            return
+        measured = record if value is None else dataclasses.replace(record, count=value)
+        self._evaluate(policy, measured, offender.subject)
+
+    def _case(self, policy: Policy, record: SensorRecord, offender: Offender) -> _Case:
+        playbook = self.policies.playbook_for(policy)
+        index = min(offender.step, len(playbook.steps) - 1)
+        dry_run = self.dry_run or policy.dry_run
+        facts = facts_of(offender.subject)
+        return _Case(policy, record, offender, playbook.steps[index], index, dry_run, facts)
 
     def _release(self, key: tuple[int, int, str], offender: Offender) -> None:
         fire(offender, "release")
@@ -386,7 +457,11 @@ class Engine:
             handle.close()  # the last offender of this process: nobody else holds the pidfd
 
     def close(self) -> None:
-        """Release every offender (closes pidfds)."""
+        """Release every offender (closes pidfds); take back every change unless told to keep
+        them (they stay in the journal, with their TTLs, for the next start to honour)."""
+        if self._undo is not None and not self._keep_on_close:
+            for detail in self._undo.revert_all("agent shutdown"):
+                log.info("reverted on shutdown: %s", detail)
         for key, offender in list(self._offenders.items()):
             if offender.state in ("suspect", "offending", "remediating"):
                 fire(offender, "hold")

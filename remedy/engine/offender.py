@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from transitions import Machine
 
 from remedy.sensors.context import Context
+from remedy.sensors.records import SensorRecord
 
 STATES = ("observed", "suspect", "offending", "remediating", "cooldown", "released")
 
@@ -76,6 +77,9 @@ class Offender:
     step: int = 0  # the next playbook step to run: escalation is kept until release
     cooldown_until: float = 0.0
     records: int = 0
+    judge_at: float | None = None  # when the last step's `until` is re-measured
+    until_below: int | None = None
+    last_record: SensorRecord | None = None
     state: str = field(default="observed", init=False)
 
 

@@ -9,6 +9,7 @@ key and line. A file holds one or more documents (``---`` separated); each docum
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -422,6 +423,17 @@ class _Loader:
         steps = self._steps(doc, data.get("steps"))
         if spec is None or len(self.errors) > before:
             return
+        steps = [
+            dataclasses.replace(
+                step,
+                scope=given.scope or step.scope,
+                scope_set=given.scope is not None,
+                settle_s=given.settle,
+                until_below=given.until.below if given.until else None,
+                ttl_s=given.ttl,
+            )
+            for step, given in zip(steps, spec.steps, strict=True)
+        ]
         self.playbooks.append((Playbook(name=spec.name, file=doc.file, steps=tuple(steps)), doc))
 
     def _load_silence(self, doc: Document, data: dict[Any, Any]) -> None:

@@ -199,7 +199,11 @@ class Step:
 
     action: str  # a key of remedy.actions.params.PARAMS
     params: ActionParams  # an instance of PARAMS[action]
-    scope: str = "process"  # set by the engine from the policy: what the action reaches
+    scope: str = "process"  # what the action reaches; the step's own, else the policy's
+    scope_set: bool = False  # the playbook gave this step a scope (it wins over the policy's)
+    settle_s: float = 0.0  # wait this long after the step before judging whether it helped
+    until_below: int | None = None  # recovered when the signal's window value is below this
+    ttl_s: float = 3600.0  # a reversible change is undone at the latest after this long
 
 
 @dataclass(frozen=True)

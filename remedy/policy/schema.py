@@ -306,12 +306,23 @@ class PolicyDoc(_KindDoc):
         return value
 
 
+class UntilDoc(_Doc):
+    """``until:`` of a step: the offender has recovered when its signal's current window is
+    below ``below`` (in the signal's unit: forks per window, percent of a core, MiB…)."""
+
+    below: int = Field(ge=0)
+
+
 class StepDoc(_Doc):
     """One entry of a playbook's ``steps:``. ``params`` are checked against the action's model
     by the loader, once ``action`` is known to exist."""
 
     action: Annotated[str, WithJsonSchema({"type": "string", "enum": sorted(PARAMS)})]
     params: dict[str, Any] = Field(default_factory=dict)
+    scope: Literal["process", "tree", "cgroup"] | None = None
+    settle: NonNegativeDuration = 0.0
+    until: UntilDoc | None = None
+    ttl: PositiveDuration = 3600.0
 
 
 class PlaybookDoc(_KindDoc):

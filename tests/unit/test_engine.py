@@ -411,3 +411,95 @@ def test_states_walk_suspect_offending_remediating_cooldown() -> None:
     r.engine.on_record(record(42))
     assert seen == ["remediating"]
     assert next(iter(r.engine.offenders())).state == "cooldown"
+
+
+# -- issue 5: settle, until, undo --------------------------------------------------------
+
+
+@dataclass
+class FakeUndo:
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def revert_offender(self, subject: Subject, reason: str) -> list[str]:
+        self.calls.append(("offender", reason))
+        return [f"restored pid {subject.pid}"]
+
+    def revert_policy(self, policy: str, reason: str) -> list[str]:
+        self.calls.append(("policy", policy))
+        return []
+
+    def expire(self) -> list[str]:
+        self.calls.append(("expire", ""))
+        return []
+
+    def revert_all(self, reason: str) -> list[str]:
+        self.calls.append(("all", reason))
+        return []
+
+
+SETTLING = Playbook(
+    name="contain",
+    file=Path("playbooks/contain.yaml"),
+    steps=(
+        Step("quarantine", QuarantineParams(), settle_s=1.0, until_below=50),
+        Step("kill", KillParams()),
+    ),
+)
+
+
+def settling_rig(value: int | None, *, keep: bool = False) -> tuple[Rig, FakeUndo]:
+    clock = FakeClock()
+    executor, sink, undo = FakeExecutor(), ListSink(), FakeUndo()
+    identifier = FakeIdentifier({42: subject(42)})
+    engine = Engine(
+        PolicySet((replace(POLICY, cooldown_s=0.5),), {SETTLING.name: SETTLING}),
+        identifier=identifier,
+        executor=executor,
+        sink=sink,
+        clock=clock,
+        protector=Protector(999, frozenset({1})),
+        measure=lambda signal, key: value,
+        undo=undo,
+        keep_on_close=keep,
+    )
+    return Rig(engine, clock, executor, sink, identifier), undo
+
+
+def test_a_step_that_did_not_help_escalates_after_settling_without_waiting_for_a_record() -> None:
+    r, _ = settling_rig(value=180)
+    r.engine.on_record(record(42))
+    r.clock.advance(0.9)
+    r.engine.tick()
+    assert r.executor.ran == [("quarantine", 42)]  # still settling
+    r.clock.advance(0.2)
+    r.engine.tick()
+    assert r.executor.ran == [("quarantine", 42), ("kill", 42)]
+    assert r.sink.decisions[-1].count == 180  # the re-measured value
+
+
+def test_an_offender_that_recovers_is_reverted_and_starts_over() -> None:
+    r, undo = settling_rig(value=10)
+    r.engine.on_record(record(42))
+    r.clock.advance(1.1)
+    r.engine.tick()
+    assert r.outcomes() == [("acted", "quarantine"), ("recovered", "quarantine")]
+    assert ("offender", "recovered") in undo.calls
+    assert "restored pid 42" in r.sink.decisions[-1].message
+    [offender] = r.engine.offenders()
+    assert (offender.state, offender.step) == ("observed", 0)
+    r.clock.advance(20)
+    r.engine.tick()
+    assert list(r.engine.offenders()) == []
+
+
+def test_undo_on_ttl_policy_removal_and_shutdown() -> None:
+    r, undo = settling_rig(value=None)
+    r.engine.tick()
+    assert ("expire", "") in undo.calls
+    r.engine.reload(PolicySet((replace(POLICY, name="other"),), {SETTLING.name: SETTLING}))
+    assert ("policy", "fork-bomb") in undo.calls
+    r.engine.close()
+    assert ("all", "agent shutdown") in undo.calls
+    kept, undo2 = settling_rig(value=None, keep=True)
+    kept.engine.close()
+    assert not [c for c in undo2.calls if c[0] == "all"]
