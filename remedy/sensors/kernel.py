@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -223,6 +224,26 @@ class KernelSensor:
         except KeyError:
             return None
 
+    def measure(self, name: str, key: int) -> int | None:
+        """The key's current window, in the policy's unit (a playbook step's ``until``): 0 when
+        its window has ended with no event since (it went quiet), None when the signal is not
+        watched. CPU is the share of a core over the part of the window that has passed."""
+        settings = self.settings.get(name)
+        if settings is None:
+            return None
+        table = self._table("windows")
+        try:
+            w = table[table.Key(SIGNALS[name].id, 0, key)]
+        except KeyError:
+            return 0
+        window_ns = int(settings.window_s * 1e9)
+        elapsed = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - int(w.start_ns)
+        if elapsed >= window_ns:
+            return 0
+        if name == "cpu":
+            return to_policy_units(name, int(w.value), max(elapsed, 1))
+        return to_policy_units(name, int(w.value), window_ns)
+
     def lineage(self, tgid: int) -> tuple[int, str] | None:
         """(parent tgid, comm) the kernel remembers for ``tgid``: exited processes included."""
         try:
@@ -242,6 +263,10 @@ class KernelSensor:
         if user_pid is None:
             return [self._bpf.ksym(addr).decode("utf-8", "replace") for addr in frames]
         return [self._bpf.sym(addr, user_pid).decode("utf-8", "replace") for addr in frames]
+
+    def table(self, name: str) -> Any:
+        """A map of the loaded program by name (for companions such as ``FastPath``)."""
+        return self._table(name)
 
     def layout_types(self) -> tuple[Any, Any]:
         """bcc's own ctypes types for the config and record structs, to check our mirrors."""
