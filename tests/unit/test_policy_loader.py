@@ -301,7 +301,7 @@ def test_params_errors(tmp_path: Path) -> None:
         params:
           signal: SIGHUP
           sig: 9
-      - action: freeze
+      - action: explode
     """
     errors = errors_of({"p.yaml": POLICY}, tmp_path, {"contain.yaml": playbook})
     found = {(e.key, e.line) for e in errors}
@@ -311,9 +311,9 @@ def test_params_errors(tmp_path: Path) -> None:
         ("steps.1.params.sig", 10),
         ("steps.2.action", 11),
     }
-    freeze = next(e for e in errors if e.key == "steps.2.action")
-    assert "unknown action 'freeze'" in freeze.message
-    assert "kill, quarantine" in freeze.message
+    unknown = next(e for e in errors if e.key == "steps.2.action")
+    assert "unknown action 'explode'" in unknown.message
+    assert "kill" in unknown.message and "quarantine" in unknown.message
 
 
 def test_playbook_needs_steps(tmp_path: Path) -> None:
