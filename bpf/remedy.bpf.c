@@ -246,6 +246,107 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
 }
 
 #if REMEDY_SECTION_SCHED
+// ===== Fast path (issue 5): the kernel itself signals a forking offender, with no user-space
+// round trip. Two triggers, both checked only in sched_process_fork below:
+//   - armed: user space marks a tgid (fastpath_armed); its next fork is signalled;
+//   - threshold: fastpath_policy enabled; a process whose fork_rate window is at or over its
+//     threshold is signalled on every further fork of that window (cgroup_id filter: 0 = any).
+// bpf_send_signal() signals the current task's whole process (the forker). Protected tgids
+// (fastpath_protected: the agent, its ancestors, pid 1) are never signalled; dry_run only counts.
+// KEEP IN SYNC: struct fastpath_arm, struct fastpath_policy and enum fastpath_counter with
+// ArmC, PolicyC and FastPathCounter in remedy/sensors/fastpath.py.
+
+enum fastpath_counter {
+    FP_ARMED_HITS = 0,      // forks of an armed tgid (dry run included)
+    FP_THRESHOLD_HITS,      // forks at or over the threshold that the policy matched
+    FP_SIGNALS_SENT,        // bpf_send_signal() returned 0
+    FP_SEND_FAILED,         // bpf_send_signal() failed
+    FP_DRY_RUN,             // would have signalled
+    FP_PROTECTED,           // a protected tgid was spared
+    FP_STALE,               // armed tgid born after the arm (a reused pid)
+    FP_MAX,
+};
+
+struct fastpath_arm {
+    u32 signal;
+    u32 dry_run;
+    u64 armed_at_ns;   // boot time
+    u64 hits;          // atomic
+};
+
+struct fastpath_policy {
+    u32 enabled;
+    u32 signal;
+    u32 dry_run;
+    u32 _pad;
+    u64 cgroup_id;     // 0: any task; else only tasks in this cgroup2 (bpf_get_current_cgroup_id)
+};
+
+BPF_HASH(fastpath_armed, u32, struct fastpath_arm, 1024);
+BPF_HASH(fastpath_protected, u32, u8, 1024);
+BPF_ARRAY(fastpath_policy, struct fastpath_policy, 1);
+BPF_PERCPU_ARRAY(fastpath_counters, u64, FP_MAX);
+
+static __always_inline void fp_bump(u32 idx)
+{
+    u64 *v = fastpath_counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+// Signal the current process unless protected or dry run; count what happened.
+static __always_inline void fp_fire(u32 tgid, u32 sig, u32 dry_run)
+{
+    if (fastpath_protected.lookup(&tgid)) {
+        fp_bump(FP_PROTECTED);
+        return;
+    }
+    if (dry_run) {
+        fp_bump(FP_DRY_RUN);
+        return;
+    }
+    fp_bump(bpf_send_signal(sig) == 0 ? FP_SIGNALS_SENT : FP_SEND_FAILED);
+}
+
+static __always_inline void fastpath_armed_check(u32 tgid)
+{
+    struct fastpath_arm *a = fastpath_armed.lookup(&tgid);
+    if (!a)
+        return;
+    // Identity: a process born after the arm (its fork recorded in lineage) holds a reused
+    // pid, not the offender. (Reading task->start_boottime through bcc's probe-read rewrite
+    // returned 0 on this kernel, so the lineage map's birth time is used instead.)
+    struct lineage *born = lineage.lookup(&tgid);
+    if (born && born->born_ns > a->armed_at_ns) {
+        fp_bump(FP_STALE);
+        return;
+    }
+    __sync_fetch_and_add(&a->hits, 1);
+    fp_bump(FP_ARMED_HITS);
+    fp_fire(tgid, a->signal, a->dry_run);
+}
+
+static __always_inline void fastpath_threshold_check(u32 tgid)
+{
+    u32 zero = 0, sig = SIG_FORK;
+    struct fastpath_policy *p = fastpath_policy.lookup(&zero);
+    if (!p || !p->enabled)
+        return;
+    if (p->cgroup_id && p->cgroup_id != bpf_get_current_cgroup_id())
+        return;
+    struct signal_config *cfg = signal_config.lookup(&sig);
+    if (!cfg || cfg->window_ns == 0 || cfg->naive)
+        return;
+    struct window_key k = {.signal = SIG_FORK, ._pad = 0, .id = tgid};
+    struct window *w = windows.lookup(&k);
+    if (!w || w->value < cfg->threshold || w->streak + 1 < cfg->sustain)
+        return;
+    fp_bump(FP_THRESHOLD_HITS);
+    fp_fire(tgid, p->signal, p->dry_run);
+}
+#endif  // REMEDY_SECTION_SCHED (fast path)
+
+#if REMEDY_SECTION_SCHED
 // ===== Section "sched": fork rate (per process, per cgroup), exec rate (per parent, per cgroup) and
 // short-lived churn (children exiting soon after their fork, per parent). Included by
 // bpf/remedy.bpf.c when a policy uses one of these signals.
@@ -259,8 +360,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     bpf_get_current_comm(&l.comm, sizeof(l.comm));
     lineage.update(&child, &l);
 
+    fastpath_armed_check(tgid);  // fast path (issue 5): before the counting
     account(args, SIG_FORK, tgid, 1);
     account(args, SIG_FORK_CGROUP, bpf_get_current_cgroup_id(), 1);
+    fastpath_threshold_check(tgid);  // fast path (issue 5): reads the window just counted
     return 0;
 }
 

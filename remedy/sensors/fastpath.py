@@ -1,0 +1,154 @@
+"""The in-kernel fast path (issue 5): the kernel itself signals a forking offender.
+
+Two triggers, both evaluated in ``sched:sched_process_fork`` (the sched section of
+``bpf/remedy.bpf.c``), so the reaction costs no user-space round trip:
+
+- ``arm(tgid, signal)``: the next fork of that process is signalled (bpf_send_signal signals the
+  forking process itself: SIGKILL kills it, SIGSTOP stops it). A process born after the arm
+  (its fork is in the kernel's lineage map) holds a reused pid and is never hit.
+- ``set_policy(enabled, signal, dry_run, cgroup_id)``: every fork of a process whose fork_rate
+  window is at or over the sensor's fork_rate threshold is signalled, optionally only in one
+  cgroup2 (``cgroup_id``, 0 = the whole host).
+
+Protected tgids (``protect``; ``default_protected()`` is the agent, its ancestors and pid 1)
+are never signalled; dry run counts "would have" and signals nothing. Both are enforced in the
+kernel. Counters are per CPU, summed by ``counters()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import os
+import signal as signals
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from remedy.errors import SensorError
+from remedy.sensors import bpf
+from remedy.sensors.kernel import KernelSensor
+
+__all__ = ["ArmC", "FastPath", "FastPathCounter", "PolicyC", "default_protected"]
+
+
+class FastPathCounter(enum.IntEnum):
+    """Indexes of ``fastpath_counters``; KEEP IN SYNC with enum fastpath_counter."""
+
+    ARMED_HITS = 0
+    THRESHOLD_HITS = 1
+    SIGNALS_SENT = 2
+    SEND_FAILED = 3
+    DRY_RUN = 4
+    PROTECTED = 5
+    STALE = 6
+
+
+class ArmC(ctypes.Structure):
+    """Mirror of struct fastpath_arm (KEEP IN SYNC with bpf/remedy.bpf.c)."""
+
+    _fields_ = (
+        ("signal", ctypes.c_uint32),
+        ("dry_run", ctypes.c_uint32),
+        ("armed_at_ns", ctypes.c_uint64),
+        ("hits", ctypes.c_uint64),
+    )
+
+
+class PolicyC(ctypes.Structure):
+    """Mirror of struct fastpath_policy (KEEP IN SYNC with bpf/remedy.bpf.c)."""
+
+    _fields_ = (
+        ("enabled", ctypes.c_uint32),
+        ("signal", ctypes.c_uint32),
+        ("dry_run", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+    )
+
+
+def default_protected(proc: Path = Path("/proc")) -> set[int]:
+    """This process, its ancestors and pid 1: never signalled by the fast path."""
+    tgids = {1}
+    pid = os.getpid()
+    while pid > 1 and pid not in tgids:
+        tgids.add(pid)
+        try:
+            stat = (proc / str(pid) / "stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return tgids
+
+
+class FastPath:
+    """User-space face of the fast-path maps of a started ``KernelSensor``, whose sched section
+    (a fork signal) must be loaded. Not thread-safe, like the sensor."""
+
+    def __init__(self, sensor: KernelSensor) -> None:
+        if "sched" not in sensor.sections:
+            raise SensorError("the fast path needs the sched section: enable fork_rate")
+        self.sensor = sensor
+
+    def _map(self, name: str) -> Any:
+        return self.sensor.table(name)
+
+    def arm(self, tgid: int, signal: int, dry_run: bool) -> None:
+        """Signal ``tgid``'s next fork (each further fork too, until disarmed)."""
+        _check_signal(signal)
+        arm = ArmC(
+            signal=signal,
+            dry_run=int(dry_run),
+            armed_at_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME),  # bpf_ktime_get_boot_ns
+            hits=0,
+        )
+        self._map("fastpath_armed")[ctypes.c_uint32(tgid)] = arm
+
+    def disarm(self, tgid: int) -> None:
+        """Forget an arm (a no-op when none)."""
+        with contextlib.suppress(KeyError):
+            del self._map("fastpath_armed")[ctypes.c_uint32(tgid)]
+
+    def hits(self, tgid: int) -> int | None:
+        """Forks of an armed ``tgid`` seen since it was armed, or None when not armed."""
+        try:
+            return int(self._map("fastpath_armed")[ctypes.c_uint32(tgid)].hits)
+        except KeyError:
+            return None
+
+    def protect(self, tgids: Iterable[int]) -> None:
+        """Add ``tgids`` to the set the fast path never signals."""
+        table = self._map("fastpath_protected")
+        for tgid in tgids:
+            table[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
+
+    def set_policy(self, enabled: bool, signal: int, dry_run: bool, *, cgroup_id: int = 0) -> None:
+        """Threshold mode: signal a process at each fork at or over the fork_rate threshold.
+        ``cgroup_id`` (a cgroup2 inode) limits it to that cgroup; 0 means the whole host."""
+        if enabled:
+            _check_signal(signal)
+        policy = PolicyC(
+            enabled=int(enabled), signal=signal, dry_run=int(dry_run), cgroup_id=cgroup_id
+        )
+        self._map("fastpath_policy")[ctypes.c_int(0)] = policy
+
+    def disable(self) -> None:
+        """Threshold mode off and every arm removed (protection stays)."""
+        self.set_policy(False, 0, True)
+        self._map("fastpath_armed").clear()
+
+    def counters(self) -> dict[str, int]:
+        """Summed per-CPU counters by name (armed_hits, signals_sent, …)."""
+        sums = bpf.percpu_sums(self._map("fastpath_counters"), len(FastPathCounter))
+        return {c.name.lower(): sums[c] for c in FastPathCounter}
+
+    def layout_types(self) -> tuple[Any, Any]:
+        """bcc's own ctypes types of the arm and policy structs, to check the mirrors."""
+        return (self._map("fastpath_armed").Leaf, self._map("fastpath_policy").Leaf)
+
+
+def _check_signal(signal: int) -> None:
+    if signal not in (signals.SIGKILL, signals.SIGSTOP, signals.SIGTERM):
+        raise SensorError(f"fast path signal {signal} not allowed: SIGKILL, SIGSTOP or SIGTERM")
