@@ -8,13 +8,33 @@ from dataclasses import replace
 from remedy.actions.base import Action, ActionContext
 from remedy.actions.kill import Kill
 from remedy.actions.quarantine import Quarantine
+from remedy.actions.signals import Continue, Ionice, Notify, Renice, Stop, Terminate
+from remedy.actions.throttle import Freeze, IoWeight, LimitMemory, LimitPids, Thaw, ThrottleCpu
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.policy import Policy, Step
 
 log = logging.getLogger(__name__)
 
-ACTIONS: dict[str, Action] = {a.name: a for a in (Quarantine(), Kill())}
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Quarantine(),
+        Kill(),
+        ThrottleCpu(),
+        LimitMemory(),
+        LimitPids(),
+        Freeze(),
+        Thaw(),
+        IoWeight(),
+        Notify(),
+        Renice(),
+        Ionice(),
+        Stop(),
+        Continue(),
+        Terminate(),
+    )
+}
 
 
 class ActionExecutor:
