@@ -29,6 +29,7 @@ unit: setup
 bench: setup
 	$(PY) -m bench.funnel
 	$(PY) -m bench.signals
+	$(PY) -m bench.fastpath
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache audit.jsonl
