@@ -369,9 +369,9 @@ class CgroupV1Driver:
         extra = [
             _V1_HIERARCHY[k] for k in limits.knobs() if _V1_HIERARCHY[k] not in self._HIERARCHIES
         ]
+        for hierarchy in extra:
+            self._require_hierarchy(hierarchy, rel)
         for hierarchy in (*self._HIERARCHIES, *extra):
-            if hierarchy in extra:
-                self._require_hierarchy(hierarchy, rel)
             try:
                 self._dir(hierarchy, parts).mkdir(parents=True, exist_ok=True)
             except OSError as err:
