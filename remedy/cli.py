@@ -36,6 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--ringbuf-pages", type=int, default=16, help="ring buffer size in pages")
     run.add_argument(
+        "--journal",
+        type=Path,
+        default=Path("/var/lib/remedy/undo.jsonl"),
+        help="undo journal: every reversible change, written before it is applied",
+    )
+    run.add_argument(
+        "--keep-throttles",
+        action="store_true",
+        help="on shutdown leave reversible changes in place until their TTL (default: revert)",
+    )
+    run.add_argument(
         "--print-bpf",
         "--ebpf",
         action="store_true",
@@ -172,6 +183,8 @@ def _run(args: argparse.Namespace) -> int:
         naive=args.naive,
         sensor=args.sensor,
         ringbuf_pages=args.ringbuf_pages,
+        journal_path=args.journal,
+        keep_throttles=args.keep_throttles,
     )
     agent = Agent(options)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from remedy.actions.base import Action, ActionContext
 from remedy.actions.kill import Kill
@@ -11,6 +12,9 @@ from remedy.actions.quarantine import Quarantine
 from remedy.actions.signals import Continue, Ionice, Notify, Renice, Stop, Terminate
 from remedy.actions.throttle import Freeze, IoWeight, LimitMemory, LimitPids, Thaw, ThrottleCpu
 from remedy.engine.offender import Subject
+
+if TYPE_CHECKING:
+    from remedy.actions.undoer import Undoer
 from remedy.errors import ActionError
 from remedy.policy import Policy, Step
 
@@ -40,15 +44,21 @@ ACTIONS: dict[str, Action] = {
 class ActionExecutor:
     """Looks up each step's action and runs it with the injected context."""
 
-    def __init__(self, ctx: ActionContext) -> None:
+    def __init__(self, ctx: ActionContext, undoer: Undoer | None = None) -> None:
         self.ctx = ctx
+        self.undoer = undoer  # journals reversible steps before they are applied
 
     def describe(self, step: Step, subject: Subject) -> str:
         return ACTIONS[step.action].describe(step.params, subject, self._ctx(step))
 
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+        action, ctx = ACTIONS[step.action], self._ctx(step)
         try:
-            return ACTIONS[step.action].run(step.params, subject, self._ctx(step))
+            if self.undoer is None:
+                return action.run(step.params, subject, ctx)
+            return self.undoer.apply(
+                action, step.params, subject, ctx, policy=policy.name, ttl_s=step.ttl_s
+            )
         except ActionError as err:
             if err.policy is None:
                 err.policy = policy.name

@@ -345,7 +345,8 @@ class Engine:
         offender.step += 1
         offender.cooldown_until = now + max(policy.cooldown_s, step.settle_s)
         offender.until_below = step.until_below
-        offender.judge_at = now + step.settle_s if step.until_below is not None else None
+        judged = step.until_below is not None or step.settle_s > 0
+        offender.judge_at = now + step.settle_s if judged else None
         fire(offender, "acted")
 
     def _emit(self, case: _Case, outcome: str, reason: str, detail: str = "") -> None:
@@ -413,15 +414,19 @@ class Engine:
 
     def _judge(self, offender: Offender, policy: Policy, now: float) -> None:
         """The step's settle time is over: re-measure the signal. Recovered → take back what
-        the playbook changed and start over from its first step; still offending → escalate
-        now, through the same guards as a fresh record."""
+        the playbook changed and start over from its first step; still offending (or a timed
+        stage without `until`) → escalate now, through the same guards as a fresh record."""
         record, below = offender.last_record, offender.until_below
         offender.judge_at = None
-        if record is None or below is None:
+        if record is None:
             return
-        value = self._measure(record.signal, record.key) if self._measure else None
+        # Without `until`, a step with a settle time is a timed stage: the offender is still
+        # there when it ends, so the ladder goes on (stop, then terminate).
+        value = None
+        if below is not None and self._measure is not None:
+            value = self._measure(record.signal, record.key)
         fire(offender, "cooled")
-        if value is not None and value < below:
+        if below is not None and value is not None and value < below:
             reverted = (
                 self._undo.revert_offender(offender.subject, "recovered") if self._undo else []
             )

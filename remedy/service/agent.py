@@ -19,7 +19,9 @@ from typing import Any, Literal, TextIO
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupDriver, detect
-from remedy.actions.registry import ActionExecutor
+from remedy.actions.journal import Journal
+from remedy.actions.registry import ACTIONS, ActionExecutor
+from remedy.actions.undoer import Undoer
 from remedy.clock import Clock, SystemClock
 from remedy.engine.decisions import DecisionSink
 from remedy.engine.engine import Engine
@@ -60,6 +62,8 @@ class AgentOptions:
     ringbuf_pages: int = 16
     cgroup_root: Path = Path("/sys/fs/cgroup")
     proc_root: Path = Path("/proc")
+    journal_path: Path = Path("/var/lib/remedy/undo.jsonl")
+    keep_throttles: bool = False  # on shutdown leave reversible changes for their TTL
 
 
 @dataclass
@@ -208,6 +212,7 @@ class Agent:
         self._out = out
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._journal: Journal | None = None
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
@@ -243,7 +248,9 @@ class Agent:
         cgroups = detect(self.options.cgroup_root, procfs)
         ctx = ActionContext(cgroups, procfs, self.options.quarantine_root)
         self._say(f"cgroups: v{cgroups.version} at {cgroups.root}")
-        executor = ActionExecutor(ctx)
+        self._journal = Journal(self.options.journal_path, self._clock)
+        undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
+        executor = ActionExecutor(ctx, undoer)
         engine = Engine(
             policies,
             identifier=identifier_for(sensor, procfs, cgroups, self.options.cgroup_root),
@@ -252,10 +259,17 @@ class Agent:
             clock=self._clock,
             protector=Protector.for_this_agent(procfs, os.getpid()),
             dry_run=self.options.dry_run,
+            measure=sensor.measure if isinstance(sensor, KernelSensor) else None,
+            undo=undoer,
+            keep_on_close=self.options.keep_throttles,
         )
         # Actions that reach beyond the offender (scope tree, cgroup) spare what the engine
         # protects, including the protected executables the configuration adds.
-        executor.ctx = dataclasses.replace(ctx, spare=engine.spare)
+        executor.ctx = undoer.ctx = dataclasses.replace(ctx, spare=engine.spare)
+        # Leftovers of a run that died (SIGKILL, power): expired ones are reverted now, the
+        # rest expire on schedule. Nothing stays throttled forever.
+        for detail in undoer.reconcile():
+            self._say(f"reconciled from the journal: {detail}")
         return engine
 
     def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
@@ -305,6 +319,8 @@ class Agent:
                 reader.stop()
             if engine is not None:
                 engine.close()
+            if self._journal is not None:
+                self._journal.close()
             if sensor is not None:
                 sensor.close()
             if audit is not None:

@@ -36,6 +36,9 @@ class AgentProcess:
     ) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
+        if "--journal" not in args:
+            # Each agent its own journal: a journal is locked by the agent that holds it.
+            args = [*args, "--journal", str(log_path.with_suffix(".undo.jsonl"))]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "remedy", "run", *args],
             cwd=cwd,
