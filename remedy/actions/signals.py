@@ -334,6 +334,9 @@ class Terminate:
             for pid, handle in targets:
                 with contextlib.suppress(ProcessGone):
                     handle.send_signal(signal.SIGTERM)
+                    # A stopped process (an earlier `stop` step) cannot act on SIGTERM until
+                    # it runs again: let it, so the grace period means something.
+                    handle.send_signal(signal.SIGCONT)
                     termed.append((pid, handle))
             deadline = time.monotonic() + params.grace_s
             killed = 0

@@ -102,7 +102,14 @@ def test_shipped_files_load() -> None:
 def test_shipped_files_pass_check() -> None:
     policy_set = check_paths([REPO / "policies", REPO / "playbooks"])
     assert [p.name for p in policy_set.policies] == ["fork-bomb"]
-    assert list(policy_set.playbooks) == ["contain-fork-bomb", "throttle"]
+    assert sorted(policy_set.playbooks) == [
+        "contain-fork-bomb",
+        "crash-loop",
+        "fd-leak",
+        "memory-leak",
+        "tame-cpu-hog",
+        "throttle",
+    ]
 
 
 def test_loads_into_records(tmp_path: Path) -> None:
