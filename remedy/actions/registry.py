@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from remedy.engine.offender import Subject
 
 if TYPE_CHECKING:
     from remedy.actions.undoer import Undoer
+    from remedy.sensors.fastpath import FastPath
 from remedy.errors import ActionError
 from remedy.policy import Policy, Step
 
@@ -41,17 +43,30 @@ ACTIONS: dict[str, Action] = {
 }
 
 
+def _signal_of(step: Step) -> signal.Signals:
+    if step.action == "stop":
+        return signal.SIGSTOP
+    return signal.Signals[getattr(step.params, "signal", "SIGKILL")]
+
+
 class ActionExecutor:
     """Looks up each step's action and runs it with the injected context."""
 
-    def __init__(self, ctx: ActionContext, undoer: Undoer | None = None) -> None:
+    def __init__(
+        self, ctx: ActionContext, undoer: Undoer | None = None, fastpath: FastPath | None = None
+    ) -> None:
         self.ctx = ctx
         self.undoer = undoer  # journals reversible steps before they are applied
+        self.fastpath = fastpath  # the in-kernel fork fast path, when the sched section runs
 
     def describe(self, step: Step, subject: Subject) -> str:
+        if step.kernel:
+            return f"arm the in-kernel fast path: {_signal_of(step).name} at its next fork"
         return ACTIONS[step.action].describe(step.params, subject, self._ctx(step))
 
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+        if step.kernel:
+            return self._arm(step, subject, policy)
         action, ctx = ACTIONS[step.action], self._ctx(step)
         try:
             if self.undoer is None:
@@ -63,6 +78,20 @@ class ActionExecutor:
             if err.policy is None:
                 err.policy = policy.name
             raise
+
+    def _arm(self, step: Step, subject: Subject, policy: Policy) -> str:
+        """A fork bomb forks again within microseconds: the kernel signals it right there,
+        with no round trip through user space. Protected processes are refused in the kernel
+        as well as by the engine."""
+        if self.fastpath is None:
+            raise ActionError(
+                "in-kernel fast path not available (no kernel sched section)",
+                pid=subject.pid,
+                policy=policy.name,
+            )
+        sig = _signal_of(step)
+        self.fastpath.arm(subject.pid, int(sig), dry_run=False)
+        return f"armed: the kernel sends {sig.name} at its next fork"
 
     def _ctx(self, step: Step) -> ActionContext:
         return self.ctx if step.scope == self.ctx.scope else replace(self.ctx, scope=step.scope)

@@ -431,6 +431,7 @@ class _Loader:
                 settle_s=given.settle,
                 until_below=given.until.below if given.until else None,
                 ttl_s=given.ttl,
+                kernel=given.kernel,
             )
             for step, given in zip(steps, spec.steps, strict=True)
         ]

@@ -204,6 +204,7 @@ class Step:
     settle_s: float = 0.0  # wait this long after the step before judging whether it helped
     until_below: int | None = None  # recovered when the signal's window value is below this
     ttl_s: float = 3600.0  # a reversible change is undone at the latest after this long
+    kernel: bool = False  # kill/stop: arm the in-kernel fast path (signal at the next fork)
 
 
 @dataclass(frozen=True)

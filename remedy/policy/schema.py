@@ -323,6 +323,15 @@ class StepDoc(_Doc):
     settle: NonNegativeDuration = 0.0
     until: UntilDoc | None = None
     ttl: PositiveDuration = 3600.0
+    kernel: bool = False
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel_only_for_signals(cls, value: bool, info: ValidationInfo) -> bool:
+        # The fast path can only deliver a signal, at the offender's next fork.
+        if value and info.data.get("action") not in ("kill", "stop"):
+            raise ValueError("kernel: true is only for kill and stop steps")
+        return value
 
 
 class PlaybookDoc(_KindDoc):

@@ -31,6 +31,7 @@ from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
+from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor, Sizes
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
@@ -250,7 +251,7 @@ class Agent:
         self._say(f"cgroups: v{cgroups.version} at {cgroups.root}")
         self._journal = Journal(self.options.journal_path, self._clock)
         undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
-        executor = ActionExecutor(ctx, undoer)
+        executor = ActionExecutor(ctx, undoer, self._fastpath(sensor))
         engine = Engine(
             policies,
             identifier=identifier_for(sensor, procfs, cgroups, self.options.cgroup_root),
@@ -271,6 +272,15 @@ class Agent:
         for detail in undoer.reconcile():
             self._say(f"reconciled from the journal: {detail}")
         return engine
+
+    def _fastpath(self, sensor: Sensor) -> FastPath | None:
+        """The in-kernel fork fast path, armed only by playbook steps marked ``kernel: true``;
+        the agent, its ancestors and pid 1 are protected in the kernel too."""
+        if not isinstance(sensor, KernelSensor) or "sched" not in sensor.sections:
+            return None
+        fastpath = FastPath(sensor)
+        fastpath.protect(default_protected(self.options.proc_root))
+        return fastpath
 
     def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
         opts = self.options

@@ -630,3 +630,22 @@ def test_scope_is_read_and_checked(tmp_path: Path) -> None:
     (policies / "fork.yaml").write_text(shipped + "scope: everything\n")
     with pytest.raises(ConfigErrors, match="scope"):
         load_policy_set([policies], [REPO / "playbooks"], require_secure=False)
+
+
+def test_kernel_steps_are_only_for_signals(tmp_path: Path) -> None:
+    from remedy.errors import ConfigErrors  # noqa: PLC0415
+    from remedy.policy import load_policy_set  # noqa: PLC0415
+
+    book = tmp_path / "b.yaml"
+    book.write_text(
+        "apiVersion: remedy/v1\nkind: Playbook\nname: contain-fork-bomb\nsteps:\n"
+        "  - action: throttle_cpu\n    params: {cpu: 0.5}\n    kernel: true\n"
+    )
+    with pytest.raises(ConfigErrors, match="only for kill and stop"):
+        load_policy_set([REPO / "policies"], [book], require_secure=False)
+    book.write_text(
+        "apiVersion: remedy/v1\nkind: Playbook\nname: contain-fork-bomb\nsteps:\n"
+        "  - action: kill\n    kernel: true\n"
+    )
+    loaded = load_policy_set([REPO / "policies"], [book], require_secure=False)
+    assert loaded.playbooks["contain-fork-bomb"].steps[0].kernel
