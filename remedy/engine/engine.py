@@ -448,9 +448,15 @@ class Engine:
         facts = facts_of(offender.subject)
         return _Case(policy, record, offender, playbook.steps[index], index, dry_run, facts)
 
-    def _release(self, key: tuple[int, int, str], offender: Offender) -> None:
+    def _release(
+        self, key: tuple[int, int, str], offender: Offender, *, revert: bool = True
+    ) -> None:
         fire(offender, "release")
         self.stats["released"] += 1
+        if revert and self._undo is not None:
+            # Quiet for release_after (or gone): it recovered. Take back what was changed.
+            for detail in self._undo.revert_offender(offender.subject, "released"):
+                log.info("reverted on release of pid %d: %s", offender.subject.pid, detail)
         try:
             self._executor.release(offender.subject)
         except ActionError as err:
@@ -472,4 +478,4 @@ class Engine:
                 fire(offender, "hold")
             if offender.state == "cooldown":
                 fire(offender, "cooled")
-            self._release(key, offender)
+            self._release(key, offender, revert=not self._keep_on_close)

@@ -503,3 +503,17 @@ def test_undo_on_ttl_policy_removal_and_shutdown() -> None:
     kept, undo2 = settling_rig(value=None, keep=True)
     kept.engine.close()
     assert not [c for c in undo2.calls if c[0] == "all"]
+
+
+def test_a_released_offender_is_reverted_unless_changes_are_kept_on_shutdown() -> None:
+    r, undo = settling_rig(value=None)
+    r.engine.on_record(record(42))
+    for _ in range(3):  # settle, escalate, cool down, then quiet past release_after
+        r.clock.advance(30)
+        r.engine.tick()
+    assert list(r.engine.offenders()) == []
+    assert ("offender", "released") in undo.calls
+    kept, undo2 = settling_rig(value=None, keep=True)
+    kept.engine.on_record(record(42))
+    kept.engine.close()
+    assert not [c for c in undo2.calls if c[0] in ("offender", "all")]
