@@ -8,6 +8,8 @@ import time
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import Limits
 from remedy.actions.params import ActionParams, QuarantineParams
+from remedy.actions.throttle import move_back, new_record
+from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Subject
 from remedy.errors import CgroupError, ProcessGone
 
@@ -44,6 +46,50 @@ class Quarantine:
             with contextlib.suppress(ProcessGone):
                 ctx.cgroups.move(pid, rel)
         return f"{len(ctx.cgroups.members(rel))} task(s) in quarantine"
+
+    def undo(
+        self,
+        params: ActionParams,
+        subject: Subject,
+        ctx: ActionContext,
+        *,
+        policy: str,
+        ttl_s: float,
+        now_wall: float,
+    ) -> UndoRecord:
+        """A quarantine is a throttle too: it is taken back (members moved home) like one."""
+        if ctx.scope == "cgroup":
+            knobs = ctx.cgroups.read_knobs(subject.cgroup, ("pids_max", "cpu_cores"))
+            return new_record(
+                self.name,
+                subject,
+                subject.cgroup,
+                policy=policy,
+                ttl_s=ttl_s,
+                now_wall=now_wall,
+                previous=knobs,
+            )
+        rel = ctx.quarantine_of(subject)
+        # Only the step that creates the quarantine owns the move back.
+        original = None if ctx.cgroups.exists(rel) else subject.cgroup
+        return new_record(
+            self.name,
+            subject,
+            rel,
+            policy=policy,
+            ttl_s=ttl_s,
+            now_wall=now_wall,
+            original_cgroup=original,
+        )
+
+    def revert(self, record: UndoRecord, ctx: ActionContext) -> str:
+        if not ctx.cgroups.exists(record.cgroup):
+            return f"{record.cgroup} is gone: nothing to restore"
+        if record.original_cgroup is None:
+            if record.previous:
+                ctx.cgroups.write_knobs(record.cgroup, dict(record.previous))
+            return f"restored {ctx.cgroups.display_path(record.cgroup)}"
+        return move_back(record.cgroup, record.original_cgroup, ctx)
 
     @staticmethod
     def _cap_in_place(subject: Subject, ctx: ActionContext, limits: Limits) -> str:

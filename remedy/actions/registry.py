@@ -97,8 +97,8 @@ class ActionExecutor:
         return self.ctx if step.scope == self.ctx.scope else replace(self.ctx, scope=step.scope)
 
     def release(self, subject: Subject) -> None:
-        """Remove the offender's quarantine once nothing lives in it. A quarantine with live
-        members stays: lifting a cap is a decision (issue 5's undo), not a side effect."""
+        """Remove the offender's quarantine once nothing lives in it (the undo journal moves
+        live members back when the change is reverted)."""
         rel = self.ctx.quarantine_of(subject)
         if self.ctx.cgroups.exists(rel) and not self.ctx.cgroups.members(rel):
             self.ctx.cgroups.remove(rel)

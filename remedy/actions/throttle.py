@@ -110,6 +110,24 @@ def new_record(
     )
 
 
+def move_back(rel: str, original: str, ctx: ActionContext) -> str:
+    """Move every member of quarantine ``rel`` back to ``original`` (those that exited are
+    skipped) and remove the quarantine once it is empty."""
+    moved = 0
+    for pid in ctx.cgroups.members(rel):
+        try:
+            ctx.cgroups.move(pid, original)
+            moved += 1
+        except ProcessGone:
+            continue
+    removed = ""
+    if not ctx.cgroups.members(rel):
+        with contextlib.suppress(CgroupError):
+            ctx.cgroups.remove(rel)
+            removed = ", removed the quarantine"
+    return f"moved {moved} task(s) back to {original}{removed}"
+
+
 def _boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -261,19 +279,7 @@ class CgroupAction:
         if self.knob == "frozen":
             # Thaw before moving out: a task must not leave frozen (v1 keeps it FREEZING).
             ctx.cgroups.apply(rel, Limits(frozen=False))
-        moved = 0
-        for pid in ctx.cgroups.members(rel):
-            try:
-                ctx.cgroups.move(pid, record.original_cgroup)
-                moved += 1
-            except ProcessGone:
-                continue
-        removed = ""
-        if not ctx.cgroups.members(rel):
-            with contextlib.suppress(CgroupError):
-                ctx.cgroups.remove(rel)
-                removed = ", removed the quarantine"
-        return f"moved {moved} task(s) back to {record.original_cgroup}{removed}"
+        return move_back(rel, record.original_cgroup, ctx)
 
     # --- checks -------------------------------------------------------------------------------
 
