@@ -188,6 +188,11 @@ class CgroupDriver(Protocol):
         """The pids in ``rel`` itself (not its children); [] if it does not exist."""
         ...
 
+    def kill_all(self, rel: str) -> bool:
+        """Kill every process in ``rel`` and below at once (v2 ``cgroup.kill``). False where
+        the kernel has no such file (v1, v2 before 5.14): the caller signals each member."""
+        ...
+
     def contains(self, rel: str, pid: int) -> bool:
         """Whether ``pid`` is a member of ``rel``."""
         ...
@@ -487,6 +492,11 @@ class CgroupV1Driver:
                     cgroup=rel,
                 ) from err
 
+    def kill_all(self, rel: str) -> bool:
+        """cgroup v1 has no cgroup.kill."""
+        _parts(rel)
+        return False
+
     def members(self, rel: str) -> list[int]:
         """cgroup.procs of the pids hierarchy; [] if the cgroup does not exist."""
         parts = _parts(rel)
@@ -645,6 +655,18 @@ class CgroupV2Driver:
             raise ProcessGone("exited before it could be moved", pid=pid, cgroup=rel) from err
         except OSError as err:
             raise CgroupError(f"cannot move: {err.strerror}", pid=pid, cgroup=rel) from err
+
+    def kill_all(self, rel: str) -> bool:
+        """Write 1 to cgroup.kill: the kernel kills the whole subtree, forks in flight
+        included (Linux 5.14+)."""
+        path = self._dir(_parts(rel)) / "cgroup.kill"
+        if not path.exists():
+            return False
+        try:
+            path.write_text("1")
+        except OSError as err:
+            raise _error(err, "cannot write cgroup.kill", rel) from err
+        return True
 
     def members(self, rel: str) -> list[int]:
         """rel/cgroup.procs; [] if the cgroup does not exist."""

@@ -6,10 +6,11 @@ import signal
 import time
 
 from remedy.actions.base import ActionContext
+from remedy.actions.cgroups import Limits
 from remedy.actions.params import ActionParams, KillParams
 from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
-from remedy.errors import ActionError, ProcessGone
+from remedy.errors import ActionError, CgroupError, ProcessGone
 
 
 class Kill:
@@ -34,6 +35,10 @@ class Kill:
             )
         # Find the tree before the offender dies: its orphans are reparented at once.
         targets = ctx.reach(subject, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+        if ctx.scope == "cgroup" and sig == signal.SIGKILL:
+            whole = self._kill_cgroup(subject, targets, ctx)
+            if whole:
+                return whole
         subject.handle.send_signal(sig)
         reached = self._signal_all(sig, targets, ctx)
         swept = self._sweep(sig, subject, ctx) if params.quarantine else 0
@@ -41,6 +46,28 @@ class Kill:
             f"signalled the offender, {reached} process(es) of its {ctx.scope} scope "
             f"and {swept} quarantine member(s)"
         )
+
+    def _kill_cgroup(self, subject: Subject, targets: list[int], ctx: ActionContext) -> str:
+        """Scope cgroup, SIGKILL: all at once, so nothing forks its way out between reading the
+        members and signalling them. Only when no member is spared (reach() left none out):
+        otherwise each member is signalled through its own pidfd instead."""
+        members = ctx.cgroups.members(subject.cgroup)
+        if set(members) - {subject.pid} != set(targets):
+            return ""  # a protected process lives here: never kill the cgroup wholesale
+        if ctx.cgroups.kill_all(subject.cgroup):
+            return f"cgroup.kill on {subject.cgroup_display}: {len(members)} process(es)"
+        # cgroup v1: freeze, signal each member, thaw (the kills land as the tasks thaw).
+        try:
+            ctx.cgroups.apply(subject.cgroup, Limits(frozen=True))
+        except CgroupError:
+            return ""  # no freezer cgroup at this path: signal one by one
+        try:
+            assert subject.handle is not None
+            subject.handle.send_signal(signal.SIGKILL)
+            done = self._signal_all(signal.SIGKILL, targets, ctx)
+        finally:
+            ctx.cgroups.apply(subject.cgroup, Limits(frozen=False))
+        return f"froze {subject.cgroup_display}, SIGKILL to {done + 1} process(es), thawed"
 
     @staticmethod
     def _signal_all(sig: int, pids: list[int], ctx: ActionContext) -> int:

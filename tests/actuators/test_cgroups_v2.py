@@ -206,3 +206,17 @@ def test_write_errors_become_cgroup_errors(driver: CgroupV2Driver, cg_root: Path
         driver.create("/q", Limits(pids_max=4))
     assert exc.value.cgroup == "/q"
     shutil.rmtree(cg_root / "q")
+
+
+def test_kill_all_writes_cgroup_kill_where_the_kernel_has_it(tmp_path: Path) -> None:
+    from remedy.actions.cgroups import CgroupV2Driver  # noqa: PLC0415
+    from remedy.proc import ProcFS  # noqa: PLC0415
+
+    group = tmp_path / "cg" / "a"
+    group.mkdir(parents=True)
+    (tmp_path / "cg" / "cgroup.controllers").write_text("cpu pids\n")
+    driver = CgroupV2Driver(tmp_path / "cg", ProcFS(tmp_path / "proc"))
+    assert driver.kill_all("/a") is False  # no cgroup.kill: a kernel before 5.14
+    (group / "cgroup.kill").write_text("")
+    assert driver.kill_all("/a") is True
+    assert (group / "cgroup.kill").read_text() == "1"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,37 @@ def test_scope_cgroup_caps_in_place_and_kills_every_member_but_the_spared(
     Kill().run(KillParams(quarantine=False), subject, ctx)
     assert _wait_dead([subject.pid, *kids[1:]]) == []
     assert _alive([kids[0]]) == [kids[0]], "a protected member is spared"
+
+
+def test_scope_cgroup_sigkill_freezes_signals_and_thaws_on_v1(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    subject, kids = tree
+    if test_cgroup.v2:
+        pytest.skip("v1 path; v2's cgroup.kill is covered against a directory tree")
+    freezer = Path("/sys/fs/cgroup/freezer") / test_cgroup.name
+    freezer.mkdir()
+    try:
+        for pid in [subject.pid, *kids]:
+            (freezer / "cgroup.procs").write_text(str(pid))
+        detail = Kill().run(KillParams(quarantine=False), subject, _ctx(test_cgroup, "cgroup"))
+        assert "froze" in detail and "thawed" in detail
+        assert _wait_dead([subject.pid, *kids]) == []
+        assert (freezer / "freezer.state").read_text().strip() == "THAWED"
+    finally:
+        for _ in range(50):
+            try:
+                freezer.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_scope_tree_leaves_a_sibling_alone(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    subject, kids = tree
+    sibling = test_cgroup.spawn(["sleep", "30"])
+    Kill().run(KillParams(quarantine=False), subject, _ctx(test_cgroup, "tree"))
+    assert _wait_dead([subject.pid, *kids]) == []
+    assert sibling.poll() is None, "a process outside the tree is not ours to kill"
