@@ -12,10 +12,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupDriver, detect
@@ -173,6 +173,38 @@ def signal_settings(policies: PolicySet) -> dict[str, SignalSettings]:
     }
 
 
+@dataclass(frozen=True)
+class OffenderView:
+    """An offender as status and metrics show it."""
+
+    pid: int
+    comm: str
+    policy: str
+    state: str
+    step: int
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """What the agent looks like right now, handed to observers once a second from the worker
+    thread (metrics, the control socket). Plain data: observers never touch live objects."""
+
+    sensor: str
+    counters: dict[str, SignalCounters]
+    records_received: int
+    queue_full: int
+    engine: dict[str, int]
+    offenders: tuple[OffenderView, ...]
+    cpu_s: float
+    max_rss_mib: float
+
+
+class Observer(Protocol):
+    """Receives a snapshot once a second."""
+
+    def observe(self, snapshot: AgentSnapshot) -> None: ...
+
+
 class LossWatch:
     """Marks records degraded after any loss: the ring buffer was full, the window map refused a
     key, or the queue dropped a record. A loss taints its signal (the queue: every signal) for
@@ -206,11 +238,19 @@ class Agent:
     """One agent run. ``run()`` blocks until the duration ends or ``request_stop()``."""
 
     def __init__(
-        self, options: AgentOptions, *, clock: Clock | None = None, out: TextIO = sys.stdout
+        self,
+        options: AgentOptions,
+        *,
+        clock: Clock | None = None,
+        out: TextIO = sys.stdout,
+        sinks: Sequence[DecisionSink] = (),
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.options = options
         self._clock = clock or SystemClock()
         self._out = out
+        self._extra_sinks = tuple(sinks)  # alerts, metrics: every decision reaches them
+        self._observers = tuple(observers)  # metrics, status: a snapshot once a second
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._journal: Journal | None = None
@@ -293,7 +333,7 @@ class Agent:
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
         settings = signal_settings(policies)
-        sinks: list[DecisionSink] = [ConsoleSink(self._out)]
+        sinks: list[DecisionSink] = [ConsoleSink(self._out), *self._extra_sinks]
         audit = AuditLog(opts.audit_path) if opts.audit_path else None
         if audit is not None:
             sinks.append(audit)
@@ -374,7 +414,9 @@ class Agent:
                 self._do_reload(engine, sensor, losses)
             now = self._clock.monotonic()
             if now >= next_check:  # counters are per-CPU map reads: once a second is plenty
-                losses.update(sensor.counters(), reader.queue_full, now)
+                counters = sensor.counters()
+                losses.update(counters, reader.queue_full, now)
+                self._observe(sensor, counters, reader, engine)
                 next_check = now + 1.0
             try:
                 record = records.get(timeout=0.2)
@@ -391,6 +433,34 @@ class Agent:
             self.stats.degraded_records += record.degraded
             engine.on_record(record)
             engine.tick()
+
+    def _observe(
+        self,
+        sensor: Sensor,
+        counters: Mapping[str, SignalCounters],
+        reader: RingBufferReader,
+        engine: Engine,
+    ) -> None:
+        if not self._observers:
+            return
+        snapshot = AgentSnapshot(
+            sensor=sensor.kind,
+            counters=dict(counters),
+            records_received=reader.received,
+            queue_full=reader.queue_full,
+            engine=dict(engine.stats),
+            offenders=tuple(
+                OffenderView(o.subject.pid, o.subject.comm, o.policy, o.state, o.step)
+                for o in engine.offenders()
+            ),
+            cpu_s=_cpu_seconds(),
+            max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
+        for observer in self._observers:
+            try:
+                observer.observe(snapshot)
+            except Exception:  # an observer must never take the agent down
+                log.exception("observer %r failed", observer)
 
     @staticmethod
     def _count_naive(counter: WindowCounter, record: SensorRecord) -> SensorRecord | None:
