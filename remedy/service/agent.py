@@ -26,7 +26,7 @@ from remedy.clock import Clock, SystemClock
 from remedy.engine.decisions import DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
-from remedy.errors import ConfigErrors, SensorError
+from remedy.errors import ConfigErrors, RemedyError, SensorError
 from remedy.policy import PolicySet, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
@@ -37,6 +37,8 @@ from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.service.audit import AuditLog, ConsoleSink, FanOut
 from remedy.service.identify import ProcIdentifier
+from remedy.service.sdnotify import Notifier
+from remedy.service.selftest import enforcement_problems, enforcing
 from remedy.windows.counting import WindowCounter
 
 log = logging.getLogger(__name__)
@@ -254,6 +256,7 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._journal: Journal | None = None
+        self._notifier = Notifier()
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
@@ -276,8 +279,10 @@ class Agent:
             self.stats.reloads_failed += 1
             self._say(f"reload refused, keeping the running policies:\n{err}")
             return
+        self._notifier.reloading()
         engine.reload(policies)
         losses.reconfigure(settings)
+        self._notifier.ready(f"reloaded: {len(policies.policies)} policy(ies)")
         self.stats.reloads += 1
         self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
 
@@ -289,6 +294,15 @@ class Agent:
         cgroups = detect(self.options.cgroup_root, procfs)
         ctx = ActionContext(cgroups, procfs, self.options.quarantine_root)
         self._say(f"cgroups: v{cgroups.version} at {cgroups.root}")
+        # Only when enforcing: the probe creates a cgroup, and dry-run changes nothing.
+        if enforcing(policies, self.options.dry_run):
+            problems = enforcement_problems(cgroups, self.options.quarantine_root, policies)
+            if problems:
+                raise RemedyError(
+                    "cannot enforce on this host: "
+                    + "; ".join(problems)
+                    + " (run with --dry-run to audit only)"
+                )
         self._journal = Journal(self.options.journal_path, self._clock)
         undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
         executor = ActionExecutor(ctx, undoer, self._fastpath(sensor))
@@ -355,9 +369,12 @@ class Agent:
             )
             worker.start()
             self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
-            self._say(self._ready_line(sensor, settings, policies))
+            ready = self._ready_line(sensor, settings, policies)
+            self._say(ready)
+            self._notifier.ready(ready.removeprefix("ready: "))
             self._stop.wait(opts.duration_s)
             self._stop.set()
+            self._notifier.stopping()
             reader.stop()
             worker.join()
             if reader.error is not None:
@@ -405,10 +422,16 @@ class Agent:
         naive = {n: WindowCounter(s.window_s, s.threshold) for n, s in settings.items()}
         losses = LossWatch(settings)
         next_check = 0.0
+        watchdog = self._notifier.watchdog_s
+        next_feed = 0.0
         while not (self._stop.is_set() and records.empty()):
             if reader.error is not None:
                 self._stop.set()
                 return
+            if watchdog is not None and (now_feed := time.monotonic()) >= next_feed:
+                # Fed from the worker: a stuck engine stops feeding and systemd restarts us.
+                self._notifier.watchdog()
+                next_feed = now_feed + watchdog / 2
             if self._reload.is_set():
                 self._reload.clear()
                 self._do_reload(engine, sensor, losses)
