@@ -1,0 +1,635 @@
+"""The control socket: ``remedy status``, ``top``, ``silence`` and ``release`` talk to the agent.
+
+A Unix stream socket, root only twice over: the socket is 0600 in a 0700 directory, and every
+connection's peer credentials (SO_PEERCRED, unforgeable: the kernel fills them in at connect) are
+checked against ``allowed_uids``. The protocol is one JSON object per line each way::
+
+    → {"op": "status"}
+    ← {"ok": true, "sensor": "kernel", ...}
+
+Requests are ``{"op": OP, ...}`` with OP one of :data:`OPS`; responses always carry ``"ok"`` and,
+when it is false, ``"error"``.
+
+Threads: the server calls the handler on a connection thread, never on the agent's worker. The
+engine belongs to the worker, so the agent wires it like this:
+
+* ``status``: served from a :class:`StatusBoard` the worker publishes to once a second
+  (:func:`status_from`), so a busy worker never makes ``remedy top`` hang.
+* ``silence-add``, ``silence-list``, ``silence-expire``, ``release``: handed to the worker through
+  a :class:`WorkerInbox` (``inbox.call(fn)`` here, ``inbox.drain()`` in the worker loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from pydantic import ValidationError
+
+from remedy.errors import RemedyError
+from remedy.policy.model import Selector, Silence
+from remedy.policy.schema import SilenceDoc
+
+if TYPE_CHECKING:  # the client side must not import the agent (and with it bcc)
+    from remedy.engine.decisions import Decision
+    from remedy.service.agent import AgentSnapshot
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "MAX_REQUEST",
+    "OPS",
+    "ControlError",
+    "ControlServer",
+    "DecisionView",
+    "Handler",
+    "OffenderRow",
+    "RecentDecisions",
+    "SilenceView",
+    "StatusBoard",
+    "StatusPayload",
+    "ThrottleView",
+    "WorkerInbox",
+    "decision_view",
+    "request",
+    "silence_from_request",
+    "silence_view",
+    "status_from",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = Path("/run/remedy/control.sock")
+MAX_REQUEST = 64 * 1024  # one request line, newline included
+CONNECTION_TIMEOUT_S = 10.0  # a client idle this long is dropped
+MAX_CONNECTIONS = 16  # beyond this, new connections are told the agent is busy
+OPS: frozenset[str] = frozenset(
+    {"status", "silence-add", "silence-list", "silence-expire", "release"}
+)
+
+#: request → response; runs on a connection thread (see the module docstring).
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+# struct ucred from <sys/socket.h>: pid_t pid; uid_t uid; gid_t gid (socket(7), SO_PEERCRED).
+_UCRED = struct.Struct("iII")
+
+
+class ControlError(RemedyError):
+    """The control socket could not be served or reached, or the agent refused a request."""
+
+
+# -- the status payload ----------------------------------------------------------------------
+
+
+class OffenderRow(TypedDict):
+    pid: int
+    comm: str
+    policy: str
+    state: str
+    step: int
+
+
+class ThrottleView(TypedDict):
+    """A reversible change in force (an undo journal entry not yet reverted)."""
+
+    id: str
+    action: str
+    policy: str
+    pid: int | None
+    cgroup: str | None
+    expires: float  # wall-clock epoch seconds: reverted at the latest then
+
+
+class DecisionView(TypedDict):
+    ts: str
+    policy: str
+    outcome: str
+    action: str | None
+    pid: int
+    comm: str
+    message: str
+
+
+class SilenceView(TypedDict):
+    name: str
+    author: str
+    reason: str
+    expires: float
+    match: dict[str, list[Any]]  # non-empty selector fields only
+    policies: list[str]
+
+
+class StatusPayload(TypedDict):
+    """What ``status`` answers; ``remedy top`` and ``remedy status`` render it."""
+
+    ok: bool
+    sensor: str
+    counters: dict[str, dict[str, int]]  # signal → SignalCounters fields
+    records_received: int
+    queue_full: int
+    engine: dict[str, int]
+    offenders: list[OffenderRow]
+    throttles: list[ThrottleView]
+    decisions: list[DecisionView]  # oldest first
+    silences: list[SilenceView]
+    cpu_s: float
+    max_rss_mib: float
+
+
+def status_from(
+    snapshot: AgentSnapshot,
+    throttles: Sequence[Mapping[str, Any]],
+    decisions: Sequence[Mapping[str, Any]],
+    silences: Sequence[Mapping[str, Any]],
+) -> StatusPayload:
+    """The ``status`` response for ``snapshot``. ``decisions`` may be full audit dicts
+    (``Decision.to_json()``) or :func:`decision_view` results; they are cut down to the view."""
+    return {
+        "ok": True,
+        "sensor": snapshot.sensor,
+        "counters": {n: dataclasses.asdict(c) for n, c in sorted(snapshot.counters.items())},
+        "records_received": snapshot.records_received,
+        "queue_full": snapshot.queue_full,
+        "engine": dict(snapshot.engine),
+        "offenders": [
+            {"pid": o.pid, "comm": o.comm, "policy": o.policy, "state": o.state, "step": o.step}
+            for o in snapshot.offenders
+        ],
+        "throttles": [
+            {
+                "id": str(t.get("id", "")),
+                "action": str(t.get("action", "")),
+                "policy": str(t.get("policy", "")),
+                "pid": t.get("pid"),
+                "cgroup": t.get("cgroup"),
+                "expires": float(t.get("expires", 0.0)),
+            }
+            for t in throttles
+        ],
+        "decisions": [_decision_fields(d) for d in decisions],
+        "silences": [_silence_fields(s) for s in silences],
+        "cpu_s": round(snapshot.cpu_s, 3),
+        "max_rss_mib": round(snapshot.max_rss_mib, 1),
+    }
+
+
+def _decision_fields(d: Mapping[str, Any]) -> DecisionView:
+    ts = d.get("ts")
+    if ts is None and "time" in d:
+        ts = _iso(float(d["time"]))
+    return {
+        "ts": str(ts or ""),
+        "policy": str(d.get("policy", "")),
+        "outcome": str(d.get("outcome", "")),
+        "action": d.get("action"),
+        "pid": int(d.get("pid", 0)),
+        "comm": str(d.get("comm", "")),
+        "message": str(d.get("message", "")),
+    }
+
+
+def _silence_fields(s: Mapping[str, Any]) -> SilenceView:
+    return {
+        "name": str(s.get("name", "")),
+        "author": str(s.get("author", "")),
+        "reason": str(s.get("reason", "")),
+        "expires": float(s.get("expires", 0.0)),
+        "match": dict(s.get("match", {})),
+        "policies": list(s.get("policies", [])),
+    }
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+def decision_view(decision: Decision) -> DecisionView:
+    """The few fields of a decision that ``status`` shows."""
+    return {
+        "ts": _iso(decision.time),
+        "policy": decision.policy,
+        "outcome": decision.outcome,
+        "action": decision.action,
+        "pid": decision.pid,
+        "comm": decision.comm,
+        "message": decision.message,
+    }
+
+
+def silence_view(silence: Silence) -> SilenceView:
+    """A silence as ``status`` and ``silence list`` show it."""
+    match = {
+        f.name: list(getattr(silence.match, f.name))
+        for f in dataclasses.fields(Selector)
+        if getattr(silence.match, f.name)
+    }
+    return {
+        "name": silence.name,
+        "author": silence.author,
+        "reason": silence.reason,
+        "expires": silence.expires,
+        "match": match,
+        "policies": list(silence.policies),
+    }
+
+
+def silence_from_request(data: Mapping[str, Any], *, now: float | None = None) -> Silence:
+    """The ``silence`` of a ``silence-add`` request, validated exactly like a ``kind: Silence``
+    file (name, comm length, absolute exe, ISO expiry with a timezone). ControlError says what
+    is wrong; an expiry in the past is refused (it would silence nothing)."""
+    doc = {"apiVersion": "remedy/v1", "kind": "Silence", **data}
+    try:
+        spec = SilenceDoc.model_validate(doc)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'silence'}: {e['msg']}" for e in err.errors()
+        )
+        raise ControlError(f"invalid silence: {problems}") from None
+    if spec.expires <= (time.time() if now is None else now):
+        raise ControlError(f"invalid silence: expires {_iso(spec.expires)} is in the past")
+    m = spec.match
+    return Silence(
+        name=spec.name,
+        file=Path("<control socket>"),
+        match=Selector(
+            cgroups=tuple(m.cgroups),
+            comms=tuple(m.comms),
+            exes=tuple(m.exes),
+            cmdlines=tuple(m.cmdlines),
+            uids=tuple(u for u in m.uids if isinstance(u, int)),  # names resolved by validation
+            containers=tuple(m.containers),
+            pods=tuple(m.pods),
+        ),
+        author=spec.author,
+        reason=spec.reason,
+        expires=spec.expires,
+        policies=tuple(spec.policies),
+    )
+
+
+# -- helpers for the agent's side ------------------------------------------------------------
+
+
+class StatusBoard:
+    """The latest status, published by the worker once a second, read by connection threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status: StatusPayload | None = None
+
+    def publish(self, status: StatusPayload) -> None:
+        with self._lock:
+            self._status = status
+
+    def latest(self) -> StatusPayload:
+        """The last published status; ControlError while the agent has not published yet."""
+        with self._lock:
+            if self._status is None:
+                raise ControlError("the agent is starting: no status yet, try again in a second")
+            return self._status
+
+
+class RecentDecisions:
+    """A decision sink keeping the last ``size`` decisions as :class:`DecisionView`."""
+
+    def __init__(self, size: int = 20) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[DecisionView] = deque(maxlen=size)
+
+    def record(self, decision: Decision) -> None:
+        view = decision_view(decision)
+        with self._lock:
+            self._items.append(view)
+
+    def items(self) -> list[DecisionView]:
+        """Oldest first."""
+        with self._lock:
+            return list(self._items)
+
+
+@dataclasses.dataclass
+class _Call:
+    fn: Callable[[], dict[str, Any]]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+
+class WorkerInbox:
+    """Runs control requests on the worker thread, the only one that may touch the engine.
+
+    A connection thread calls :meth:`call`, which waits (at most ``timeout_s``) until the worker
+    runs the function in :meth:`drain`, between records. A call the worker reaches only after
+    its caller gave up is skipped, so a timed-out ``release`` never happens behind the
+    operator's back."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._calls: deque[_Call] = deque()
+
+    def call(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        item = _Call(fn)
+        with self._lock:
+            self._calls.append(item)
+        if not item.done.wait(self.timeout_s):
+            with self._lock:
+                if not item.done.is_set():
+                    item.abandoned = True
+                    raise ControlError(
+                        f"the agent's worker did not take the request within {self.timeout_s:g} s"
+                        " (busy or stuck); nothing was done"
+                    )
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def drain(self) -> int:
+        """Run every pending call (worker thread only); returns how many ran."""
+        ran = 0
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return ran
+                item = self._calls.popleft()
+                if item.abandoned:
+                    continue
+            try:
+                item.result = item.fn()
+            except Exception as err:  # reported to the caller, never kills the worker
+                item.error = err
+            ran += 1
+            with self._lock:
+                item.done.set()
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves ``handler`` on a Unix socket at ``path`` from a background thread.
+
+    ``start()`` prepares the directory (created 0700; an existing one must already be private),
+    removes a stale socket left by a dead agent (refusing if a live one answers), binds with mode
+    0600 and starts accepting. Each connection is checked with SO_PEERCRED, then served one JSON
+    request per line (at most :data:`MAX_REQUEST` bytes) until the client closes or idles for
+    ``timeout_s``. ``stop()`` closes and removes the socket file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        allowed_uids: frozenset[int] = frozenset({0}),
+        timeout_s: float = CONNECTION_TIMEOUT_S,
+    ) -> None:
+        self.path = path
+        self.handler = handler
+        self.allowed_uids = allowed_uids
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def start(self) -> None:
+        if self._sock is not None:
+            raise ControlError(f"control socket {self.path} already started")
+        self._prepare_dir()
+        self._clear_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(self.path))
+            # The directory is private, so the moment between bind and chmod exposes nothing.
+            os.chmod(self.path, 0o600)
+            sock.listen(MAX_CONNECTIONS)
+            sock.settimeout(0.2)  # accept() wakes to notice stop()
+        except OSError as err:
+            sock.close()
+            raise ControlError(f"cannot serve the control socket {self.path}: {err}") from err
+        self._sock = sock
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept_loop, name="remedy-control")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _prepare_dir(self) -> None:
+        directory = self.path.parent
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+            return
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ControlError(f"cannot create the control directory {directory}: {err}") from err
+        st = directory.stat()
+        # Never chmod a directory we did not create (think /tmp): require it to be private.
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise ControlError(
+                f"control directory {directory} must be owned by uid {os.geteuid()} with mode "
+                f"0700 (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+            )
+
+    def _clear_stale(self) -> None:
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except OSError as err:
+            if err.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ControlError(f"cannot probe the control socket {self.path}: {err}") from err
+            log.info("removing stale control socket %s", self.path)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        finally:
+            probe.close()
+        raise ControlError(f"another agent is already listening on {self.path}")
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        listener = self._sock
+        while not self._stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as err:
+                if self._stopping.is_set():
+                    return
+                log.warning("control socket accept failed: %s", err)
+                time.sleep(0.1)
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn, "busy: too many control connections")
+                continue
+            threading.Thread(
+                target=self._serve_then_release, args=(conn,), name="remedy-control-conn"
+            ).start()
+
+    def _refuse(self, conn: socket.socket, error: str) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(1.0)
+            conn.sendall(_line({"ok": False, "error": error}))
+
+    def _serve_then_release(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        except OSError as err:  # the client went away mid-answer
+            log.debug("control connection ended: %s", err)
+        except Exception:  # a connection must never take the agent down
+            log.exception("control connection failed")
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(self.timeout_s)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, _gid = _UCRED.unpack(creds)
+        if uid not in self.allowed_uids:
+            log.warning("control socket: refused pid %d uid %d", pid, uid)
+            conn.sendall(_line({"ok": False, "error": "permission denied"}))
+            return
+        buffer = b""
+        while not self._stopping.is_set():
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) >= MAX_REQUEST:
+                    conn.sendall(
+                        _line({"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
+                    )
+                    return
+                try:
+                    chunk = conn.recv(MAX_REQUEST - len(buffer))
+                except TimeoutError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                continue
+            line, buffer = buffer[:newline], buffer[newline + 1 :]
+            if line.strip():
+                conn.sendall(_line(self._answer(line)))
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return {"ok": False, "error": f"request is not JSON: {err}"}
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            return {"ok": False, "error": 'request must be a JSON object with an "op"'}
+        if req["op"] not in OPS:
+            return {"ok": False, "error": f"unknown op {req['op']!r}; known: {sorted(OPS)}"}
+        try:
+            response = self.handler(req)
+        except Exception as err:
+            log.info("control op %s failed: %s", req["op"], err)
+            return {"ok": False, "error": str(err) or type(err).__name__}
+        if not isinstance(response, dict):
+            return {"ok": False, "error": f"handler returned {type(response).__name__}"}
+        response.setdefault("ok", True)
+        try:
+            json.dumps(response)
+        except (TypeError, ValueError) as err:
+            return {"ok": False, "error": f"response not serializable: {err}"}
+        return response
+
+
+def _line(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+# -- the client ------------------------------------------------------------------------------
+
+MAX_RESPONSE = 16 * 1024 * 1024
+
+
+def request(path: Path, payload: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send one request to the agent at ``path`` and return its response (``ok`` may be false:
+    the caller decides). ControlError when no agent listens, access is denied, or the agent does
+    not answer within ``timeout_s``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(
+                f"no agent listening on {path} (is `remedy run` running? --socket to point "
+                "elsewhere)"
+            ) from None
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on {path}: the control socket is for root only"
+            ) from None
+        except OSError as err:
+            raise ControlError(f"cannot reach the agent on {path}: {err}") from err
+        try:
+            sock.sendall(_line(payload))
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_RESPONSE:
+                    raise ControlError(f"the agent on {path} sent more than {MAX_RESPONSE} bytes")
+        except TimeoutError:
+            raise ControlError(
+                f"the agent on {path} did not answer within {timeout_s:g} s"
+            ) from None
+        except OSError as err:
+            raise ControlError(f"lost the agent on {path}: {err}") from err
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError(f"the agent on {path} closed the connection without answering")
+    try:
+        response = json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ControlError(f"the agent on {path} answered with invalid JSON: {err}") from err
+    if not isinstance(response, dict):
+        raise ControlError(f"the agent on {path} answered with {type(response).__name__}")
+    return response
