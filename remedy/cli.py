@@ -7,12 +7,17 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from remedy.errors import ConfigError, ConfigErrors, RemedyError
 from remedy.policy import check_paths
+
+if TYPE_CHECKING:
+    from remedy.engine.decisions import DecisionSink
+    from remedy.service.agent import Observer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the kernel program with the policies' parameters, and exit",
     )
+    run.add_argument(
+        "--metrics", metavar="ADDR", help="serve Prometheus metrics on host:port (default: off)"
+    )
+    run.add_argument("--alertmanager", metavar="URL", help="send alerts to this Alertmanager")
+    run.add_argument("--webhook", metavar="URL", help="POST alerts as JSON to this URL")
     run.add_argument("-v", "--verbose", action="store_true")
 
     check = sub.add_parser("check", help="validate policies and playbooks")
@@ -186,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
         journal_path=args.journal,
         keep_throttles=args.keep_throttles,
     )
-    agent = Agent(options)
+    sinks, observers, closers = _observability(args)
+    agent = Agent(options, sinks=sinks, observers=observers)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         print(f"\nstopping ({signal.Signals(signum).name})", flush=True)
@@ -198,8 +209,52 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _reload)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        for close in closers:
+            close()
     return 0
+
+
+def _observability(
+    args: argparse.Namespace,
+) -> tuple[list[DecisionSink], list[Observer], list[Callable[[], None]]]:
+    """--metrics, --alertmanager, --webhook: sinks and observers for the agent, and what to
+    close when it stops."""
+    from remedy.service.alerts import (  # noqa: PLC0415
+        Alerter,
+        AlertmanagerTarget,
+        AlertTarget,
+        WebhookTarget,
+    )
+    from remedy.service.metrics import Metrics  # noqa: PLC0415
+
+    sinks: list[DecisionSink] = []
+    observers: list[Observer] = []
+    closers: list[Callable[[], None]] = []
+    if args.metrics:
+        host, sep, port = args.metrics.rpartition(":")
+        if not sep or not port.isdigit():
+            raise RemedyError(f"--metrics {args.metrics!r}: expected host:port")
+        metrics = Metrics()
+        print(f"metrics: {metrics.enable_bpf_stats()}", flush=True)
+        bound = metrics.serve(host.strip("[]") or "0.0.0.0", int(port))
+        print(f"metrics: serving on http://{host or '0.0.0.0'}:{bound}/metrics", flush=True)
+        sinks.append(metrics)
+        observers.append(metrics)
+        closers.append(metrics.close)
+    targets: list[AlertTarget] = []
+    if args.alertmanager:
+        targets.append(AlertmanagerTarget(args.alertmanager))
+    if args.webhook:
+        targets.append(WebhookTarget(args.webhook))
+    if targets:
+        alerter = Alerter(targets)
+        sinks.append(alerter)
+        observers.append(alerter)
+        closers.append(alerter.close)
+    return sinks, observers, closers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
