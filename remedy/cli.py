@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--playbooks", type=Path, action="append", help="playbook dir or file")
     run.add_argument("--dry-run", action="store_true", help="never act, whatever policies say")
     run.add_argument("--audit", type=Path, help="append decisions as JSON lines here")
+    run.add_argument(
+        "--audit-max-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="rotate the audit file when a line would take it past this size",
+    )
+    run.add_argument("--audit-keep", type=int, default=5, help="rotated audit files to keep")
     run.add_argument("--duration", type=float, help="stop by itself after this many seconds")
     run.add_argument("--quarantine-root", default="/remedy", help="cgroup for quarantines")
     run.add_argument("--stats", type=Path, help="write run statistics as JSON here at exit")
@@ -98,7 +105,21 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--against", type=Path, action="append", default=[], help="other policies")
     replay.add_argument("--against-playbooks", type=Path, action="append", default=[])
     replay.add_argument("--format", choices=("text", "json"), default="text")
+
+    _audit_arguments(
+        sub.add_parser("audit", help="query the audit log; --verify: exit 4 if the chain broke")
+    )
     return parser
+
+
+def _audit_arguments(audit: argparse.ArgumentParser) -> None:
+    audit.add_argument("path", type=Path, nargs="?", default=Path("audit.jsonl"))
+    audit.add_argument("--since", help="ISO 8601 time, or a duration back from now like 1h")
+    audit.add_argument("--policy", help="only this policy's decisions")
+    audit.add_argument("--outcome", help="only this outcome (acted, would-act, skipped, ...)")
+    audit.add_argument("--pid", type=int, help="only decisions about this pid")
+    audit.add_argument("--verify", action="store_true", help="check the hash chain across files")
+    audit.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -259,7 +280,8 @@ def _observability(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error, 3
-    when `replay --against` finds the two policy sets deciding differently."""
+    when `replay --against` finds the two policy sets deciding differently, 4 when `audit --verify`
+    finds the audit chain broken."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -279,6 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _record(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "audit":
+            from remedy.service import auditquery  # noqa: PLC0415
+
+            return auditquery.main(
+                args.path,
+                since=args.since,
+                policy=args.policy,
+                outcome=args.outcome,
+                pid=args.pid,
+                check=args.verify,
+                fmt=args.format,
+            )
         if args.command == "doctor":
             from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
 
