@@ -191,12 +191,14 @@ def main(
     pid: int | None = None,
     check: bool = False,
     fmt: str = "text",
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
     """``remedy audit``. With ``check`` (``--verify``): 0 when the chain is intact,
     :data:`EXIT_BROKEN` when it is broken, the first break printed. Otherwise print the matching
     decisions and return 0. A missing audit file is exit 2."""
+    out = out or sys.stdout  # looked up per call, so redirections (and pytest's capsys) apply
+    err = err or sys.stderr
     if not rotated_paths(path):
         print(f"remedy: no audit file at {path}", file=err)
         return 2

@@ -7,6 +7,8 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
+
 from remedy.engine.decisions import Decision
 from remedy.service.audit import AuditLog, ConsoleSink, FanOut
 
@@ -52,3 +54,16 @@ def test_console_and_fan_out() -> None:
     out = io.StringIO()
     FanOut([ConsoleSink(out), ConsoleSink(out)]).record(_decision("would-act"))
     assert out.getvalue().count("[fork-bomb] dry-run: would quarantine pid 42") == 2
+
+
+def test_lines_carry_the_chain_and_bad_rotation_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=1 << 20, keep=2)
+    log.record(_decision("would-act"))
+    log.close()
+    line = json.loads(path.read_text())
+    assert (line["seq"], line["prev"]) == (1, "0" * 64)
+    with pytest.raises(ValueError, match="max_bytes"):
+        AuditLog(tmp_path / "other.jsonl", max_bytes=0)
+    with pytest.raises(ValueError, match="keep"):
+        AuditLog(tmp_path / "other.jsonl", keep=0)
