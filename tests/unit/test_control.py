@@ -160,9 +160,14 @@ def test_worker_inbox_runs_on_drain_and_skips_abandoned_calls() -> None:
     assert results == [{"ok": True}]
 
     ran: list[int] = []
+
+    def release() -> dict[str, Any]:
+        ran.append(1)
+        return {"ok": True}
+
     impatient = WorkerInbox(timeout_s=0.01)
     with pytest.raises(ControlError, match="nothing was done"):
-        impatient.call(lambda: ran.append(1) or {"ok": True})
+        impatient.call(release)
     assert impatient.drain() == 0
     assert ran == []
 
