@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report what this host offers; exit 1 if BPF cannot run")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    from remedy.service import top  # noqa: PLC0415 - the control socket's client commands
+
+    top.add_parsers(sub, top.DEFAULT_SOCKET)
+
     record = sub.add_parser("record", help="record what crosses the funnel to a trace; no actions")
     record.add_argument("--duration", type=float, help="stop by itself after this many seconds")
     record.add_argument("--out", type=Path, required=True, help="write the trace (JSON lines) here")
@@ -317,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
 
             return run_doctor(as_json=args.json)
+        if args.command in ("status", "top", "silence", "release"):
+            from remedy.service import top  # noqa: PLC0415
+
+            return top.main(args)
         return _run(args)
     except ConfigErrors as err:
         print(f"invalid configuration ({len(err.errors)} error(s)):", file=sys.stderr)
