@@ -179,6 +179,7 @@ class Metrics:
         self._snapshot: AgentSnapshot | None = None
         self._monotonic = _Monotonic()
         self._server: Any = None
+        self._restore_bpf_stats = False
         self._decisions = Counter(
             "remedy_decisions",
             "Decisions of the engine, by policy, outcome and the class of their reason.",
@@ -202,8 +203,10 @@ class Metrics:
 
     def enable_bpf_stats(self) -> str:
         """Turn on kernel BPF run-time accounting where allowed; says what happened."""
-        _enabled, what = enable_bpf_stats(self._bpf_stats_path)
-        return what
+        before = self._bpf_stats_path.read_text().strip() if self._bpf_stats_path.exists() else ""
+        enabled, what = enable_bpf_stats(self._bpf_stats_path)
+        self._restore_bpf_stats = enabled and before == "0"
+        return what + ("; set back to 0 at exit" if self._restore_bpf_stats else "")
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP exporter on a daemon thread; returns the bound port (``port`` 0 picks
@@ -214,11 +217,17 @@ class Metrics:
         return bound
 
     def close(self) -> None:
-        """Stop the HTTP exporter, if serving."""
+        """Stop the HTTP exporter, if serving; put kernel.bpf_stats_enabled back if we set it."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._restore_bpf_stats:
+            self._restore_bpf_stats = False
+            try:
+                self._bpf_stats_path.write_text("0\n")
+            except OSError as err:
+                log.warning("cannot set kernel.bpf_stats_enabled back to 0: %s", err)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -196,6 +196,12 @@ def test_enable_bpf_stats_writes_the_sysctl_when_root(tmp_path: Path) -> None:
     else:
         assert not enabled and "not root" in what
     assert enable_bpf_stats(tmp_path / "missing")[0] is False
+    if os.geteuid() == 0:  # the agent's Metrics put the sysctl back when it stops
+        sysctl.write_text("0\n")
+        metrics = Metrics(proc_root=tmp_path, bpf_stats_path=sysctl)
+        assert "set back to 0" in metrics.enable_bpf_stats() and sysctl.read_text() == "1\n"
+        metrics.close()
+        assert sysctl.read_text() == "0\n"
 
 
 def test_serve_exposes_the_registry_over_http(metrics: Metrics) -> None:
