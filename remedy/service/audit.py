@@ -126,8 +126,8 @@ class AuditLog:
         self._seq = 0
         self._prev = GENESIS
         last, torn = _tail(path)
-        if last is None and not torn:
-            # Empty or missing: a fresh chain, or the window between a rotation and its first line.
+        if last is None:
+            # No complete line: a fresh chain, or a crash between a rotation and its first line.
             last, _ = _tail(path.with_name(path.name + ".1"))
         if last is not None:
             self._seq, self._prev = _chain_state(last)

@@ -106,6 +106,13 @@ def test_a_restart_right_after_a_rotation_continues_from_the_rotated_file(tmp_pa
     _write(path, 1)
     assert json.loads(_lines(path)[0])["seq"] == 3
     assert verify(path) == (3, None)
+    # ... and so does one whose first line in the new file was torn.
+    (tmp_path / "audit.jsonl.1").rename(tmp_path / "audit.jsonl.2")
+    path.rename(tmp_path / "audit.jsonl.1")
+    path.write_bytes(b'{"tor')
+    _write(path, 1)
+    assert [json.loads(raw)["seq"] for raw in _lines(path)[1:]] == [4, 5]
+    assert verify(path) == (5, None)
 
 
 def _lines_of_one(tmp_path: Path) -> bytes:
