@@ -20,10 +20,8 @@ if TYPE_CHECKING:
     from remedy.service.agent import Observer
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remedy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The options of ``remedy run``."""
     run = sub.add_parser("run", help="watch this host and act (or, with --dry-run, audit)")
     run.add_argument("--policies", type=Path, action="append", help="policy dir or file")
     run.add_argument("--playbooks", type=Path, action="append", help="playbook dir or file")
@@ -54,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         help="undo journal: every reversible change, written before it is applied",
     )
     run.add_argument(
+        "--control-socket",
+        type=Path,
+        default=Path("/run/remedy/control.sock"),
+        help="Unix socket for remedy status/top/silence/release (root only); 'none' disables",
+    )
+    run.add_argument(
         "--keep-throttles",
         action="store_true",
         help="on shutdown leave reversible changes in place until their TTL (default: revert)",
@@ -70,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--alertmanager", metavar="URL", help="send alerts to this Alertmanager")
     run.add_argument("--webhook", metavar="URL", help="POST alerts as JSON to this URL")
     run.add_argument("-v", "--verbose", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remedy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_run(sub)
 
     check = sub.add_parser("check", help="validate policies and playbooks")
     check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
@@ -212,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
         playbook_paths=playbook_paths,
         dry_run=args.dry_run,
         audit_path=args.audit,
+        audit_max_bytes=args.audit_max_bytes,
+        audit_keep=args.audit_keep,
         duration_s=args.duration,
         quarantine_root=args.quarantine_root,
         stats_path=args.stats,
@@ -219,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         sensor=args.sensor,
         ringbuf_pages=args.ringbuf_pages,
         journal_path=args.journal,
+        control_socket=None if str(args.control_socket) == "none" else args.control_socket,
         keep_throttles=args.keep_throttles,
     )
     sinks, observers, closers = _observability(args)

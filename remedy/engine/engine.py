@@ -30,7 +30,7 @@ from remedy.engine.decisions import (
 from remedy.engine.guards import Breakers, Protector, RateLimiter
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
-from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Step
+from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Silence, Step
 from remedy.proc import ProcessInfo
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import Context
@@ -134,6 +134,7 @@ class Engine:
             protector, exes=protector.exes | policies.protected_exes
         )
         self.dry_run = dry_run
+        self._runtime_silences: list[Silence] = []  # added over the control socket
         self._measure = measure
         self._undo = undo
         self._keep_on_close = keep_on_close
@@ -153,6 +154,35 @@ class Engine:
         }
         self._by_name = {p.name: p for p in policies.policies}
         self.stats: Counter[str] = Counter()
+
+    def silences(self) -> tuple[Silence, ...]:
+        """Silences from the policy files and those added at run time (which survive reloads)."""
+        return (*self.policies.silences, *self._runtime_silences)
+
+    def add_silence(self, silence: Silence) -> None:
+        if any(s.name == silence.name for s in self.silences()):
+            raise ValueError(f"a silence named {silence.name!r} exists already")
+        self._runtime_silences.append(silence)
+
+    def expire_silence(self, name: str) -> bool:
+        """End a run-time silence now; file silences end by editing the file and reloading."""
+        before = len(self._runtime_silences)
+        self._runtime_silences = [s for s in self._runtime_silences if s.name != name]
+        return len(self._runtime_silences) < before
+
+    def release_offender(self, pid: int, policy: str | None = None) -> list[str]:
+        """Manual undo: revert what was done to ``pid`` and forget it (``remedy release``)."""
+        reverted: list[str] = []
+        for key, offender in list(self._offenders.items()):
+            if offender.subject.pid != pid or (policy and offender.policy != policy):
+                continue
+            if self._undo is not None and not reverted:
+                reverted = self._undo.revert_offender(offender.subject, "released by operator")
+            if offender.state == "cooldown":
+                fire(offender, "cooled")
+            self._release(key, offender, revert=False)
+            self.stats["released-by-operator"] += 1
+        return reverted
 
     def spare(self, info: ProcessInfo) -> str | None:
         """Why an action reaching beyond the offender must leave this process alone."""
@@ -294,7 +324,7 @@ class Engine:
 
     def _silenced(self, case: _Case, now: float) -> str | None:
         wall = self._clock.wall()
-        for silence in self.policies.silences:
+        for silence in self.silences():
             if silence.applies(case.policy.name, case.facts, wall):
                 until = datetime.fromtimestamp(silence.expires, UTC).isoformat(timespec="seconds")
                 return f"silenced by {silence.author} until {until}: {silence.reason}"

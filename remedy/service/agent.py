@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from remedy.engine.decisions import DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.errors import ConfigErrors, RemedyError, SensorError
-from remedy.policy import PolicySet, load_policy_set
+from remedy.policy import PolicySet, Silence, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
@@ -36,6 +37,15 @@ from remedy.sensors.kernel import KernelSensor, Sizes
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.service.audit import AuditLog, ConsoleSink, FanOut
+from remedy.service.control import (
+    ControlServer,
+    RecentDecisions,
+    StatusBoard,
+    WorkerInbox,
+    silence_from_request,
+    silence_view,
+    status_from,
+)
 from remedy.service.identify import ProcIdentifier
 from remedy.service.sdnotify import Notifier
 from remedy.service.selftest import enforcement_problems, enforcing
@@ -55,6 +65,8 @@ class AgentOptions:
     playbook_paths: tuple[Path, ...]
     dry_run: bool = False
     audit_path: Path | None = None
+    audit_max_bytes: int = 64 * 1024 * 1024  # rotate past this size …
+    audit_keep: int = 5  # … keeping this many rotated files
     duration_s: float | None = None
     quarantine_root: str = "/remedy"
     stats_path: Path | None = None
@@ -66,6 +78,7 @@ class AgentOptions:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     proc_root: Path = Path("/proc")
     journal_path: Path = Path("/var/lib/remedy/undo.jsonl")
+    control_socket: Path | None = None  # remedy status/top/silence/release talk to it
     keep_throttles: bool = False  # on shutdown leave reversible changes for their TTL
 
 
@@ -96,6 +109,11 @@ class AgentStats:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _added(engine: Engine, silence: Silence) -> dict[str, Any]:
+    engine.add_silence(silence)
+    return {"added": silence.name}
 
 
 def _cpu_seconds() -> float:
@@ -257,6 +275,10 @@ class Agent:
         self._reload = threading.Event()
         self._journal: Journal | None = None
         self._notifier = Notifier()
+        self._board = StatusBoard()  # status for the control socket, published once a second
+        self._recent = RecentDecisions()
+        self._inbox = WorkerInbox()  # control requests that must run on the worker thread
+        self._undoer: Undoer | None = None
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
@@ -304,7 +326,7 @@ class Agent:
                     + " (run with --dry-run to audit only)"
                 )
         self._journal = Journal(self.options.journal_path, self._clock)
-        undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
+        undoer = self._undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
         executor = ActionExecutor(ctx, undoer, self._fastpath(sensor))
         engine = Engine(
             policies,
@@ -347,21 +369,31 @@ class Agent:
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
         settings = signal_settings(policies)
-        sinks: list[DecisionSink] = [ConsoleSink(self._out), *self._extra_sinks]
-        audit = AuditLog(opts.audit_path) if opts.audit_path else None
-        if audit is not None:
-            sinks.append(audit)
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
-        sensor: Sensor | None = None
-        reader: RingBufferReader | None = None
-        engine: Engine | None = None
-        try:
+        # Everything started is stopped in reverse order, whatever fails on the way.
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._stop.set)
+            sinks: list[DecisionSink] = [ConsoleSink(self._out), self._recent, *self._extra_sinks]
+            if opts.audit_path:
+                audit = AuditLog(
+                    opts.audit_path, max_bytes=opts.audit_max_bytes, keep=opts.audit_keep
+                )
+                sinks.append(stack.enter_context(contextlib.closing(audit)))
             sensor = self._start_sensor(settings)
+            stack.callback(sensor.close)
             self.stats.sensor = sensor.kind
             engine = self._engine(policies, FanOut(sinks), sensor)
+            if self._journal is not None:
+                stack.callback(self._journal.close)
+            stack.callback(engine.close)
+            if opts.control_socket is not None:
+                control = ControlServer(opts.control_socket, self._control_handler(engine))
+                control.start()
+                stack.callback(control.stop)
             reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
             reader.start()
+            stack.callback(reader.stop)
             worker = threading.Thread(
                 target=self._work,
                 args=(engine, records, reader, sensor, settings),
@@ -380,18 +412,6 @@ class Agent:
             if reader.error is not None:
                 raise SensorError(f"ring buffer reader failed: {reader.error}") from reader.error
             self._fill_stats(sensor, reader, engine)
-        finally:
-            self._stop.set()
-            if reader is not None:
-                reader.stop()
-            if engine is not None:
-                engine.close()
-            if self._journal is not None:
-                self._journal.close()
-            if sensor is not None:
-                sensor.close()
-            if audit is not None:
-                audit.close()
         self.stats.cpu_s = round(_cpu_seconds() - started_cpu, 3)
         self.stats.wall_s = round(time.monotonic() - started_wall, 3)
         # ru_maxrss is in KiB on Linux.
@@ -432,6 +452,7 @@ class Agent:
                 # Fed from the worker: a stuck engine stops feeding and systemd restarts us.
                 self._notifier.watchdog()
                 next_feed = now_feed + watchdog / 2
+            self._inbox.drain()
             if self._reload.is_set():
                 self._reload.clear()
                 self._do_reload(engine, sensor, losses)
@@ -457,6 +478,32 @@ class Agent:
             engine.on_record(record)
             engine.tick()
 
+    def _control_handler(self, engine: Engine) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Answers the control socket. ``status`` is served from the last published snapshot
+        (a busy worker never makes `remedy top` hang); everything that changes the engine runs
+        on the worker thread, between records."""
+
+        def handle(req: dict[str, Any]) -> dict[str, Any]:
+            op = req.get("op")
+            if op == "status":
+                return dict(self._board.latest())
+            if op == "silence-list":
+                return self._inbox.call(
+                    lambda: {"silences": [silence_view(x) for x in engine.silences()]}
+                )
+            if op == "silence-add":
+                silence = silence_from_request(req.get("silence", {}))
+                return self._inbox.call(lambda: _added(engine, silence))
+            if op == "silence-expire":
+                name = str(req.get("name", ""))
+                return self._inbox.call(lambda: {"expired": engine.expire_silence(name)})
+            if op == "release":
+                pid, policy = int(req["pid"]), req.get("policy")
+                return self._inbox.call(lambda: {"reverted": engine.release_offender(pid, policy)})
+            return {"ok": False, "error": f"unknown op {op!r}"}
+
+        return handle
+
     def _observe(
         self,
         sensor: Sensor,
@@ -464,8 +511,6 @@ class Agent:
         reader: RingBufferReader,
         engine: Engine,
     ) -> None:
-        if not self._observers:
-            return
         snapshot = AgentSnapshot(
             sensor=sensor.kind,
             counters=dict(counters),
@@ -479,6 +524,9 @@ class Agent:
             cpu_s=_cpu_seconds(),
             max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
+        throttles = [r.to_json() for r in self._undoer.journal.active()] if self._undoer else []
+        silences = [silence_view(x) for x in engine.silences()]
+        self._board.publish(status_from(snapshot, throttles, self._recent.items(), silences))
         for observer in self._observers:
             try:
                 observer.observe(snapshot)

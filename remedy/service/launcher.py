@@ -39,6 +39,8 @@ class AgentProcess:
         if "--journal" not in args:
             # Each agent its own journal: a journal is locked by the agent that holds it.
             args = [*args, "--journal", str(log_path.with_suffix(".undo.jsonl"))]
+        if "--control-socket" not in args:  # and its own control socket
+            args = [*args, "--control-socket", str(log_path.with_suffix(".sock"))]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "remedy", "run", *args],
             cwd=cwd,
