@@ -20,6 +20,35 @@ if TYPE_CHECKING:
     from remedy.service.agent import Observer
 
 
+_RUN_DEFAULTS: dict[str, object] = {}
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill every ``remedy run`` option the command line left at its default from --config."""
+    from remedy.service.config import load_agent_config  # noqa: PLC0415
+
+    doc = load_agent_config(args.config)
+    from_file: dict[str, object] = {
+        "policies": [Path(p) for p in doc.policies],
+        "playbooks": [Path(p) for p in doc.playbooks],
+        "dry_run": doc.dry_run,
+        "sensor": doc.sensor,
+        "quarantine_root": doc.quarantine_root,
+        "journal": Path(doc.journal),
+        "keep_throttles": doc.keep_throttles,
+        "control_socket": Path(doc.control_socket or "none"),
+        "audit": Path(doc.audit.path),
+        "audit_max_bytes": doc.audit.max_bytes,
+        "audit_keep": doc.audit.keep,
+        "metrics": doc.metrics.address if doc.metrics else None,
+        "alertmanager": doc.alerts.alertmanager,
+        "webhook": doc.alerts.webhook,
+    }
+    for dest, value in from_file.items():
+        if getattr(args, dest) == _RUN_DEFAULTS.get(dest):
+            setattr(args, dest, value)
+
+
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The options of ``remedy run``."""
     run = sub.add_parser("run", help="watch this host and act (or, with --dry-run, audit)")
@@ -74,6 +103,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--alertmanager", metavar="URL", help="send alerts to this Alertmanager")
     run.add_argument("--webhook", metavar="URL", help="POST alerts as JSON to this URL")
     run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument(
+        "--config", type=Path, help="agent configuration file (kind: AgentConfig); flags win"
+    )
+    # What each option is when not given, so a config file can fill in only those.
+    _RUN_DEFAULTS.update({action.dest: action.default for action in run._actions})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,6 +246,8 @@ def _run(args: argparse.Namespace) -> int:
     from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
     from remedy.service.agent import Agent, AgentOptions, signal_settings  # noqa: PLC0415
 
+    if args.config is not None:
+        _apply_config(args)
     policy_paths = tuple(args.policies or [Path("policies")])
     playbook_paths = tuple(args.playbooks or [Path("playbooks")])
     if args.print_bpf:

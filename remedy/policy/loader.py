@@ -222,7 +222,7 @@ def _describe_input(value: object) -> str:
     return _describe(value)
 
 
-def _translate(
+def translate(
     doc: Document,
     err: ValidationError,
     model: type[BaseModel],
@@ -366,7 +366,7 @@ class _Loader:
         try:
             return model.model_validate(data)
         except ValidationError as err:
-            self.errors.extend(_translate(doc, err, model))
+            self.errors.extend(translate(doc, err, model))
             return None
 
     def _load_policy(self, doc: Document, data: dict[Any, Any]) -> None:
@@ -494,7 +494,7 @@ class _Loader:
             try:
                 validated: ActionParams = model.model_validate(params)
             except ValidationError as err:
-                self.errors.extend(_translate(doc, err, model, ("steps", index, "params")))
+                self.errors.extend(translate(doc, err, model, ("steps", index, "params")))
                 continue
             steps.append(Step(action=action, params=validated))
         return steps
