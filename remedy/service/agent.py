@@ -217,6 +217,9 @@ class AgentSnapshot:
     offenders: tuple[OffenderView, ...]
     cpu_s: float
     max_rss_mib: float
+    throttles: int = 0  # reversible changes in force
+    reloads: int = 0
+    reloads_failed: int = 0
 
 
 class Observer(Protocol):
@@ -511,6 +514,7 @@ class Agent:
         reader: RingBufferReader,
         engine: Engine,
     ) -> None:
+        active = self._undoer.journal.active() if self._undoer else []
         snapshot = AgentSnapshot(
             sensor=sensor.kind,
             counters=dict(counters),
@@ -523,8 +527,11 @@ class Agent:
             ),
             cpu_s=_cpu_seconds(),
             max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            throttles=len(active),
+            reloads=self.stats.reloads,
+            reloads_failed=self.stats.reloads_failed,
         )
-        throttles = [r.to_json() for r in self._undoer.journal.active()] if self._undoer else []
+        throttles = [r.to_json() for r in active]
         silences = [silence_view(x) for x in engine.silences()]
         self._board.publish(status_from(snapshot, throttles, self._recent.items(), silences))
         for observer in self._observers:

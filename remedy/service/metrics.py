@@ -274,6 +274,13 @@ class Metrics:
             sensor = GaugeMetricFamily(
                 "remedy_sensor_info", "The sensor in use: kernel or sampler.", labels=["kind"]
             )
+            throttles = GaugeMetricFamily(
+                "remedy_active_throttles",
+                "Reversible changes in force (undo journal entries not yet reverted).",
+            )
+            reloads = self._counter(
+                "remedy_reloads", "Policy reloads (SIGHUP), by result.", ("result",)
+            )
             if snap is not None:
                 received.add_metric([], mono(("received",), snap.records_received))
                 drops.add_metric([], mono(("queue",), snap.queue_full))
@@ -285,7 +292,10 @@ class Metrics:
                 for state, n in by_state.items():
                     offenders.add_metric([state], n)
                 sensor.add_metric([snap.sensor], 1)
-            families += [received, drops, cpu, rss, offenders, sensor]
+                throttles.add_metric([], snap.throttles)
+                reloads.add_metric(["ok"], mono(("reloads",), snap.reloads))
+                reloads.add_metric(["refused"], mono(("reloads-failed",), snap.reloads_failed))
+            families += [received, drops, cpu, rss, offenders, sensor, throttles, reloads]
             families += self._bpf_families(mono)
         return families
 
