@@ -156,6 +156,7 @@ class Context:
     cgroup_path: str  # e.g. "/system.slice/foo.service"; "" when unknown
     container: ContainerRef | None
     parents: tuple[Ancestor, ...]  # nearest first
+    pod: PodRef | None = None  # namespace and name, when the node's kubelet says
 
     def summary(self) -> str:
         """One human line for audit lines and alerts; unknown parts are left out.
@@ -170,6 +171,8 @@ class Context:
         elif self.cgroup_path:
             # Outside containers the cgroup is what names the service ("foo.service").
             parts.append(f"cgroup {self.cgroup_path}")
+        if self.pod is not None:
+            parts.append(f"pod {self.pod.namespace}/{self.pod.name}")
         if self.exe or self.comm:
             parts.append(self.exe or self.comm)
         if self.parents:
@@ -333,6 +336,57 @@ class ParentChain:
             return None
 
 
+@dataclass(frozen=True)
+class PodRef:
+    """A Kubernetes pod by namespace and name, for fleet dashboards to group by workload."""
+
+    namespace: str
+    name: str
+
+
+class PodIndex:
+    """Pod uid → namespace and name, without any Kubernetes API access: the kubelet keeps every
+    pod's logs under ``/var/log/pods/<namespace>_<name>_<uid>/``, so the node's own directory
+    names say it (neither namespaces nor pod names may contain "_"). Rescanned on a miss, at
+    most once per ``min_rescan_s``."""
+
+    def __init__(
+        self,
+        root: Path = Path("/var/log/pods"),
+        clock: Callable[[], float] = time.monotonic,
+        min_rescan_s: float = 5.0,
+    ) -> None:
+        self._root = root
+        self._clock = clock
+        self._min_rescan_s = min_rescan_s
+        self._pods: dict[str, PodRef] = {}
+        self._scanned_at: float | None = None
+
+    def lookup(self, pod_uid: str) -> PodRef | None:
+        found = self._pods.get(pod_uid)
+        now = self._clock()
+        if found is None and (
+            self._scanned_at is None or now - self._scanned_at >= self._min_rescan_s
+        ):
+            self._scanned_at = now
+            self._pods = self._scan()
+            found = self._pods.get(pod_uid)
+        return found
+
+    def _scan(self) -> dict[str, PodRef]:
+        pods: dict[str, PodRef] = {}
+        try:
+            entries = list(self._root.iterdir())
+        except OSError:
+            return pods
+        for entry in entries:
+            parts = entry.name.split("_")
+            if len(parts) == 3 and all(parts):
+                namespace, name, uid = parts
+                pods[uid] = PodRef(namespace, name)
+        return pods
+
+
 class Enricher:
     """Turns a :class:`SensorRecord` into a :class:`Context`, reading /proc once per record.
 
@@ -347,11 +401,13 @@ class Enricher:
         cgroups: CgroupIndex | None,
         parents: ParentChain,
         proc_cgroup: Callable[[int], str] | None = None,
+        pods: PodIndex | None = None,
     ) -> None:
         self._procfs = procfs
         self._cgroups = cgroups
         self._parents = parents
         self._proc_cgroup = proc_cgroup
+        self._pods = pods
 
     def enrich(self, record: SensorRecord) -> Context:
         """The context of ``record.tgid``; partial (from the record) when the process is gone."""
@@ -365,6 +421,9 @@ class Enricher:
             # Hybrid hosts: runtimes with the cgroupfs driver only create v1 cgroups, so the
             # process sits in a v2 cgroup that names no container.
             container = parse_container(self._v1_path(tgid))
+        pod = None
+        if container is not None and container.pod_uid and self._pods is not None:
+            pod = self._pods.lookup(container.pod_uid)
         if info is None:
             return Context(
                 pid=tgid,
@@ -376,6 +435,7 @@ class Enricher:
                 cgroup_path=cgroup_path,
                 container=container,
                 parents=parents,
+                pod=pod,
             )
         return Context(
             pid=tgid,
@@ -387,6 +447,7 @@ class Enricher:
             cgroup_path=cgroup_path,
             container=container,
             parents=parents,
+            pod=pod,
         )
 
     def _read(self, record: SensorRecord) -> ProcessInfo | None:

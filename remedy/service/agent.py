@@ -31,7 +31,7 @@ from remedy.errors import ConfigErrors, RemedyError, SensorError
 from remedy.policy import PolicySet, Silence, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
-from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
+from remedy.sensors.context import CgroupIndex, Enricher, ParentChain, PodIndex
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor, Sizes
 from remedy.sensors.reader import RingBufferReader
@@ -173,6 +173,7 @@ def identifier_for(
         # The kernel's lineage map remembers parents that already exited.
         ParentChain(procfs, kernel.lineage if kernel else lambda _pid: None),
         proc_cgroup=cgroups.cgroup_of,
+        pods=PodIndex(),  # namespace/name from the kubelet's /var/log/pods, where it exists
     )
     return ProcIdentifier(procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None)
 

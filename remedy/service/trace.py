@@ -44,7 +44,7 @@ from remedy.errors import ActionError, RemedyError, SensorError
 from remedy.policy import load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Sensor, SignalSettings
-from remedy.sensors.context import Ancestor, ContainerRef, Context
+from remedy.sensors.context import Ancestor, ContainerRef, Context, PodRef
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.service.agent import (
@@ -266,6 +266,10 @@ def _container(value: Any, where: str) -> ContainerRef | None:
     return None if value is None else ContainerRef(**_fields(ContainerRef, value, where))
 
 
+def _pod(value: Any, where: str) -> PodRef | None:
+    return None if value is None else PodRef(**_fields(PodRef, value, where))
+
+
 def _ancestors(value: Any, where: str) -> tuple[Ancestor, ...]:
     return tuple(
         Ancestor(**_fields(Ancestor, a, f"{where}[{i}]")) for i, a in enumerate(_list(value, where))
@@ -276,7 +280,9 @@ def _context(value: Any, where: str) -> Context | None:
     if value is None:
         return None
     return Context(
-        **_fields(Context, value, where, {"container": _container, "parents": _ancestors})
+        **_fields(
+            Context, value, where, {"container": _container, "parents": _ancestors, "pod": _pod}
+        )
     )
 
 

@@ -460,3 +460,21 @@ def test_detect_unified_and_hybrid(tmp_path: Path, mount: Path) -> None:
     v1_only = tmp_path / "v1"
     (v1_only / "cpu").mkdir(parents=True)
     assert CgroupIndex.detect(v1_only) is None
+
+
+def test_pod_namespace_and_name_come_from_the_kubelet_log_directories(tmp_path: Path) -> None:
+    from remedy.sensors.context import PodIndex, PodRef  # noqa: PLC0415
+
+    uid = "0f1c2d3e-4a5b-6c7d-8e9f-0a1b2c3d4e5f"
+    logs = tmp_path / "pods"
+    (logs / f"payments_api-7d9f8_{uid}").mkdir(parents=True)
+    (logs / "not-a-pod-dir").mkdir()
+    now = [0.0]
+    index = PodIndex(logs, clock=lambda: now[0], min_rescan_s=5.0)
+    assert index.lookup(uid) == PodRef("payments", "api-7d9f8")
+    other = "11111111-2222-3333-4444-555555555555"
+    (logs / f"batch_job-1_{other}").mkdir()
+    assert index.lookup(other) is None  # a miss rescans at most every 5 s
+    now[0] = 6.0
+    assert index.lookup(other) == PodRef("batch", "job-1")
+    assert PodIndex(tmp_path / "absent").lookup(uid) is None
