@@ -43,6 +43,7 @@ def _apply_config(args: argparse.Namespace) -> None:
         "metrics": doc.metrics.address if doc.metrics else None,
         "alertmanager": doc.alerts.alertmanager,
         "webhook": doc.alerts.webhook,
+        "alert_log": doc.alerts.log,
     }
     for dest, value in from_file.items():
         if getattr(args, dest) == _RUN_DEFAULTS.get(dest):
@@ -102,6 +103,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument("--alertmanager", metavar="URL", help="send alerts to this Alertmanager")
     run.add_argument("--webhook", metavar="URL", help="POST alerts as JSON to this URL")
+    run.add_argument(
+        "--alert-log",
+        action="store_true",
+        help="also write alerts (firing/resolved, one per incident) to stdout: the journal",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     run.add_argument(
         "--config", type=Path, help="agent configuration file (kind: AgentConfig); flags win"
@@ -301,6 +307,7 @@ def _observability(
         Alerter,
         AlertmanagerTarget,
         AlertTarget,
+        LogTarget,
         WebhookTarget,
     )
     from remedy.service.metrics import Metrics  # noqa: PLC0415
@@ -324,6 +331,8 @@ def _observability(
         targets.append(AlertmanagerTarget(args.alertmanager))
     if args.webhook:
         targets.append(WebhookTarget(args.webhook))
+    if args.alert_log:
+        targets.append(LogTarget(sys.stdout))
     if targets:
         alerter = Alerter(targets)
         sinks.append(alerter)

@@ -33,6 +33,7 @@ class MetricsDoc(_Doc):
 class AlertsDoc(_Doc):
     alertmanager: str | None = None  # e.g. http://127.0.0.1:9093
     webhook: str | None = None
+    log: bool = False  # also one line per alert on stdout (the journal)
 
 
 class AgentConfigDoc(_Doc):
