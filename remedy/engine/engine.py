@@ -269,14 +269,8 @@ class Engine:
             return
         now = self._clock.monotonic()
         offender = self._offender(policy, subject, now)
-        playbook = self.policies.playbook_for(policy)
-        step_index = min(offender.step, len(playbook.steps) - 1)
-        step = playbook.steps[step_index]
-        if not step.scope_set and step.scope != policy.scope:
-            step = dataclasses.replace(step, scope=policy.scope)
-        demoted = self._breakers.demoted(policy.name)
-        dry_run = self.dry_run or policy.dry_run or demoted is not None
-        case = _Case(policy, record, offender, step, step_index, dry_run, facts)
+        case = self._case(policy, record, offender)
+        step = case.step
 
         if offender.state == "cooldown":
             left = offender.cooldown_until - now
@@ -300,9 +294,10 @@ class Engine:
         plan = self._executor.describe(step, offender.subject)
         if case.dry_run:
             self._after_action(offender, policy, step, now)
+            demoted = self._breakers.demoted(policy.name)
             why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
-            if self._breakers.demoted(policy.name) is not None:
-                why = f"demoted to monitor by its breaker: {self._breakers.demoted(policy.name)}"
+            if demoted is not None:
+                why = f"demoted to monitor by its breaker: {demoted}"
             self._emit(case, WOULD_ACT, why, plan)
             return
         try:
@@ -472,11 +467,16 @@ class Engine:
         self._evaluate(policy, measured, offender.subject)
 
     def _case(self, policy: Policy, record: SensorRecord, offender: Offender) -> _Case:
+        """The offender's next step (past the last, the last repeats), with the scope it acts
+        in (the step's own, else the policy's) and whether it may act at all."""
         playbook = self.policies.playbook_for(policy)
         index = min(offender.step, len(playbook.steps) - 1)
-        dry_run = self.dry_run or policy.dry_run
-        facts = facts_of(offender.subject)
-        return _Case(policy, record, offender, playbook.steps[index], index, dry_run, facts)
+        step = playbook.steps[index]
+        if not step.scope_set and step.scope != policy.scope:
+            step = dataclasses.replace(step, scope=policy.scope)
+        demoted = self._breakers.demoted(policy.name) is not None
+        dry_run = self.dry_run or policy.dry_run or demoted
+        return _Case(policy, record, offender, step, index, dry_run, facts_of(offender.subject))
 
     def _release(
         self, key: tuple[int, int, str], offender: Offender, *, revert: bool = True
