@@ -81,7 +81,7 @@ def test_unit_runs_the_agent_as_the_brief_says() -> None:
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["Type"] == ["notify"]
     assert d["NotifyAccess"] == ["main"]
-    assert d["WatchdogSec"] == ["30s"]
+    assert d["WatchdogSec"] == ["60s"]
     assert d["KillSignal"] == ["SIGTERM"]
     assert d["Restart"] == ["on-failure"]
     assert d["TimeoutStopSec"] == ["30"]
