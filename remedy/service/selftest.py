@@ -37,17 +37,27 @@ def enforcement_problems(
         os.close(os.pidfd_open(os.getpid()))
     except OSError as err:
         problems.append(f"pidfd_open is refused ({err.strerror}): signals could hit reused pids")
-    probe = f"{quarantine_root.rstrip('/')}/selftest-{os.getpid()}"
+    root = quarantine_root.rstrip("/") or "/"
+    probe = f"{root.rstrip('/')}/selftest-{os.getpid()}"
+    # Leave the host as found: a quarantine root this probe created goes with it.
+    made_root = root != "/" and not _exists(cgroups, root)
     try:
         cgroups.create(probe, probe_limits(policies))
     except RemedyError as err:
         problems.append(f"cannot create and limit a cgroup under {quarantine_root}: {err}")
     finally:
         try:
-            cgroups.remove(probe)
+            cgroups.remove(root if made_root else probe)
         except RemedyError as err:
             problems.append(f"cannot remove the probe cgroup {probe}: {err}")
     return problems
+
+
+def _exists(cgroups: CgroupDriver, rel: str) -> bool:
+    try:
+        return cgroups.exists(rel)
+    except RemedyError:
+        return False
 
 
 def enforcing(policies: PolicySet, dry_run: bool) -> bool:

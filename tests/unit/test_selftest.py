@@ -19,6 +19,10 @@ class Driver:
         self.fail_create = fail_create
         self.created: list[tuple[str, Limits]] = []
         self.removed: list[str] = []
+        self.existing = {"/remedy"}
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.existing
 
     def create(self, rel: str, limits: Limits) -> None:
         if self.fail_create:
@@ -36,6 +40,14 @@ def test_a_healthy_host_has_no_problems_and_the_probe_is_removed() -> None:
     [(rel, limits)] = driver.created
     assert rel.startswith("/remedy/selftest-") and driver.removed == [rel]
     assert limits.pids_max and limits.memory_high is None
+
+
+def test_a_quarantine_root_the_probe_created_is_removed_with_it() -> None:
+    driver = Driver()
+    driver.existing = set()
+    policies = PolicySet((POLICY,), {PLAYBOOK.name: PLAYBOOK})
+    assert enforcement_problems(driver, "/remedy", policies) == []  # type: ignore[arg-type]
+    assert driver.removed == ["/remedy"]
 
 
 def test_a_cgroup_that_cannot_be_written_is_named() -> None:
