@@ -8,9 +8,9 @@ import time
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import Limits
 from remedy.actions.params import ActionParams, KillParams
-from remedy.actions.process import ProcessHandle
+from remedy.actions.process import pinned, signal_pinned
 from remedy.engine.offender import Subject
-from remedy.errors import ActionError, CgroupError, ProcessGone
+from remedy.errors import ActionError, CgroupError
 
 
 class Kill:
@@ -72,15 +72,8 @@ class Kill:
     @staticmethod
     def _signal_all(sig: int, pids: list[int], ctx: ActionContext) -> int:
         now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        done = 0
-        for pid in pids:
-            try:
-                with ProcessHandle.bind(pid, ctx.procfs, started_before_ns=now_ns) as member:
-                    member.send_signal(sig)
-                    done += 1
-            except ProcessGone:
-                continue
-        return done
+        with pinned(pids, ctx.procfs, started_before_ns=now_ns) as handles:
+            return signal_pinned(handles, sig)
 
     def _sweep(self, sig: int, subject: Subject, ctx: ActionContext) -> int:
         rel = ctx.quarantine_of(subject)

@@ -7,11 +7,12 @@ process has been reaped, even if its number already belongs to someone else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from remedy.errors import ActionError, PermissionDenied, ProcessGone
@@ -164,3 +165,31 @@ def _translate(err: OSError, what: str, pid: int, policy: str | None) -> ActionE
         # pidfd_open(2) without PIDFD_THREAD refuses a pid that is not a thread-group leader.
         return ActionError(f"{what}: not a process (thread id?)", pid=pid, policy=policy)
     return ActionError(f"{what}: {err.strerror}", pid=pid, policy=policy)
+
+
+@contextlib.contextmanager
+def pinned(
+    pids: Iterable[int], procfs: ProcFS, *, started_before_ns: int
+) -> Iterator[list[ProcessHandle]]:
+    """A pidfd for each of ``pids`` still alive and started before ``started_before_ns`` (a
+    pid reused since we looked is skipped), all closed on exit. Every action that reaches
+    processes beyond the offender pins them this way before touching them."""
+    handles: list[ProcessHandle] = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessGone):
+                handles.append(ProcessHandle.bind(pid, procfs, started_before_ns=started_before_ns))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def signal_pinned(handles: Iterable[ProcessHandle], sig: int) -> int:
+    """Send ``sig`` through each pidfd; returns how many were still there to receive it."""
+    sent = 0
+    for handle in handles:
+        with contextlib.suppress(ProcessGone):
+            handle.send_signal(sig)
+            sent += 1
+    return sent

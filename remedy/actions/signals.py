@@ -28,7 +28,7 @@ from remedy.actions.params import (
     ReniceParams,
     TerminateParams,
 )
-from remedy.actions.process import ProcessHandle
+from remedy.actions.process import ProcessHandle, pinned
 from remedy.actions.throttle import new_record
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Handle, Subject
@@ -86,20 +86,8 @@ def _targets(subject: Subject, ctx: ActionContext) -> Iterator[list[tuple[int, H
             "no pidfd for the offender; refusing to act on a bare pid", pid=subject.pid
         )
     now_ns = _now_ns()
-    found: list[tuple[int, Handle]] = [(subject.pid, subject.handle)]
-    bound: list[ProcessHandle] = []
-    try:
-        for pid in ctx.reach(subject, now_ns):
-            try:
-                handle = ProcessHandle.bind(pid, ctx.procfs, started_before_ns=now_ns)
-            except ProcessGone:
-                continue
-            bound.append(handle)
-            found.append((pid, handle))
-        yield found
-    finally:
-        for handle in bound:
-            handle.close()
+    with pinned(ctx.reach(subject, now_ns), ctx.procfs, started_before_ns=now_ns) as reached:
+        yield [(subject.pid, subject.handle), *((h.pid, h) for h in reached)]
 
 
 def _threads(pid: int, ctx: ActionContext) -> list[int]:

@@ -409,10 +409,13 @@ class Enricher:
         self._proc_cgroup = proc_cgroup
         self._pods = pods
 
-    def enrich(self, record: SensorRecord) -> Context:
-        """The context of ``record.tgid``; partial (from the record) when the process is gone."""
+    def enrich(self, record: SensorRecord, info: ProcessInfo | None = None) -> Context:
+        """The context of ``record.tgid``; partial (from the record) when the process is gone.
+        ``info``: the process as the caller already read it (it pinned the process and checked
+        its start time), so /proc is not read twice."""
         tgid = record.tgid
-        info = self._read(record)
+        if info is None or info.pid != tgid:
+            info = self._read(record)
         parents = self._parents.chain_from(tgid, info, record.ppid)
         v2_path = self._cgroups.path_of(record.cgroup_id) if self._cgroups else None
         cgroup_path = v2_path if v2_path is not None else self._v1_path(tgid)

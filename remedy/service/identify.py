@@ -52,14 +52,15 @@ class ProcIdentifier:
         try:
             info = handle.info
             cgroup = self._cgroups.cgroup_of(info.pid)
-            parents = tuple((p.pid, p.comm) for p in self._procfs.ancestors(info.pid)[:MAX_PARENTS])
         except ActionError:
             handle.close()
             raise
         context = None
         if self._enricher is not None:
             # About the offender, which for parent-keyed signals is not the record's task.
-            context = self._enricher.enrich(replace(record, tgid=info.pid, ppid=info.ppid))
+            context = self._enricher.enrich(replace(record, tgid=info.pid, ppid=info.ppid), info)
+        # The chain the enricher built (with the kernel's lineage for exited parents).
+        parents = tuple((a.pid, a.comm) for a in context.parents[:MAX_PARENTS]) if context else ()
         return Subject(
             pid=info.pid,
             start_ticks=info.start_ticks,

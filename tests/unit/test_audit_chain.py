@@ -10,32 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_audit import _decision
 
 from remedy.cli import main
-from remedy.engine.decisions import Decision
 from remedy.service.audit import GENESIS, TORN_LINE, AuditLog, line_hash, rotated_paths
 from remedy.service.auditquery import EXIT_BROKEN, AuditFilter, iter_entries, parse_since, verify
 
-BASE = Decision(
-    time=1_800_000_000.0,
-    policy="fork-bomb",
-    signal="fork_rate",
-    pid=42,
-    start_ticks=7,
-    comm="forker",
-    ppid=1,
-    exe="/usr/bin/forker",
-    cgroup="/sys/fs/cgroup/pids/a",
-    count=200,
-    window_s=1.0,
-    action="quarantine",
-    step=0,
-    dry_run=True,
-    outcome="would-act",
-    reason="dry-run",
-    message="would quarantine pid 42",
-    state="cooldown",
-)
+# The audit tests' decision, at a round time, so chained lines are easy to tell apart.
+BASE = replace(_decision("would-act"), time=1_800_000_000.0, message="would quarantine pid 42")
 
 
 def _write(path: Path, n: int, **kwargs: int) -> None:
