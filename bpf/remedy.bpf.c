@@ -27,6 +27,57 @@
 #ifndef REMEDY_STACK_ENTRIES
 #define REMEDY_STACK_ENTRIES 1024
 #endif
+#ifndef REMEDY_BIRTH_ENTRIES
+#define REMEDY_BIRTH_ENTRIES 65536
+#endif
+
+// ===== Identity (issue 10). A pid is a number the kernel hands out again; a process is
+// (tgid, birth), where birth is task->group_leader->start_boottime: the nanosecond value that
+// /proc/PID/stat reports truncated to clock ticks. Every per-process key, record and fast-path
+// arm carries it, so nothing counted for one process is ever charged to the next holder of its
+// pid. The offsets come from the running kernel's BTF (remedy/sensors/btf.py), not from the
+// installed headers, which may be another kernel's.
+#if !defined(TASK_OFF_PID) || !defined(TASK_OFF_TGID) || !defined(TASK_OFF_START_BOOTTIME) || \
+    !defined(TASK_OFF_GROUP_LEADER) || !defined(TASK_OFF_REAL_PARENT)
+#error "task_struct offsets (TASK_OFF_*) must be given by user space (remedy/sensors/btf.py)"
+#endif
+
+static __always_inline u64 task_ptr(u64 task, u32 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)(task + off));
+    return v;
+}
+
+static __always_inline u32 task_u32(u64 task, u32 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)(task + off));
+    return v;
+}
+
+// The birth of the process `task` (any of its threads) belongs to; 0 when unreadable.
+static __always_inline u64 birth_of(u64 task)
+{
+    if (!task)
+        return 0;
+    u64 leader = task_ptr(task, TASK_OFF_GROUP_LEADER);
+    return leader ? task_ptr(leader, TASK_OFF_START_BOOTTIME) : 0;
+}
+
+static __always_inline u64 current_birth(void)
+{
+    return birth_of(bpf_get_current_task());
+}
+
+// The parent process of the current task, as the kernel knows it now (real_parent: the
+// reaper once the parent died, never a stale number).
+static __always_inline u32 current_parent(u64 *birth)
+{
+    u64 parent = task_ptr(bpf_get_current_task(), TASK_OFF_REAL_PARENT);
+    *birth = birth_of(parent);
+    return parent ? task_u32(parent, TASK_OFF_TGID) : 0;
+}
 
 enum remedy_signal {
     SIG_FORK = 0,
@@ -75,6 +126,7 @@ struct window_key {
     u32 signal;
     u32 _pad;
     u64 id;          // tgid, parent tgid or cgroup id, per the catalogue
+    u64 birth;       // the birth of the process `id` names; 0 for cgroup keys
 };
 
 struct window {
@@ -92,10 +144,12 @@ struct remedy_record {
     s64 value;       // the window's value at the crossing, kernel units
     u64 cgroup_id;
     u64 key;
+    u64 birth_ns;    // birth of `tgid`'s process (0: unreadable)
+    u64 key_birth_ns; // birth of the process `key` names (parent-keyed: the parent's); 0 for cgroups
     u32 signal;
     u32 tgid;        // the task whose event crossed (for parent-keyed signals: the child)
     u32 pid;
-    u32 ppid;        // its parent, from the lineage map (0 when unknown)
+    u32 ppid;        // its parent now (real_parent)
     u32 flags;       // REC_*
     s32 kstack_id;
     s32 ustack_id;
@@ -118,6 +172,17 @@ BPF_ARRAY(signal_config, struct signal_config, SIG_MAX);
 // and user space marks that signal's windows degraded.
 BPF_TABLE("lru_hash", struct window_key, struct window, windows, REMEDY_MAP_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct lineage, lineage, REMEDY_MAP_ENTRIES);
+// tgid -> birth of every process forked since the program was attached; deleted when the process
+// dies. Not LRU: an entry that vanished while its process lives would let a stranger pass as it.
+// User space compares the birth of the process its pidfd pins with this, at full resolution.
+BPF_HASH(births, u32, u64, REMEDY_BIRTH_ENTRIES);
+
+enum identity_counter {
+    ID_BIRTH_INSERT_FAILED = 0,  // births full: that process cannot be verified (refused)
+    ID_BIRTH_UNREADABLE,         // a birth read as 0: its records cannot be bound (refused)
+    ID_MAX,
+};
+BPF_PERCPU_ARRAY(identity_counters, u64, ID_MAX);
 BPF_PERCPU_ARRAY(counters, u64, SIG_MAX * C_MAX);
 BPF_RINGBUF_OUTPUT(events, REMEDY_RINGBUF_PAGES);
 BPF_STACK_TRACE(stacks, REMEDY_STACK_ENTRIES);
@@ -132,14 +197,15 @@ static __always_inline void bump(u32 sig, u32 counter)
         (*v)++;
 }
 
-static __always_inline u32 parent_of(u32 tgid)
+static __always_inline void id_bump(u32 idx)
 {
-    struct lineage *l = lineage.lookup(&tgid);
-    return l ? l->ppid : 0;
+    u64 *v = identity_counters.lookup(&idx);
+    if (v)
+        (*v)++;
 }
 
 static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u64 id,
-                                u64 now, u64 start, s64 value, u32 flags)
+                                u64 key_birth, u64 now, u64 start, s64 value, u32 flags)
 {
     struct remedy_record *rec = events.ringbuf_reserve(sizeof(struct remedy_record));
     if (!rec) {
@@ -154,10 +220,13 @@ static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u
     rec->value = value;
     rec->cgroup_id = bpf_get_current_cgroup_id();
     rec->key = id;
+    rec->birth_ns = current_birth();
+    rec->key_birth_ns = key_birth;
     rec->signal = sig;
     rec->tgid = tgid;
     rec->pid = (u32)pid_tgid;
-    rec->ppid = parent_of(tgid);
+    u64 parent_birth = 0;
+    rec->ppid = current_parent(&parent_birth);
     rec->flags = flags;
     rec->kstack_id = -1;
     rec->ustack_id = -1;
@@ -176,7 +245,9 @@ static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u
 
 // Count one event of `sig` for key `id`. Everything a signal needs beyond its tracepoint
 // handler is here, so every signal gets the same window, sustain, exactly-once and loss rules.
-static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
+// `birth` is the birth of the process `id` names (0 for cgroup keys): a reused pid starts
+// from an empty window instead of inheriting its predecessor's count.
+static __always_inline void account(void *ctx, u32 sig, u64 id, u64 birth, s64 delta)
 {
     struct signal_config *cfg = signal_config.lookup(&sig);
     if (!cfg || cfg->window_ns == 0)
@@ -184,11 +255,11 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
     bump(sig, C_EVENTS_SEEN);
     u64 now = bpf_ktime_get_boot_ns();  // boot time, like /proc start times
     if (cfg->naive) {
-        emit(ctx, sig, cfg, id, now, now, delta, 0);
+        emit(ctx, sig, cfg, id, birth, now, now, delta, 0);
         return;
     }
 
-    struct window_key k = {.signal = sig, ._pad = 0, .id = id};
+    struct window_key k = {.signal = sig, ._pad = 0, .id = id, .birth = birth};
     struct window *w = windows.lookup(&k);
     if (!w) {
         struct window fresh = {.start_ns = now};
@@ -235,7 +306,7 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
         return;
     if (__sync_fetch_and_add(&w->emits, 1) != 0)
         return;  // exactly one record per key per window
-    if (emit(ctx, sig, cfg, id, now, w->start_ns, cur, lost ? REC_DEGRADED : 0)) {
+    if (emit(ctx, sig, cfg, id, birth, now, w->start_ns, cur, lost ? REC_DEGRADED : 0)) {
         w->flags &= ~W_LOST;
     } else {
         // The ring buffer was full. Let the next event of this window try again; its record
@@ -248,7 +319,9 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
 #if REMEDY_SECTION_SCHED
 // ===== Fast path (issue 5): the kernel itself signals a forking offender, with no user-space
 // round trip. Two triggers, both checked only in sched_process_fork below:
-//   - armed: user space marks a tgid (fastpath_armed); its next fork is signalled;
+//   - armed: user space marks a process (fastpath_armed, keyed by tgid, holding its birth); its
+//     next fork is signalled. A different birth is a reused pid: never signalled. Arms are
+//     deleted when the process dies and when user space releases the offender;
 //   - threshold: fastpath_policy enabled; a process whose fork_rate window is at or over its
 //     threshold is signalled on every further fork of that window (cgroup_id filter: 0 = any).
 // bpf_send_signal() signals the current task's whole process (the forker). Protected tgids
@@ -257,20 +330,21 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, s64 delta)
 // ArmC, PolicyC and FastPathCounter in remedy/sensors/fastpath.py.
 
 enum fastpath_counter {
-    FP_ARMED_HITS = 0,      // forks of an armed tgid (dry run included)
+    FP_ARMED_HITS = 0,      // forks of an armed process (dry run included)
     FP_THRESHOLD_HITS,      // forks at or over the threshold that the policy matched
     FP_SIGNALS_SENT,        // bpf_send_signal() returned 0
     FP_SEND_FAILED,         // bpf_send_signal() failed
     FP_DRY_RUN,             // would have signalled
     FP_PROTECTED,           // a protected tgid was spared
-    FP_STALE,               // armed tgid born after the arm (a reused pid)
+    FP_STALE,               // an armed tgid held by another process (a reused pid)
+    FP_DISARMED_AT_EXIT,    // arms removed because their process died
     FP_MAX,
 };
 
 struct fastpath_arm {
     u32 signal;
     u32 dry_run;
-    u64 armed_at_ns;   // boot time
+    u64 birth_ns;      // the armed process's birth: the tgid alone is not an identity
     u64 hits;          // atomic
 };
 
@@ -308,16 +382,12 @@ static __always_inline void fp_fire(u32 tgid, u32 sig, u32 dry_run)
     fp_bump(bpf_send_signal(sig) == 0 ? FP_SIGNALS_SENT : FP_SEND_FAILED);
 }
 
-static __always_inline void fastpath_armed_check(u32 tgid)
+static __always_inline void fastpath_armed_check(u32 tgid, u64 birth)
 {
     struct fastpath_arm *a = fastpath_armed.lookup(&tgid);
     if (!a)
         return;
-    // Identity: a process born after the arm (its fork recorded in lineage) holds a reused
-    // pid, not the offender. (Reading task->start_boottime through bcc's probe-read rewrite
-    // returned 0 on this kernel, so the lineage map's birth time is used instead.)
-    struct lineage *born = lineage.lookup(&tgid);
-    if (born && born->born_ns > a->armed_at_ns) {
+    if (birth == 0 || a->birth_ns != birth) {
         fp_bump(FP_STALE);
         return;
     }
@@ -326,7 +396,7 @@ static __always_inline void fastpath_armed_check(u32 tgid)
     fp_fire(tgid, a->signal, a->dry_run);
 }
 
-static __always_inline void fastpath_threshold_check(u32 tgid)
+static __always_inline void fastpath_threshold_check(u32 tgid, u64 birth)
 {
     u32 zero = 0, sig = SIG_FORK;
     struct fastpath_policy *p = fastpath_policy.lookup(&zero);
@@ -337,7 +407,7 @@ static __always_inline void fastpath_threshold_check(u32 tgid)
     struct signal_config *cfg = signal_config.lookup(&sig);
     if (!cfg || cfg->window_ns == 0 || cfg->naive)
         return;
-    struct window_key k = {.signal = SIG_FORK, ._pad = 0, .id = tgid};
+    struct window_key k = {.signal = SIG_FORK, ._pad = 0, .id = tgid, .birth = birth};
     struct window *w = windows.lookup(&k);
     if (!w || w->value < cfg->threshold || w->streak + 1 < cfg->sustain)
         return;
@@ -345,6 +415,26 @@ static __always_inline void fastpath_threshold_check(u32 tgid)
     fp_fire(tgid, p->signal, p->dry_run);
 }
 #endif  // REMEDY_SECTION_SCHED (fast path)
+
+// ===== Births: always compiled, whatever signals run, because every record is bound to a
+// process by its birth. The raw tracepoint hands us the child's task_struct, whose
+// start_boottime copy_process() has just set.
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+    u64 child = ctx->args[1];
+    u32 pid = task_u32(child, TASK_OFF_PID);
+    u32 tgid = task_u32(child, TASK_OFF_TGID);
+    if (pid != tgid)
+        return 0;  // a new thread: its process already has a birth
+    u64 birth = task_ptr(child, TASK_OFF_START_BOOTTIME);
+    if (birth == 0) {
+        id_bump(ID_BIRTH_UNREADABLE);
+        return 0;
+    }
+    if (births.update(&tgid, &birth) != 0)
+        id_bump(ID_BIRTH_INSERT_FAILED);
+    return 0;
+}
 
 #if REMEDY_SECTION_SCHED
 // ===== Section "sched": fork rate (per process, per cgroup), exec rate (per parent, per cgroup) and
@@ -356,14 +446,16 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     u32 child = args->child_pid;
+    u64 birth = current_birth();
+    // Context only (parent chains of exited processes), never identity: it is LRU.
     struct lineage l = {.ppid = tgid, .born_ns = bpf_ktime_get_boot_ns()};
     bpf_get_current_comm(&l.comm, sizeof(l.comm));
     lineage.update(&child, &l);
 
-    fastpath_armed_check(tgid);  // fast path (issue 5): before the counting
-    account(args, SIG_FORK, tgid, 1);
-    account(args, SIG_FORK_CGROUP, bpf_get_current_cgroup_id(), 1);
-    fastpath_threshold_check(tgid);  // fast path (issue 5): reads the window just counted
+    fastpath_armed_check(tgid, birth);  // fast path (issue 5): before the counting
+    account(args, SIG_FORK, tgid, birth, 1);
+    account(args, SIG_FORK_CGROUP, bpf_get_current_cgroup_id(), 0, 1);
+    fastpath_threshold_check(tgid, birth);  // fast path (issue 5): reads the window just counted
     return 0;
 }
 
@@ -376,7 +468,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 #if REMEDY_SECTION_MEMORY
     // A new program gets a new address space: the level the old image (often a fork of a
     // big parent, between fork and exec) reached in this window is not the new program's.
-    struct window_key rss = {.signal = SIG_RSS, ._pad = 0, .id = tgid};
+    struct window_key rss = {.signal = SIG_RSS, ._pad = 0, .id = tgid, .birth = current_birth()};
     windows.delete(&rss);
 #endif
 #if REMEDY_SECTION_SCHED
@@ -384,36 +476,55 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (l) {
         // The process has a new name now; chains built later should show it.
         bpf_get_current_comm(&l->comm, sizeof(l->comm));
-        // Execs are counted against the parent that keeps spawning them (a crash loop's
-        // supervisor, a shell loop). A process whose fork we never saw has no known parent
-        // here; it still counts per cgroup.
-        account(args, SIG_EXEC, l->ppid, 1);
     }
-    account(args, SIG_EXEC_CGROUP, bpf_get_current_cgroup_id(), 1);
+    // Execs are counted against the parent that keeps spawning them (a crash loop's
+    // supervisor, a shell loop): the parent the kernel knows now, with its birth. An orphan's
+    // parent is its reaper, never the number its dead parent had.
+    u64 parent_birth = 0;
+    u32 parent = current_parent(&parent_birth);
+    if (parent)
+        account(args, SIG_EXEC, parent, parent_birth, 1);
+    account(args, SIG_EXEC_CGROUP, bpf_get_current_cgroup_id(), 0, 1);
 #endif
     return 0;
 }
 #endif
 
-#if REMEDY_SECTION_SCHED
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
+#if REMEDY_EXIT_HAS_GROUP_DEAD
+    u32 process_dies = args->group_dead;  // the last thread of the process (Linux 6.13+)
+#else
+    u32 process_dies = (u32)pid_tgid == tgid;  // the leader: its threads may outlive it briefly
+#endif
+    if (process_dies) {
+        births.delete(&tgid);
+#if REMEDY_SECTION_SCHED
+        if (fastpath_armed.lookup(&tgid)) {
+            fastpath_armed.delete(&tgid);
+            fp_bump(FP_DISARMED_AT_EXIT);
+        }
+#endif
+    }
+#if REMEDY_SECTION_SCHED
     if ((u32)pid_tgid != tgid)
         return 0;  // a thread, not the process
     u32 sig = SIG_CHURN;
     struct signal_config *cfg = signal_config.lookup(&sig);
     if (!cfg || cfg->window_ns == 0)
         return 0;
-    struct lineage *l = lineage.lookup(&tgid);
-    if (!l)
-        return 0;  // born before we were watching: its lifetime is unknown
-    if (bpf_ktime_get_boot_ns() - l->born_ns < cfg->lifetime_ns)
-        account(args, SIG_CHURN, l->ppid, 1);
+    u64 birth = current_birth();
+    if (birth == 0)
+        return 0;
+    u64 parent_birth = 0;
+    u32 parent = current_parent(&parent_birth);
+    if (parent && bpf_ktime_get_boot_ns() - birth < cfg->lifetime_ns)
+        account(args, SIG_CHURN, parent, parent_birth, 1);
+#endif
     return 0;
 }
-#endif  // REMEDY_SECTION_SCHED
 
 #if REMEDY_SECTION_CPU
 // ===== Section "cpu": CPU time per process from sched:sched_stat_runtime. The threshold is in
@@ -426,7 +537,7 @@ TRACEPOINT_PROBE(sched, sched_stat_runtime)
     // on behalf of another), we cannot name its process cheaply, so skip it.
     if ((u32)pid_tgid != (u32)args->pid || (u32)pid_tgid == 0)
         return 0;
-    account(args, SIG_CPU, pid_tgid >> 32, (s64)args->runtime);
+    account(args, SIG_CPU, pid_tgid >> 32, current_birth(), (s64)args->runtime);
     return 0;
 }
 #endif  // REMEDY_SECTION_CPU
@@ -444,7 +555,7 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     // looks, for as long as it lasts.
     if (!args->curr || args->member != REMEDY_MM_ANONPAGES)
         return 0;
-    account(args, SIG_RSS, bpf_get_current_pid_tgid() >> 32, args->size);
+    account(args, SIG_RSS, bpf_get_current_pid_tgid() >> 32, current_birth(), args->size);
     return 0;
 }
 #endif  // REMEDY_SECTION_MEMORY
@@ -459,8 +570,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
     if (args->ret < 0)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    account(args, SIG_OPEN, tgid, 1);
-    account(args, SIG_FD, tgid, 1);
+    u64 birth = current_birth();
+    account(args, SIG_OPEN, tgid, birth, 1);
+    account(args, SIG_FD, tgid, birth, 1);
     return 0;
 }
 
@@ -468,7 +580,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_close)
 {
     if (args->ret != 0)
         return 0;
-    account(args, SIG_FD, bpf_get_current_pid_tgid() >> 32, -1);
+    account(args, SIG_FD, bpf_get_current_pid_tgid() >> 32, current_birth(), -1);
     return 0;
 }
 #endif  // REMEDY_SECTION_FILES
@@ -479,7 +591,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_close)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-    account(args, SIG_CONNECT, bpf_get_current_pid_tgid() >> 32, 1);
+    account(args, SIG_CONNECT, bpf_get_current_pid_tgid() >> 32, current_birth(), 1);
     return 0;
 }
 #endif  // REMEDY_SECTION_NET

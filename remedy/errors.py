@@ -70,6 +70,13 @@ class ProcessGone(ActionError):
     outcome = "gone"
 
 
+class IdentityUnverified(ActionError):
+    """A record could not be bound to a process with certainty (its birth unknown, or not in
+    the kernel's births): refused rather than guessed."""
+
+    outcome = "unverified"
+
+
 class PermissionDenied(ActionError):
     """The kernel refused the action."""
 

@@ -13,12 +13,65 @@ import os
 import select
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
-from remedy.errors import ActionError, PermissionDenied, ProcessGone
+from remedy.errors import ActionError, IdentityUnverified, PermissionDenied, ProcessGone
 from remedy.proc import ProcessInfo, ProcFS
 
-__all__ = ["ProcessHandle"]
+__all__ = ["Birth", "BirthRegistry", "ProcessHandle", "pinned", "signal_pinned"]
+
+
+class BirthRegistry(Protocol):
+    """The kernel's record of births (the kernel sensor's ``births`` map)."""
+
+    started_ns: int  # CLOCK_BOOTTIME from which every new process has an entry
+
+    def birth(self, tgid: int) -> int | None:
+        """The birth of the process holding ``tgid``, if it was forked since ``started_ns``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Birth:
+    """The birth a record names a process by: CLOCK_BOOTTIME ns of task->start_boottime.
+
+    ``exact``: the kernel read it at full resolution. Sampled records and journal entries only
+    know clock ticks (``exact`` False), matched at that resolution.
+    """
+
+    ns: int
+    exact: bool = True
+
+    def mismatch(
+        self, pid: int, info: ProcessInfo, procfs: ProcFS, registry: BirthRegistry | None
+    ) -> str | None:
+        """Why the process /proc describes as ``info`` is not the one born at ``ns``, or None.
+
+        The rule (SECURITY.md, "Identity"): /proc's start time is the same nanosecond value
+        truncated to clock ticks (fs/proc/array.c), so the ticks must be equal; and where the
+        kernel recorded the birth at fork (every process forked since the sensor started), it
+        must equal ``ns`` to the nanosecond. A process born after a record was made can never
+        match that record. Without a kernel entry (born before the sensor started) the
+        tolerance is one clock tick: the only processes it cannot tell apart are two holders of
+        the same pid born in the same tick, both before the sensor started.
+        """
+        if self.ns <= 0:
+            return "its birth is unknown (the kernel could not read it)"
+        hz = procfs.clock_ticks()
+        if info.start_ticks != self.ns * hz // 1_000_000_000:
+            return "pid reused: its start time differs from the one recorded"
+        if not self.exact or registry is None:
+            return None
+        kernel = registry.birth(pid)
+        if kernel is not None:
+            return None if kernel == self.ns else "pid reused: born at another nanosecond"
+        if procfs.start_boot_ns(info) >= registry.started_ns:
+            # Born while we watched, yet the kernel has no birth for it: the map was full.
+            return "unverifiable: born while watched but absent from the kernel's births"
+        return None
+
 
 # A pidfd polls readable once its process has exited (zombie or reaped; kernel/pid.c
 # pidfd_poll). POLLHUP is added once it is reaped (Linux 6.9+); either means "gone".
@@ -42,15 +95,19 @@ class ProcessHandle:
         procfs: ProcFS,
         *,
         started_before_ns: int | None = None,
+        birth: Birth | None = None,
+        registry: BirthRegistry | None = None,
         policy: str | None = None,
         pidfd_open: Callable[[int], int] = os.pidfd_open,
     ) -> ProcessHandle:
         """Pin ``pid`` and read its identity.
 
-        ``started_before_ns`` (CLOCK_BOOTTIME ns) is when the kernel reported the process: one
-        that started later holds a reused pid and raises :class:`ProcessGone`. Raises
-        :class:`ProcessGone` if the process is gone and :class:`PermissionDenied` if the kernel
-        refuses the pidfd.
+        ``birth``: the process must be the one born then (:meth:`Birth.mismatch`, checked
+        against ``registry`` at full resolution); a stranger raises :class:`ProcessGone`, an
+        unknown birth :class:`IdentityUnverified`. ``started_before_ns`` (CLOCK_BOOTTIME ns):
+        a process that started later raises :class:`ProcessGone` (one tick of tolerance; for
+        records that carry no birth). Raises :class:`ProcessGone` if the process is gone and
+        :class:`PermissionDenied` if the kernel refuses the pidfd.
         """
         try:
             fd = pidfd_open(pid)
@@ -68,6 +125,16 @@ class ProcessHandle:
                 raise PermissionDenied("cannot read /proc entry", pid=pid, policy=policy) from err
             if _poll_exited(fd, 0, pid, policy):
                 raise ProcessGone("exited before it could be pinned", pid=pid, policy=policy)
+            # The pinned process was alive after /proc was read, so the births entry read
+            # below (or already) is its own: no other process could hold the pid meanwhile.
+            why = birth.mismatch(pid, info, procfs, registry) if birth is not None else None
+            if why is not None:
+                error = (
+                    IdentityUnverified
+                    if why.startswith(("its birth", "unverifiable"))
+                    else ProcessGone
+                )
+                raise error(why, pid=pid, policy=policy)
             if started_before_ns is not None and procfs.start_boot_ns(info) > started_before_ns:
                 # The pidfd pins a process that started after the kernel reported this pid:
                 # the reported process is gone and its pid was handed out again.
@@ -112,6 +179,14 @@ class ProcessHandle:
     def has_exited(self) -> bool:
         """True once the process has exited (a zombie counts: it can no longer act)."""
         return _poll_exited(self._require_fd(), 0, self.pid, self._policy)
+
+    def check(self, what: str) -> int:
+        """The pid, for an operation that only takes a number (a cgroup move, setpriority),
+        right after checking through the pidfd that the process has not exited: until it is
+        reaped nobody else can hold its pid. Raises :class:`ProcessGone` otherwise."""
+        if self.has_exited():
+            raise ProcessGone(f"exited before {what}", pid=self.pid, policy=self._policy)
+        return self.pid
 
     def wait_exit(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` seconds for the process to exit; True if it did."""

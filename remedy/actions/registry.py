@@ -90,15 +90,21 @@ class ActionExecutor:
                 policy=policy.name,
             )
         sig = _signal_of(step)
-        self.fastpath.arm(subject.pid, int(sig), dry_run=False)
+        try:
+            self.fastpath.arm(subject.pid, subject.birth_ns, int(sig), dry_run=False)
+        except ActionError as err:
+            err.policy = policy.name
+            raise
         return f"armed: the kernel sends {sig.name} at its next fork"
 
     def _ctx(self, step: Step) -> ActionContext:
         return self.ctx if step.scope == self.ctx.scope else replace(self.ctx, scope=step.scope)
 
     def release(self, subject: Subject) -> None:
-        """Remove the offender's quarantine once nothing lives in it (the undo journal moves
-        live members back when the change is reverted)."""
+        """Disarm the offender's fast path; remove its quarantine once nothing lives in it (the
+        undo journal moves live members back when the change is reverted)."""
+        if self.fastpath is not None and self.fastpath.disarm(subject.pid, subject.birth_ns):
+            log.info("disarmed the fast path of pid %d", subject.pid)
         rel = self.ctx.quarantine_of(subject)
         if self.ctx.cgroups.exists(rel) and not self.ctx.cgroups.members(rel):
             self.ctx.cgroups.remove(rel)

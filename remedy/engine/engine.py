@@ -103,8 +103,9 @@ class Undo(Protocol):
     def revert_all(self, reason: str) -> list[str]: ...
 
 
-# The current window's value of a signal's key, in the signal's unit; None when unknown.
-Measure = Callable[[str, int], int | None]
+# The current window's value of a signal's key (signal, key, birth of the key's process), in the
+# signal's unit; None when unknown.
+Measure = Callable[[str, int, int], int | None]
 
 
 class Engine:
@@ -449,7 +450,7 @@ class Engine:
         # there when it ends, so the ladder goes on (stop, then terminate).
         value = None
         if below is not None and self._measure is not None:
-            value = self._measure(record.signal, record.key)
+            value = self._measure(record.signal, record.key, record.key_birth_ns)
         fire(offender, "cooled")
         if below is not None and value is not None and value < below:
             reverted = (

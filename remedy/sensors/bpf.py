@@ -55,6 +55,19 @@ def require_tracepoint(category: str, event: str) -> None:
         raise SensorError(f"tracepoint {category}:{event} is not available on this kernel")
 
 
+def tracepoint_has_field(category: str, event: str, field: str) -> bool:
+    """Whether a tracepoint's format names ``field`` (fields are added across kernel versions,
+    e.g. sched_process_exit's group_dead in 6.13)."""
+    fmt = tracefs_root() / "events" / category / event / "format"
+    try:
+        text = fmt.read_text()
+    except OSError:
+        return False
+    return any(
+        line.split(";")[0].split()[-1:] == [field] for line in text.split("\n") if "field:" in line
+    )
+
+
 def render_source(name: str, defines: Mapping[str, int]) -> tuple[str, list[str]]:
     """The program text and the ``-D`` flags bcc will compile it with (for ``--ebpf``)."""
     text = program_path(name).read_text()

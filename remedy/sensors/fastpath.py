@@ -3,9 +3,10 @@
 Two triggers, both evaluated in ``sched:sched_process_fork`` (the sched section of
 ``bpf/remedy.bpf.c``), so the reaction costs no user-space round trip:
 
-- ``arm(tgid, signal)``: the next fork of that process is signalled (bpf_send_signal signals the
-  forking process itself: SIGKILL kills it, SIGSTOP stops it). A process born after the arm
-  (its fork is in the kernel's lineage map) holds a reused pid and is never hit.
+- ``arm(tgid, birth, signal)``: the next fork of that process is signalled (bpf_send_signal
+  signals the forking process itself: SIGKILL kills it, SIGSTOP stops it). The arm holds the
+  process's birth: another process that later holds the pid is never hit, and the kernel
+  deletes the arm when the process dies (``disarm`` deletes it on release).
 - ``set_policy(enabled, signal, dry_run, cgroup_id)``: every fork of a process whose fork_rate
   window is at or over the sensor's fork_rate threshold is signalled, optionally only in one
   cgroup2 (``cgroup_id``, 0 = the whole host).
@@ -17,17 +18,15 @@ kernel. Counters are per CPU, summed by ``counters()``.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
 import os
 import signal as signals
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from remedy.errors import SensorError
+from remedy.errors import ActionError, SensorError
 from remedy.sensors import bpf
 from remedy.sensors.kernel import KernelSensor
 
@@ -44,6 +43,7 @@ class FastPathCounter(enum.IntEnum):
     DRY_RUN = 4
     PROTECTED = 5
     STALE = 6
+    DISARMED_AT_EXIT = 7
 
 
 class ArmC(ctypes.Structure):
@@ -52,7 +52,7 @@ class ArmC(ctypes.Structure):
     _fields_ = (
         ("signal", ctypes.c_uint32),
         ("dry_run", ctypes.c_uint32),
-        ("armed_at_ns", ctypes.c_uint64),
+        ("birth_ns", ctypes.c_uint64),
         ("hits", ctypes.c_uint64),
     )
 
@@ -95,21 +95,35 @@ class FastPath:
     def _map(self, name: str) -> Any:
         return self.sensor.table(name)
 
-    def arm(self, tgid: int, signal: int, dry_run: bool) -> None:
-        """Signal ``tgid``'s next fork (each further fork too, until disarmed)."""
+    def arm(self, tgid: int, birth_ns: int, signal: int, dry_run: bool) -> None:
+        """Signal the next fork of the process (``tgid``, born at ``birth_ns``), and each
+        further one until it dies or is disarmed. Raises :class:`ActionError` when the birth
+        is unknown or the arm map is full: a refusal the engine audits, never a crash."""
         _check_signal(signal)
-        arm = ArmC(
-            signal=signal,
-            dry_run=int(dry_run),
-            armed_at_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME),  # bpf_ktime_get_boot_ns
-            hits=0,
-        )
-        self._map("fastpath_armed")[ctypes.c_uint32(tgid)] = arm
+        if birth_ns <= 0:
+            raise ActionError("cannot arm: the offender's birth is unknown", pid=tgid)
+        arm = ArmC(signal=signal, dry_run=int(dry_run), birth_ns=birth_ns, hits=0)
+        try:
+            self._map("fastpath_armed")[ctypes.c_uint32(tgid)] = arm
+        except Exception as err:  # bcc raises bare Exception on a failed update (E2BIG: full)
+            raise ActionError(f"cannot arm the in-kernel fast path: {err}", pid=tgid) from err
 
-    def disarm(self, tgid: int) -> None:
-        """Forget an arm (a no-op when none)."""
-        with contextlib.suppress(KeyError):
-            del self._map("fastpath_armed")[ctypes.c_uint32(tgid)]
+    def armed(self) -> dict[int, int]:
+        """tgid -> birth of every live arm."""
+        return {int(k.value): int(v.birth_ns) for k, v in self._map("fastpath_armed").items()}
+
+    def disarm(self, tgid: int, birth_ns: int | None = None) -> bool:
+        """Forget the arm of ``tgid`` (only if it holds ``birth_ns``, when given); True when
+        one was removed."""
+        table = self._map("fastpath_armed")
+        key = ctypes.c_uint32(tgid)
+        try:
+            if birth_ns is not None and int(table[key].birth_ns) != birth_ns:
+                return False
+            del table[key]
+        except KeyError:
+            return False
+        return True
 
     def hits(self, tgid: int) -> int | None:
         """Forks of an armed ``tgid`` seen since it was armed, or None when not armed."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from remedy.errors import SensorError
-from remedy.sensors import bpf
+from remedy.sensors import bpf, btf
 from remedy.sensors.catalog import BY_ID, SIGNALS, SignalCounters, SignalSettings, sections_for
 from remedy.sensors.records import SensorRecord
 
@@ -56,6 +56,8 @@ class RecordC(ctypes.Structure):
         ("value", ctypes.c_int64),
         ("cgroup_id", ctypes.c_uint64),
         ("key", ctypes.c_uint64),
+        ("birth_ns", ctypes.c_uint64),
+        ("key_birth_ns", ctypes.c_uint64),
         ("signal", ctypes.c_uint32),
         ("tgid", ctypes.c_uint32),
         ("pid", ctypes.c_uint32),
@@ -102,6 +104,8 @@ def decode(raw: RecordC) -> SensorRecord:
         elapsed_s=(raw.ts_boot_ns - raw.window_start_ns) / 1e9,
         ts_boot_ns=raw.ts_boot_ns,
         key=raw.key,
+        birth_ns=raw.birth_ns,
+        key_birth_ns=raw.key_birth_ns,
         degraded=bool(raw.flags & REC_DEGRADED),
         kstack_id=raw.kstack_id,
         ustack_id=raw.ustack_id,
@@ -115,26 +119,57 @@ class Sizes:
     map_entries: int = 16384
     ringbuf_pages: int = 16
     stack_entries: int = 1024
+    birth_entries: int = 65536  # live processes born since start whose birth can be verified
+
+
+class IdentityCounter(enum.IntEnum):
+    """Indexes of ``identity_counters``; KEEP IN SYNC with enum identity_counter."""
+
+    BIRTH_INSERT_FAILED = 0
+    BIRTH_UNREADABLE = 1
 
 
 class KernelSensor:
-    """Owns the loaded program. Not thread-safe: poll() belongs to the reader thread."""
+    """Owns the loaded program. Not thread-safe: poll() belongs to the reader thread, except
+    :meth:`birth`, a single map lookup the worker makes while identifying."""
 
     kind: Literal["kernel", "sampler"] = "kernel"
 
-    def __init__(self, sizes: Sizes | None = None, *, naive: bool = False, stacks: bool = True):
+    def __init__(
+        self,
+        sizes: Sizes | None = None,
+        *,
+        naive: bool = False,
+        stacks: bool = True,
+        offsets: btf.TaskOffsets | None = None,
+    ):
         self.sizes = sizes or Sizes()
         self.naive = naive
         self.stacks = stacks
         self.sections: tuple[str, ...] = ()
         self.settings: dict[str, SignalSettings] = {}
+        self._offsets = offsets
         self._bpf: Any = None
+        # CLOCK_BOOTTIME once every probe was attached: a process born later has its birth in
+        # the births map (or a counted insert failure), one born earlier may not.
+        self.started_ns = 0
+
+    def offsets(self) -> btf.TaskOffsets:
+        """task_struct offsets of the running kernel (from its BTF, read once)."""
+        if self._offsets is None:
+            self._offsets = btf.task_offsets()
+        return self._offsets
 
     def defines(self, sections: tuple[str, ...]) -> dict[str, int]:
         defines = {
             "REMEDY_MAP_ENTRIES": self.sizes.map_entries,
             "REMEDY_RINGBUF_PAGES": self.sizes.ringbuf_pages,
             "REMEDY_STACK_ENTRIES": self.sizes.stack_entries,
+            "REMEDY_BIRTH_ENTRIES": self.sizes.birth_entries,
+            "REMEDY_EXIT_HAS_GROUP_DEAD": int(
+                bpf.tracepoint_has_field("sched", "sched_process_exit", "group_dead")
+            ),
+            **self.offsets().defines(),
         }
         defines.update({f"REMEDY_SECTION_{s.upper()}": 1 for s in sections})
         return defines
@@ -164,6 +199,7 @@ class KernelSensor:
                 bpf.require_tracepoint(*tp.split(":"))
         self.sections = sections_for(settings)
         self._bpf = bpf.load(PROGRAM, self.defines(self.sections))
+        self.started_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self.configure(settings)
 
     def _table(self, name: str) -> Any:
@@ -215,16 +251,24 @@ class KernelSensor:
             for sig in SIGNALS.values()
         }
 
-    def window_value(self, name: str, key: int) -> int | None:
-        """The current raw value of a key's window (tests and diagnostics)."""
+    def window_value(self, name: str, key: int, birth: int | None = None) -> int | None:
+        """The current raw value of a key's window (tests and diagnostics). Without ``birth``,
+        the newest window of any process that held ``key`` (a walk of the map)."""
         table = self._table("windows")
-        k = table.Key(SIGNALS[name].id, 0, key)
-        try:
-            return int(table[k].value)
-        except KeyError:
-            return None
+        sig = SIGNALS[name].id
+        if birth is not None:
+            try:
+                return int(table[table.Key(sig, 0, key, birth)].value)
+            except KeyError:
+                return None
+        found = [
+            (int(w.start_ns), int(w.value))
+            for k, w in table.items()
+            if k.signal == sig and k.id == key
+        ]
+        return max(found)[1] if found else None
 
-    def measure(self, name: str, key: int) -> int | None:
+    def measure(self, name: str, key: int, birth: int = 0) -> int | None:
         """The key's current window, in the policy's unit (a playbook step's ``until``): 0 when
         its window has ended with no event since (it went quiet), None when the signal is not
         watched. CPU is the share of a core over the part of the window that has passed."""
@@ -233,7 +277,7 @@ class KernelSensor:
             return None
         table = self._table("windows")
         try:
-            w = table[table.Key(SIGNALS[name].id, 0, key)]
+            w = table[table.Key(SIGNALS[name].id, 0, key, birth)]
         except KeyError:
             return 0
         window_ns = int(settings.window_s * 1e9)
@@ -243,6 +287,19 @@ class KernelSensor:
         if name == "cpu":
             return to_policy_units(name, int(w.value), max(elapsed, 1))
         return to_policy_units(name, int(w.value), window_ns)
+
+    def birth(self, tgid: int) -> int | None:
+        """The birth (CLOCK_BOOTTIME ns) the kernel recorded when ``tgid``'s current holder was
+        forked, or None when it was born before :attr:`started_ns` or the map was full."""
+        try:
+            return int(self._table("births")[ctypes.c_uint32(tgid)].value)
+        except KeyError:
+            return None
+
+    def identity_counters(self) -> dict[str, int]:
+        """Summed per-CPU identity counters by name (birth_insert_failed, birth_unreadable)."""
+        sums = bpf.percpu_sums(self._table("identity_counters"), len(IdentityCounter))
+        return {c.name.lower(): sums[c] for c in IdentityCounter}
 
     def lineage(self, tgid: int) -> tuple[int, str] | None:
         """(parent tgid, comm) the kernel remembers for ``tgid``: exited processes included."""

@@ -21,6 +21,11 @@ class SensorRecord:
     elapsed_s: float  # time from the window's start to the crossing
     ts_boot_ns: int  # CLOCK_BOOTTIME of the crossing; compared with process start times
     key: int = 0  # what was aggregated: tgid, parent tgid or cgroup id (see the catalogue)
+    # Births (CLOCK_BOOTTIME ns of the process's start, as task->start_boottime): with the tgid,
+    # the identity of a process. birth_ns is tgid's; key_birth_ns is the birth of the process
+    # ``key`` names (the parent's for parent-keyed signals), 0 for cgroup keys and for unknown.
+    birth_ns: int = 0
+    key_birth_ns: int = 0
     degraded: bool = False  # records were lost around this window: never escalate to a kill
     kstack_id: int = -1  # ids in the sensor's stack map; -1 when none
     ustack_id: int = -1

@@ -175,7 +175,9 @@ def identifier_for(
         proc_cgroup=cgroups.cgroup_of,
         pods=PodIndex(),  # namespace/name from the kubelet's /var/log/pods, where it exists
     )
-    return ProcIdentifier(procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None)
+    return ProcIdentifier(
+        procfs, cgroups, enricher, _stack_reader(kernel) if kernel else None, births=kernel
+    )
 
 
 def watched(settings: Mapping[str, SignalSettings]) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from remedy.actions.cgroups import CgroupDriver
-from remedy.actions.process import ProcessHandle
+from remedy.actions.process import Birth, BirthRegistry, ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcFS
@@ -26,11 +26,23 @@ def offender_pid(record: SensorRecord) -> int:
     return record.tgid
 
 
+def offender_birth(record: SensorRecord) -> Birth | None:
+    """The birth of :func:`offender_pid`'s process as the kernel knew it when counting (the
+    parent's own for parent-keyed signals). None for records that carry none (the /proc
+    sampler, old traces): those fall back to "started before the record"."""
+    if record.sampled:
+        return None
+    kind = SIGNALS[record.signal].key
+    return Birth(record.birth_ns if kind == "cgroup" else record.key_birth_ns)
+
+
 class ProcIdentifier:
     """Reads /proc and the cgroup of a recorded tgid.
 
-    The pidfd is bound with ``started_before_ns`` set to the crossing time: a process that
-    started after the kernel counted the forks holds a reused pid and is not the offender.
+    The pidfd is bound to the process born when the record says (its birth, checked at full
+    resolution against the kernel's births map, ``births``): a process that took the pid after
+    the kernel counted is never the offender. Records without a birth (the sampler) are bound
+    with ``started_before_ns`` set to the crossing time instead.
     """
 
     def __init__(
@@ -39,15 +51,22 @@ class ProcIdentifier:
         cgroups: CgroupDriver,
         enricher: Enricher | None = None,
         stack_of: Callable[[SensorRecord], tuple[str, ...]] | None = None,
+        births: BirthRegistry | None = None,
     ) -> None:
         self._procfs = procfs
         self._cgroups = cgroups
         self._enricher = enricher
         self._stack_of = stack_of
+        self._births = births
 
     def identify(self, record: SensorRecord) -> Subject:
+        birth = offender_birth(record)
         handle = ProcessHandle.bind(
-            offender_pid(record), self._procfs, started_before_ns=record.ts_boot_ns
+            offender_pid(record),
+            self._procfs,
+            started_before_ns=record.ts_boot_ns,
+            birth=birth,
+            registry=self._births,
         )
         try:
             info = handle.info
@@ -75,4 +94,5 @@ class ProcIdentifier:
             parents=parents,
             context=context,
             stack=self._stack_of(record) if self._stack_of else (),
+            birth_ns=birth.ns if birth is not None else 0,
         )

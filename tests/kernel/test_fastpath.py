@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from kernel_helpers import STORM, Harness, start
 
+from remedy.errors import ActionError
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.fastpath import ArmC, FastPath, PolicyC
 from remedy.sensors.kernel import KernelSensor
@@ -52,6 +53,12 @@ def _forking(h: Harness, proc: subprocess.Popen[bytes], at_least: int = 5) -> in
     raise AssertionError("the forker never started forking")
 
 
+def _birth(h: Harness, proc: subprocess.Popen[bytes]) -> int:
+    birth = h.sensor.birth(proc.pid)
+    assert birth, "the kernel recorded no birth for a process forked while it watched"
+    return birth
+
+
 def test_struct_mirrors_match_the_kernel_layout(fast: tuple[Harness, FastPath]) -> None:
     _, fp = fast
     for mirror, kernel in zip((ArmC, PolicyC), fp.layout_types(), strict=True):
@@ -67,13 +74,13 @@ def test_an_armed_forker_is_killed_at_its_next_fork(
     h, fp = fast
     proc = _forker(test_cgroup, 2000, 20, rate=200)
     before = _forking(h, proc)
-    fp.arm(proc.pid, signal.SIGKILL, dry_run=False)
+    fp.arm(proc.pid, _birth(h, proc), signal.SIGKILL, dry_run=False)
     assert proc.wait(10) == -signal.SIGKILL
     through = (h.sensor.window_value("fork_rate", proc.pid) or 0) - before
-    hits = fp.hits(proc.pid)
     counters = fp.counters()
+    hits = counters["armed_hits"]  # the arm itself went with the process
     print(f"\narmed: {hits} hit(s), {through} fork(s) counted after arming, {counters}")
-    assert hits is not None and 1 <= hits <= 3
+    assert 1 <= hits <= 3
     assert through <= 3
     assert counters["signals_sent"] >= 1
 
@@ -84,11 +91,11 @@ def test_a_dry_run_arm_counts_and_signals_nothing(
     h, fp = fast
     proc = _forker(test_cgroup, 100, 20, rate=200)
     _forking(h, proc)
-    fp.arm(proc.pid, signal.SIGKILL, dry_run=True)
+    fp.arm(proc.pid, _birth(h, proc), signal.SIGKILL, dry_run=True)
     assert proc.wait(20) == 0
-    hits = fp.hits(proc.pid)
-    assert hits is not None and hits >= 10
     counters = fp.counters()
+    hits = counters["armed_hits"]
+    assert hits >= 10
     assert counters["dry_run"] >= hits
     assert counters["signals_sent"] == 0
 
@@ -100,11 +107,11 @@ def test_a_protected_tgid_is_never_signalled(
     proc = _forker(test_cgroup, 100, 20, rate=200)
     _forking(h, proc)
     fp.protect([proc.pid])
-    fp.arm(proc.pid, signal.SIGKILL, dry_run=False)
+    fp.arm(proc.pid, _birth(h, proc), signal.SIGKILL, dry_run=False)
     assert proc.wait(20) == 0
-    hits = fp.hits(proc.pid)
-    assert hits is not None and hits >= 10
     counters = fp.counters()
+    hits = counters["armed_hits"]
+    assert hits >= 10
     assert counters["protected"] >= hits
     assert counters["signals_sent"] == 0
 
@@ -115,16 +122,40 @@ def test_an_arm_on_a_reused_pid_never_fires(
     h, fp = fast
     proc = _forker(test_cgroup, 100, 20, rate=200)
     _forking(h, proc)
-    # An arm older than this process: as if the offender died and its pid was reused.
-    fp.arm(proc.pid, signal.SIGKILL, dry_run=False)
-    arms = h.sensor.table("fastpath_armed")
-    key = ctypes.c_uint32(proc.pid)
-    stale = arms[key]
-    stale.armed_at_ns = 1
-    arms[key] = stale
+    # An arm for another birth: as if the offender died and its pid was reused.
+    fp.arm(proc.pid, _birth(h, proc) - 1, signal.SIGKILL, dry_run=False)
     assert proc.wait(20) == 0
-    assert fp.hits(proc.pid) == 0
+    assert fp.counters()["armed_hits"] == 0
     assert fp.counters()["stale"] >= 10
+
+
+def test_an_arm_is_deleted_when_its_process_dies(
+    fast: tuple[Harness, FastPath], test_cgroup: CgroupSandbox
+) -> None:
+    h, fp = fast
+    proc = _forker(test_cgroup, 100, 20, rate=100)
+    _forking(h, proc)
+    fp.arm(proc.pid, _birth(h, proc), signal.SIGTERM, dry_run=True)
+    assert proc.pid in fp.armed()
+    assert proc.wait(20) == 0
+    assert proc.pid not in fp.armed()
+    assert h.sensor.birth(proc.pid) is None
+    assert fp.counters()["disarmed_at_exit"] >= 1
+
+
+def test_a_full_arm_map_is_a_refusal_not_a_crash(fast: tuple[Harness, FastPath]) -> None:
+    _, fp = fast
+    table = fp.sensor.table("fastpath_armed")
+    try:
+        # Not live processes: these tgids are above pid_max, so no arm can ever fire.
+        for i in range(1024):
+            table[ctypes.c_uint32(10_000_000 + i)] = ArmC(signal=9, dry_run=1, birth_ns=1, hits=0)
+        with pytest.raises(ActionError, match="cannot arm"):
+            fp.arm(10_000_000 + 5000, 1, signal.SIGKILL, dry_run=True)
+        with pytest.raises(ActionError, match="birth is unknown"):
+            fp.arm(10_000_000 + 5000, 0, signal.SIGKILL, dry_run=True)
+    finally:
+        table.clear()
 
 
 def test_threshold_mode_kills_a_storm_at_the_crossing_and_spares_a_slow_forker(

@@ -65,11 +65,14 @@ def test_one_record_per_offender_per_window(fork: Harness, test_cgroup: CgroupSa
 
 def test_a_new_window_emits_again(fork: Harness, test_cgroup: CgroupSandbox) -> None:
     fork.configure(fork_rate=SignalSettings(window_s=0.2, threshold=20))
+    began = time.monotonic()
     pid = fork.run(test_cgroup, "fork", "--count", "400", "--seconds", "20", "--rate", "400")
+    ran_s = time.monotonic() - began
     mine = fork.of("fork_rate", pid)
     # About 1 s at up to 400/s over 0.2 s windows: each window crosses 20 once (20 in 0.2 s
-    # needs only 100/s, so a loaded CI machine still crosses every window).
-    assert 3 <= len(mine) <= 8
+    # needs only 100/s, so a loaded CI machine still crosses every window). At most one record
+    # per window however long a loaded machine made the run take.
+    assert 3 <= len(mine) <= ran_s / 0.2 + 1
     assert all(r.count == 20 for r in mine)
     starts = [r.ts_boot_ns - int(r.elapsed_s * 1e9) for r in mine]
     assert all(b - a >= 199_000_000 for a, b in itertools.pairwise(starts))

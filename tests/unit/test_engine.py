@@ -458,7 +458,7 @@ def settling_rig(value: int | None, *, keep: bool = False) -> tuple[Rig, FakeUnd
         sink=sink,
         clock=clock,
         protector=Protector(999, frozenset({1})),
-        measure=lambda signal, key: value,
+        measure=lambda signal, key, birth: value,
         undo=undo,
         keep_on_close=keep,
     )
