@@ -98,7 +98,8 @@ def subjects() -> Iterator[list[Subject]]:
     found: list[Subject] = []
     yield found
     for subject in found:
-        subject.handle.close()
+        if subject.handle is not None:
+            subject.handle.close()
 
 
 @pytest.mark.parametrize("path", ["/..", "/../..", "/../other/app"])
