@@ -8,7 +8,7 @@ instead.
 
 Files are parsed the way the kernel writes them, never with ``str.splitlines()`` (which also
 breaks lines at \x1c, \x1d, \x1e, \x85, \u2028 ..., bytes any user can put in a comm or a
-cgroup name): see :func:`parse_cgroup_file` and docs/SECURITY.md, "Reading /proc".
+cgroup name): see :func:`parse_cgroup_file` and SECURITY.md, "Reading /proc".
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ _STATE, _PPID, _FLAGS, _STARTTIME = 0, 1, 6, 19
 
 # A line of /proc/<pid>/cgroup is "<hierarchy id>:<controllers>:<path>\n" and the path always
 # starts with "/" ("/.." under a cgroup namespace too): kernel/cgroup/cgroup.c,
-# proc_cgroup_show(). The path is written with seq_puts, unescaped: it may hold "\n".
+# proc_cgroup_show(). The path is written with seq_puts, unescaped: it may hold "\n" (cgroup
+# names may not since Linux 4.13, cgroup_mkdir() and cgroup1_rename(); older kernels allow it).
 _CGROUP_HEADER = re.compile(r"(\d+):([^:\n]*):/")
 # proc_cgroup_show() appends this to the v2 path of a dead cgroup (a zombie's); a live cgroup
 # may have a name ending so too, so a path ending in it has both readings.
