@@ -3,8 +3,8 @@
 The test delegates a cgroup2 subtree to ``nobody`` the way systemd delegates one (the directory
 and its cgroup.procs chowned to the user), inside the test's own pids-limited sandbox. A child
 that drops to ``nobody`` first then creates cgroups whose names fake lines of
-/proc/pid/cgroup (with \\x1c, which str.splitlines() breaks at, and with \\n, which the kernel
-does not escape there), moves itself into them, and sets comms that fake the Uid line of
+/proc/pid/cgroup after \\x1c and every other character str.splitlines() breaks at (the kernel
+refuses \\n in cgroup names), moves itself into them, and sets comms that fake the Uid line of
 /proc/pid/status or play with ")" and "\\n". remedy's /proc reader, its drivers and its
 identification must report the true cgroup, uid and comm, and policies must select what the
 truth calls for. The child is the only process signalled (by the sandbox's cleanup), and every
@@ -112,20 +112,21 @@ class Forger:
     def pid(self) -> int:
         return self.proc.pid
 
-    def ask(self, verb: str, value: str) -> None:
+    def _send(self, verb: str, value: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{verb} {os.fsencode(value).hex()}\n".encode())
         self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().decode().strip()
-        assert answer == "ok", f"{verb} {value!r}: {answer or 'child died'}"
+        return self.proc.stdout.readline().decode().strip() or "child died"
+
+    def ask(self, verb: str, value: str) -> None:
+        """Have the child do it; fails the test if it could not."""
+        answer = self._send(verb, value)
+        assert answer == "ok", f"{verb} {value!r}: {answer}"
 
     def refused(self, verb: str, value: str) -> str:
         """What the kernel said when the child tried; fails the test if it succeeded."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{verb} {os.fsencode(value).hex()}\n".encode())
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().decode().strip()
-        assert answer.startswith("err"), f"{verb} {value!r}: {answer or 'child died'}"
+        answer = self._send(verb, value)
+        assert answer.startswith("err"), f"{verb} {value!r}: {answer}"
         return answer
 
     def v2_rel(self, name: str) -> str:
