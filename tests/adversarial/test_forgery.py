@@ -86,6 +86,9 @@ FORGED_CGROUPS = [f"x{brk}0::{VICTIM}" for brk in BREAKS] + [
     f"x{brk}{PIDS}:pids:{VICTIM}" for brk in BREAKS
 ]
 FORGED_IDS = [f"{ord(b):x}-v2" for b in BREAKS] + [f"{ord(b):x}-pids" for b in BREAKS]
+# Not UTF-8 at all: the bytes must reach selectors and the kernel unchanged.
+FORGED_CGROUPS.append(os.fsdecode(b"\xff\xfe\x1c0::") + VICTIM)
+FORGED_IDS.append("non-utf8-v2")
 # At most 15 bytes each (TASK_COMM_LEN 16 with its NUL).
 FORGED_COMMS = (
     "\x1cUid:\t0",
