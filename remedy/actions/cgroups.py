@@ -145,7 +145,11 @@ class CgroupDriver(Protocol):
     root: Path
 
     def cgroup_of(self, pid: int) -> str:
-        """The cgroup of ``pid`` relative to the hierarchy root ("/a/b")."""
+        """The cgroup of ``pid`` relative to the hierarchy root ("/a/b"), as the kernel wrote
+        it: where a cgroup name fakes lines of /proc/pid/cgroup, the reading whose
+        cgroup.procs holds ``pid``. Raises :class:`CgroupError` naming the pid for a path this
+        driver cannot act on ("/.." under a cgroup namespace) and :class:`ActionError` for a
+        file no reading of which is proven."""
         ...
 
     def display_path(self, rel: str) -> str:
@@ -277,6 +281,27 @@ def _non_root_parts(rel: str, what: str) -> list[str]:
     return parts
 
 
+def _holds(driver: CgroupDriver, rel: str, pid: int) -> bool:
+    """Whether ``rel`` exists and lists ``pid``: a process is in exactly one cgroup per
+    hierarchy, so this tells a true reading of /proc/pid/cgroup from a faked one."""
+    try:
+        return driver.contains(rel, pid)
+    except CgroupError:
+        return False
+
+
+def _actionable(rel: str, pid: int) -> str:
+    """``rel`` if this driver can act on it. Under a private cgroup namespace the kernel names
+    cgroups above the reader's namespace root "/.."; those cannot be reached from here."""
+    try:
+        _parts(rel)
+    except CgroupError as err:
+        raise CgroupError(
+            "cgroup path is outside this reader's view (a cgroup namespace?)", pid=pid, cgroup=rel
+        ) from err
+    return rel
+
+
 def _error(err: OSError, what: str, rel: str) -> CgroupError:
     return CgroupError(f"{what}: {err.strerror}", cgroup=rel)
 
@@ -354,10 +379,10 @@ class CgroupV1Driver:
 
     def cgroup_of(self, pid: int) -> str:
         """The pids-hierarchy line of /proc/pid/cgroup."""
-        cgroups = self._procfs.cgroups(pid)
-        if "pids" not in cgroups:
+        path = self._procfs.cgroup(pid, "pids", is_member=lambda rel: _holds(self, rel, pid))
+        if path is None:
             raise CgroupError("no pids hierarchy in /proc/pid/cgroup", pid=pid)
-        return cgroups["pids"]
+        return _actionable(path, pid)
 
     def display_path(self, rel: str) -> str:
         """root/pids/rel."""
@@ -540,10 +565,10 @@ class CgroupV2Driver:
 
     def cgroup_of(self, pid: int) -> str:
         """The "0::" line of /proc/pid/cgroup."""
-        cgroups = self._procfs.cgroups(pid)
-        if "" not in cgroups:
+        path = self._procfs.cgroup(pid, "", is_member=lambda rel: _holds(self, rel, pid))
+        if path is None:
             raise CgroupError("no cgroup v2 line in /proc/pid/cgroup", pid=pid)
-        return cgroups[""]
+        return _actionable(path, pid)
 
     def display_path(self, rel: str) -> str:
         """root/rel."""

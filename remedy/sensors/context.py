@@ -409,6 +409,11 @@ class Enricher:
         self._proc_cgroup = proc_cgroup
         self._pods = pods
 
+    @property
+    def cgroup_index(self) -> CgroupIndex | None:
+        """The cgroup id -> path index records are resolved with (None: no cgroup2 mount)."""
+        return self._cgroups
+
     def enrich(self, record: SensorRecord, info: ProcessInfo | None = None) -> Context:
         """The context of ``record.tgid``; partial (from the record) when the process is gone.
         ``info``: the process as the caller already read it (it pinned the process and checked

@@ -8,7 +8,7 @@ from dataclasses import replace
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.process import Birth, BirthRegistry, ProcessHandle
 from remedy.engine.offender import Subject
-from remedy.errors import ActionError
+from remedy.errors import CgroupError
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import Enricher
@@ -69,11 +69,17 @@ class ProcIdentifier:
             registry=self._births,
         )
         try:
-            info = handle.info
-            cgroup = self._cgroups.cgroup_of(info.pid)
-        except ActionError:
+            return self._subject(record, handle)
+        except BaseException:
+            # Whatever fails once the process is pinned, the pidfd goes with it: one leaked
+            # per record would soon exhaust the agent's descriptors.
             handle.close()
             raise
+
+    def _subject(self, record: SensorRecord, handle: ProcessHandle) -> Subject:
+        info = handle.info
+        cgroup = self._cgroup_of(record, info.pid)
+        display = self._cgroups.display_path(cgroup)
         context = None
         if self._enricher is not None:
             # About the offender, which for parent-keyed signals is not the record's task.
@@ -89,10 +95,41 @@ class ProcIdentifier:
             uid=info.uid,
             is_kernel_thread=info.is_kernel_thread,
             cgroup=cgroup,
-            cgroup_display=self._cgroups.display_path(cgroup),
+            cgroup_display=display,
             handle=handle,
             parents=parents,
             context=context,
             stack=self._stack_of(record) if self._stack_of else (),
             birth_ns=birth.ns if birth is not None else 0,
         )
+
+    def _cgroup_of(self, record: SensorRecord, pid: int) -> str:
+        """The offender's cgroup as the driver acts on it. When /proc cannot say (a reader in a
+        private cgroup namespace sees "/.."), the host's view: the record's cgroup id is the
+        inode of its cgroup2 directory, which the cgroup index maps to a path under the mount,
+        trusted only once that cgroup.procs lists the pid."""
+        try:
+            return self._cgroups.cgroup_of(pid)
+        except CgroupError:
+            host = self._host_view(record, pid)
+            if host is None:
+                raise
+            return host
+
+    def _host_view(self, record: SensorRecord, pid: int) -> str | None:
+        index = self._enricher.cgroup_index if self._enricher is not None else None
+        if (
+            index is None
+            or self._cgroups.version != 2
+            or index.mount != self._cgroups.root
+            # The id is of the record's task; a parent-keyed offender may live elsewhere.
+            or pid != record.tgid
+        ):
+            return None
+        path = index.path_of(record.cgroup_id)
+        if path is None:
+            return None
+        try:
+            return path if self._cgroups.contains(path, pid) else None
+        except CgroupError:
+            return None

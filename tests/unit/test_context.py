@@ -478,3 +478,29 @@ def test_pod_namespace_and_name_come_from_the_kubelet_log_directories(tmp_path: 
     now[0] = 6.0
     assert index.lookup(other) == PodRef("batch", "job-1")
     assert PodIndex(tmp_path / "absent").lookup(uid) is None
+
+
+# --- hostile names -----------------------------------------------------------------------------
+
+
+def test_enrich_reports_the_true_uid_behind_a_comm_faking_the_uid_line(proc_root: Path) -> None:
+    # status is "Name:\t<comm>\n..." with \x1c raw in it: a reader that splits lines there
+    # would take "Uid:\t0\t0\t0" for the Uid line.
+    write_proc(proc_root, 810, ppid=1, comm="\x1cUid:\t0\t0\t0", uid=65534)
+    ctx = Enricher(ProcFS(proc_root), None, ParentChain(ProcFS(proc_root))).enrich(record(810))
+    assert (ctx.comm, ctx.uid) == ("\x1cUid:\t0\t0\t0", 65534)
+
+
+def test_index_and_enricher_keep_any_byte_of_a_cgroup_name(proc_root: Path, mount: Path) -> None:
+    names = ["x\x1c0::", "\u2028y\x85", os.fsdecode(b"\xff\xfe")]
+    for name in names:
+        (mount / "user.slice" / name).mkdir()
+    index = CgroupIndex(mount)
+    enricher = Enricher(ProcFS(proc_root), index, ParentChain(ProcFS(proc_root)))
+    assert enricher.cgroup_index is index
+    for name in names:
+        cgroup_id = ino(mount / "user.slice" / name)
+        assert index.path_of(cgroup_id) == f"/user.slice/{name}"
+        assert (
+            enricher.enrich(record(300, cgroup_id=cgroup_id)).cgroup_path == f"/user.slice/{name}"
+        )
