@@ -69,21 +69,25 @@ class ProcIdentifier:
             registry=self._births,
         )
         try:
-            return self._subject(record, handle)
+            return self._subject(record, handle, birth)
         except BaseException:
             # Whatever fails once the process is pinned, the pidfd goes with it: one leaked
             # per record would soon exhaust the agent's descriptors.
             handle.close()
             raise
 
-    def _subject(self, record: SensorRecord, handle: ProcessHandle) -> Subject:
+    def _subject(self, record: SensorRecord, handle: ProcessHandle, birth: Birth | None) -> Subject:
         info = handle.info
         cgroup = self._cgroup_of(record, info.pid)
         display = self._cgroups.display_path(cgroup)
         context = None
         if self._enricher is not None:
-            # About the offender, which for parent-keyed signals is not the record's task.
-            context = self._enricher.enrich(replace(record, tgid=info.pid, ppid=info.ppid), info)
+            # About the offender, which for parent-keyed signals is not the record's task: then
+            # the record's cgroup id is the child's, so the parent's cgroup comes from /proc.
+            about = replace(record, tgid=info.pid, ppid=info.ppid)
+            if info.pid != record.tgid:
+                about = replace(about, cgroup_id=0)
+            context = self._enricher.enrich(about, info)
         # The chain the enricher built (with the kernel's lineage for exited parents).
         parents = tuple((a.pid, a.comm) for a in context.parents[:MAX_PARENTS]) if context else ()
         return Subject(

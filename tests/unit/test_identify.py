@@ -79,6 +79,9 @@ def record(cgroup_id: int = 0, signal: str = "fork_rate", tgid: int = ME) -> Sen
         elapsed_s=0.1,
         ts_boot_ns=2**62,  # long after tick 1: the pinned process started before the record
         key=ME if signal == "exec_rate" else tgid,
+        # Born at tick 1, as the fixture's stat says (no kernel births map here: ticks only).
+        birth_ns=1_000_000_000 // os.sysconf("SC_CLK_TCK"),
+        key_birth_ns=1_000_000_000 // os.sysconf("SC_CLK_TCK"),
     )
 
 
