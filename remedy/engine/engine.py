@@ -27,7 +27,13 @@ from remedy.engine.decisions import (
     Decision,
     DecisionSink,
 )
-from remedy.engine.guards import Breakers, Protector, RateLimiter
+from remedy.engine.guards import (
+    Breakers,
+    Protector,
+    RateLimiter,
+    changes_process,
+    ends_process,
+)
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
 from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Silence, Step
@@ -148,6 +154,9 @@ class Engine:
         )
         self._machine = new_machine()
         self._offenders: dict[tuple[int, int, str], Offender] = {}
+        # Offenders whose current step changed their process for real: only these hold
+        # precedence over other policies (see _precedence).
+        self._holders: set[tuple[int, int, str]] = set()
         self._limiters = {
             p.name: RateLimiter(p.rate_limit.max_actions, p.rate_limit.per_s)
             for p in policies.policies
@@ -293,7 +302,11 @@ class Engine:
         fire(offender, "act")
         plan = self._executor.describe(step, offender.subject)
         if case.dry_run:
-            self._after_action(offender, policy, step, now)
+            # Under the global --dry-run an enforcing policy holds as it would when enforcing,
+            # so the audit shows what enforcement would do; monitor mode and a breaker's
+            # demotion never hold.
+            enforcing = not (policy.dry_run or self._breakers.demoted(policy.name))
+            self._after_action(offender, policy, step, now, holds=enforcing)
             demoted = self._breakers.demoted(policy.name)
             why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
             if demoted is not None:
@@ -307,7 +320,7 @@ class Engine:
             self._emit(case, err.outcome, str(err), plan)
             return
         self._breakers.record(policy, offender.subject, now)
-        self._after_action(offender, policy, step, now)
+        self._after_action(offender, policy, step, now, holds=True)
         self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
 
     # -- guards: each returns a reason to skip, or None. Order matters: the rate limiter
@@ -326,23 +339,37 @@ class Engine:
         return None
 
     def _degraded(self, case: _Case, now: float) -> str | None:
-        # Records were lost around this window: the count may be right, but a kill is not
-        # something to do on partial data. Earlier, reversible steps still run.
-        if case.record.degraded and case.step.action == "kill":
-            return "degraded window: records were lost; never kill on partial data"
-        return None
+        # Records were lost around this window: the sensor flags it, and the agent's LossWatch
+        # taints every record of a signal for two windows after any loss (ring buffer, window
+        # map, queue) by setting the same flag before the record reaches the engine; a judged
+        # escalation re-uses the flag of the record it judges. The count may be right, but
+        # ending a process (kill, terminate, a kernel arm, any scope) is not something to do on
+        # partial data. Reversible steps still run.
+        if not case.record.degraded:
+            return None
+        how = ends_process(case.step)
+        if how is None:
+            return None
+        return f"degraded window: records were lost; never end a process on partial data ({how})"
 
     def _precedence(self, case: _Case, now: float) -> str | None:
-        """One policy remediates a process at a time; a higher severity may take over."""
+        """One policy contains a process at a time; a higher severity may take over. Only an
+        offender whose current step changed the process (enforced, not a notify) holds it: a
+        notify-only step, a monitor-mode policy or one its breaker demoted never blocks
+        another policy from containing the process."""
         mine = SEVERITIES.index(case.policy.severity)
         subject = case.offender.subject
         for other in self._offenders_of(subject):
-            if other is case.offender or other.state not in ("remediating", "cooldown"):
+            if other is case.offender or not self._holds(other):
                 continue
             theirs = SEVERITIES.index(self._by_name[other.policy].severity)
             if theirs >= mine:
                 return f"another policy is remediating: {other.policy}"
         return None
+
+    def _holds(self, offender: Offender) -> bool:
+        key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
+        return offender.state in ("remediating", "cooldown") and key in self._holders
 
     def _rate_limited(self, case: _Case, now: float) -> str | None:
         limiter = self._limiters[case.policy.name]
@@ -366,7 +393,14 @@ class Engine:
     def _tracked(self, subject: Subject) -> bool:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
-    def _after_action(self, offender: Offender, policy: Policy, step: Step, now: float) -> None:
+    def _after_action(
+        self, offender: Offender, policy: Policy, step: Step, now: float, *, holds: bool
+    ) -> None:
+        key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
+        if holds and changes_process(step):
+            self._holders.add(key)
+        else:
+            self._holders.discard(key)
         offender.step += 1
         offender.cooldown_until = now + max(policy.cooldown_s, step.settle_s)
         offender.until_below = step.until_below
@@ -493,6 +527,7 @@ class Engine:
             log.warning("release of pid %d: %s", offender.subject.pid, err)
         detach(self._machine, offender)
         del self._offenders[key]
+        self._holders.discard(key)
         handle = offender.subject.handle
         if handle is not None and not self._offenders_of(offender.subject):
             handle.close()  # the last offender of this process: nobody else holds the pidfd
