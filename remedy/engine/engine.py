@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,6 +158,9 @@ class Engine:
         # Offenders whose current step changed their process for real: only these hold
         # precedence over other policies (see _precedence).
         self._holders: set[tuple[int, int, str]] = set()
+        # When each signal last brought a degraded record: the agent taints every record of a
+        # signal after a loss, so a judged escalation between records can see the taint too.
+        self._degraded_at: dict[str, float] = {}
         self._limiters = {
             p.name: RateLimiter(p.rate_limit.max_actions, p.rate_limit.per_s)
             for p in policies.policies
@@ -203,6 +207,8 @@ class Engine:
     def on_record(self, record: SensorRecord) -> None:
         """Evaluate every policy on this record's signal."""
         self.stats["records"] += 1
+        if record.degraded:
+            self._degraded_at[record.signal] = self._clock.monotonic()
         policies = self.policies.for_signal(record.signal)
         if not policies:
             self.stats["unmatched"] += 1
@@ -498,6 +504,10 @@ class Engine:
             )
             return
         measured = record if value is None else dataclasses.replace(record, count=value)
+        # Records of this signal were lost since (the taint lasts two windows): judge the
+        # escalation as degraded, whatever the judged record said.
+        if now - self._degraded_at.get(record.signal, -math.inf) < 2 * record.window_s:
+            measured = dataclasses.replace(measured, degraded=True)
         self._evaluate(policy, measured, offender.subject)
 
     def _case(self, policy: Policy, record: SensorRecord, offender: Offender) -> _Case:

@@ -728,3 +728,19 @@ def test_under_global_dry_run_an_enforcing_policy_holds_as_it_would_when_enforci
     r.engine.on_record(exec_record(42))
     r.engine.on_record(record(42))
     assert r.outcomes() == [("would-act", "quarantine"), ("skipped", "quarantine")]
+
+
+def test_a_judged_escalation_sees_a_taint_that_came_after_the_judged_record() -> None:
+    # The judged record was clean; records of the signal arriving since were tainted (a loss):
+    # the escalation between records is judged on degraded data, and refused.
+    book = ladder(Step("stop", StopParams(), settle_s=1.0), Step("terminate", TerminateParams()))
+    r = rig(subject(42), subject(43), playbook=book)
+    r.engine.on_record(record(42))
+    r.clock.advance(0.5)
+    r.engine.on_record(degraded(43))  # another process, same signal: stopped, not ended
+    r.clock.advance(0.6)
+    r.engine.tick()
+    assert r.outcomes() == [("acted", "stop"), ("acted", "stop"), ("skipped", "terminate")]
+    r.clock.advance(2.0)  # two windows after the loss: clean again
+    r.engine.on_record(record(42))
+    assert r.outcomes()[-1] == ("acted", "terminate")
