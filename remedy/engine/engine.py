@@ -348,9 +348,9 @@ class Engine:
         # Records were lost around this window: the sensor flags it, and the agent's LossWatch
         # taints every record of a signal for two windows after any loss (ring buffer, window
         # map, queue) by setting the same flag before the record reaches the engine; a judged
-        # escalation re-uses the flag of the record it judges. The count may be right, but
-        # ending a process (kill, terminate, a kernel arm, any scope) is not something to do on
-        # partial data. Reversible steps still run.
+        # escalation is flagged by _judge (its record's flag, or a taint seen since). The count
+        # may be right, but ending a process (kill, terminate, a kernel arm, any scope) is not
+        # something to do on partial data. Reversible steps still run.
         if not case.record.degraded:
             return None
         how = ends_process(case.step)
