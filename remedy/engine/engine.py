@@ -222,6 +222,10 @@ class Engine:
             return
         for policy in policies:
             self._evaluate(policy, record, subject)
+        # Only once every policy of the signal has seen it: one that does not apply must not
+        # close the pidfd a later one acts through.
+        if subject.handle is not None and not self._tracked(subject):
+            subject.handle.close()
 
     def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender:
         key = (subject.pid, subject.start_ticks, policy.name)
@@ -279,8 +283,6 @@ class Engine:
         if why_not is not None:
             self.stats["unmatched"] += 1
             log.debug("policy %s does not apply to pid %d: %s", policy.name, subject.pid, why_not)
-            if subject.handle is not None and not self._tracked(subject):
-                subject.handle.close()
             return
         now = self._clock.monotonic()
         offender = self._offender(policy, subject, now)

@@ -744,3 +744,17 @@ def test_a_judged_escalation_sees_a_taint_that_came_after_the_judged_record() ->
     r.clock.advance(2.0)  # two windows after the loss: clean again
     r.engine.on_record(record(42))
     assert r.outcomes()[-1] == ("acted", "terminate")
+
+
+def test_a_policy_that_does_not_apply_leaves_the_pidfd_to_the_next_one_on_the_signal() -> None:
+    # Two policies on one signal (one kernel filter): the first does not apply and the second
+    # acts, through the pidfd identification opened; it must still be open.
+    elsewhere = replace(POLICY, name="elsewhere", match=Selector(cgroups=("/other/*",)))
+    r = rig_set(_set(elsewhere, POLICY), subject(42))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("acted", "quarantine")]
+    [offender] = r.engine.offenders()
+    assert offender.subject.handle is r.identifier.handles[0]
+    assert not r.identifier.handles[0].closed
+    r.engine.close()
+    assert r.identifier.handles[0].closed
