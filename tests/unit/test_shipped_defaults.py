@@ -87,11 +87,19 @@ def shipped() -> PolicySet:
     return load_policy_set([REPO / "policies"], [REPO / "playbooks"], require_secure=False)
 
 
-def storm(who: Subject, *, dry_run: bool = False, windows: int = 120) -> tuple[Executor, Sink]:
-    """``windows`` one-second windows of 500 forks each, ticking in between, as the worker does."""
+def storm(
+    who: Subject,
+    *,
+    dry_run: bool = False,
+    windows: int = 120,
+    policies: PolicySet | None = None,
+    before: tuple[SensorRecord, ...] = (),
+) -> tuple[Executor, Sink]:
+    """``windows`` one-second windows of 500 forks each, ticking in between, as the worker does
+    (after the ``before`` records)."""
     clock, executor, sink = FakeClock(), Executor(), Sink()
     engine = Engine(
-        shipped(),
+        policies or shipped(),
         identifier=Identifier({who.pid: who}),
         executor=executor,
         sink=sink,
@@ -99,6 +107,8 @@ def storm(who: Subject, *, dry_run: bool = False, windows: int = 120) -> tuple[E
         protector=Protector(agent_pid=999, agent_ancestors=frozenset({1})),
         dry_run=dry_run,
     )
+    for early in before:
+        engine.on_record(early)
     for _ in range(windows):
         engine.on_record(
             SensorRecord("fork_rate", who.pid, who.pid, who.ppid, who.comm, 1, 500, 1.0, 0.4, 0)
@@ -189,3 +199,36 @@ def test_the_policies_of_one_signal_must_share_its_kernel_filter(tmp_path: Path)
     (error,) = info.value.errors
     assert error.key == "signal"
     assert "same threshold, window, for and lifetime" in error.message
+
+
+SLOW_LADDER = """\
+apiVersion: remedy/v1
+kind: Policy
+name: exec-hog
+signal: exec_rate
+threshold: 50
+window: 1s
+playbook: slow-renice
+severity: warning
+---
+apiVersion: remedy/v1
+kind: Playbook
+name: slow-renice
+steps:
+  - action: renice
+    params: {nice: 10}
+    settle: 10m
+"""
+
+
+def test_a_fork_bomb_is_contained_even_while_a_gentler_policy_holds_it(tmp_path: Path) -> None:
+    # An operator's own warning-level policy reniced the process and settles for 10 minutes:
+    # it holds the process, but the shipped fork-bomb is critical and takes over at once.
+    (tmp_path / "exec-hog.yaml").write_text(SLOW_LADDER)
+    policies = load_policy_set(
+        [REPO / "policies", tmp_path], [REPO / "playbooks"], require_secure=False
+    )
+    execs = SensorRecord("exec_rate", 800, 800, 799, "bash", 1, 60, 1.0, 0.5, 0)
+    executor, sink = storm(USER_BOMB, policies=policies, windows=10, before=(execs,))
+    assert [step.action for _, step in executor.ran][:3] == ["renice", "quarantine", "kill"]
+    assert not [d for d in sink.decisions if d.reason.startswith("another policy")]
