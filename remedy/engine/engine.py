@@ -155,8 +155,8 @@ class Engine:
         )
         self._machine = new_machine()
         self._offenders: dict[tuple[int, int, str], Offender] = {}
-        # Offenders whose current step changed their process for real: only these hold
-        # precedence over other policies (see _precedence).
+        # Offenders whose current step changes their process (not a notify): only these can
+        # hold precedence over other policies (see _holds).
         self._holders: set[tuple[int, int, str]] = set()
         # When each signal last brought a degraded record: the agent taints every record of a
         # signal after a loss, so a judged escalation between records can see the taint too.
@@ -310,11 +310,7 @@ class Engine:
         fire(offender, "act")
         plan = self._executor.describe(step, offender.subject)
         if case.dry_run:
-            # Under the global --dry-run an enforcing policy holds as it would when enforcing,
-            # so the audit shows what enforcement would do; monitor mode and a breaker's
-            # demotion never hold.
-            enforcing = not (policy.dry_run or self._breakers.demoted(policy.name))
-            self._after_action(offender, policy, step, now, holds=enforcing)
+            self._after_action(offender, policy, step, now)
             demoted = self._breakers.demoted(policy.name)
             why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
             if demoted is not None:
@@ -328,7 +324,7 @@ class Engine:
             self._emit(case, err.outcome, str(err), plan)
             return
         self._breakers.record(policy, offender.subject, now)
-        self._after_action(offender, policy, step, now, holds=True)
+        self._after_action(offender, policy, step, now)
         self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
 
     # -- guards: each returns a reason to skip, or None. Order matters: the rate limiter
@@ -376,8 +372,14 @@ class Engine:
         return None
 
     def _holds(self, offender: Offender) -> bool:
+        """Whether ``offender``'s policy holds its process now: its current step changes the
+        process, and the policy enforces (monitor mode and a breaker's demotion never hold;
+        under the global --dry-run an enforcing policy holds as it would when enforcing, so
+        the audit shows what enforcement would do)."""
         key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
-        return offender.state in ("remediating", "cooldown") and key in self._holders
+        policy = self._by_name[offender.policy]
+        enforcing = not policy.dry_run and self._breakers.demoted(policy.name) is None
+        return enforcing and offender.state in ("remediating", "cooldown") and key in self._holders
 
     def _rate_limited(self, case: _Case, now: float) -> str | None:
         limiter = self._limiters[case.policy.name]
@@ -401,11 +403,9 @@ class Engine:
     def _tracked(self, subject: Subject) -> bool:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
-    def _after_action(
-        self, offender: Offender, policy: Policy, step: Step, now: float, *, holds: bool
-    ) -> None:
+    def _after_action(self, offender: Offender, policy: Policy, step: Step, now: float) -> None:
         key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
-        if holds and changes_process(step):
+        if changes_process(step):
             self._holders.add(key)
         else:
             self._holders.discard(key)

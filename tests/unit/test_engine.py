@@ -758,3 +758,12 @@ def test_a_policy_that_does_not_apply_leaves_the_pidfd_to_the_next_one_on_the_si
     assert not r.identifier.handles[0].closed
     r.engine.close()
     assert r.identifier.handles[0].closed
+
+
+def test_a_policy_reloaded_into_monitor_mode_stops_holding_at_once() -> None:
+    container = replace(CRASH, playbook=PLAYBOOK.name)
+    r = rig_books((container, POLICY), (PLAYBOOK,), subject(42))
+    r.engine.on_record(exec_record(42))  # quarantined by crash-loop: it holds
+    r.engine.reload(PolicySet((replace(container, dry_run=True), POLICY), {"contain": PLAYBOOK}))
+    r.engine.on_record(record(42))  # still in crash-loop's cooldown, but it acts no more
+    assert r.outcomes() == [("acted", "quarantine"), ("acted", "quarantine")]
