@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ from remedy.engine.decisions import (
     Decision,
     DecisionSink,
 )
-from remedy.engine.guards import Breakers, Protector, RateLimiter
+from remedy.engine.guards import (
+    Breakers,
+    Protector,
+    RateLimiter,
+    changes_process,
+    ends_process,
+)
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.errors import ActionError
 from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Silence, Step
@@ -149,6 +156,12 @@ class Engine:
         )
         self._machine = new_machine()
         self._offenders: dict[tuple[int, int, str], Offender] = {}
+        # Offenders whose current step changes their process (not a notify): only these can
+        # hold precedence over other policies (see _holds).
+        self._holders: set[tuple[int, int, str]] = set()
+        # When each signal last brought a degraded record: the agent taints every record of a
+        # signal after a loss, so a judged escalation between records can see the taint too.
+        self._degraded_at: dict[str, float] = {}
         self._limiters = {
             p.name: RateLimiter(p.rate_limit.max_actions, p.rate_limit.per_s)
             for p in policies.policies
@@ -195,6 +208,8 @@ class Engine:
     def on_record(self, record: SensorRecord) -> None:
         """Evaluate every policy on this record's signal."""
         self.stats["records"] += 1
+        if record.degraded:
+            self._degraded_at[record.signal] = self._clock.monotonic()
         policies = self.policies.for_signal(record.signal)
         if not policies:
             self.stats["unmatched"] += 1
@@ -208,6 +223,10 @@ class Engine:
             return
         for policy in policies:
             self._evaluate(policy, record, subject)
+        # Only once every policy of the signal has seen it: one that does not apply must not
+        # close the pidfd a later one acts through.
+        if subject.handle is not None and not self._tracked(subject):
+            subject.handle.close()
 
     def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender:
         key = (subject.pid, subject.start_ticks, policy.name)
@@ -265,8 +284,6 @@ class Engine:
         if why_not is not None:
             self.stats["unmatched"] += 1
             log.debug("policy %s does not apply to pid %d: %s", policy.name, subject.pid, why_not)
-            if subject.handle is not None and not self._tracked(subject):
-                subject.handle.close()
             return
         now = self._clock.monotonic()
         offender = self._offender(policy, subject, now)
@@ -327,23 +344,43 @@ class Engine:
         return None
 
     def _degraded(self, case: _Case, now: float) -> str | None:
-        # Records were lost around this window: the count may be right, but a kill is not
-        # something to do on partial data. Earlier, reversible steps still run.
-        if case.record.degraded and case.step.action == "kill":
-            return "degraded window: records were lost; never kill on partial data"
-        return None
+        # Records were lost around this window: the sensor flags it, and the agent's LossWatch
+        # taints every record of a signal for two windows after any loss (ring buffer, window
+        # map, queue) by setting the same flag before the record reaches the engine; a judged
+        # escalation is flagged by _judge (its record's flag, or a taint seen since). The count
+        # may be right, but ending a process (kill, terminate, a kernel arm, any scope) is not
+        # something to do on partial data. Reversible steps still run.
+        if not case.record.degraded:
+            return None
+        how = ends_process(case.step)
+        if how is None:
+            return None
+        return f"degraded window: records were lost; never end a process on partial data ({how})"
 
     def _precedence(self, case: _Case, now: float) -> str | None:
-        """One policy remediates a process at a time; a higher severity may take over."""
+        """One policy contains a process at a time; a higher severity may take over. Only an
+        offender whose current step changed the process (enforced, not a notify) holds it: a
+        notify-only step, a monitor-mode policy or one its breaker demoted never blocks
+        another policy from containing the process."""
         mine = SEVERITIES.index(case.policy.severity)
         subject = case.offender.subject
         for other in self._offenders_of(subject):
-            if other is case.offender or other.state not in ("remediating", "cooldown"):
+            if other is case.offender or not self._holds(other):
                 continue
             theirs = SEVERITIES.index(self._by_name[other.policy].severity)
             if theirs >= mine:
                 return f"another policy is remediating: {other.policy}"
         return None
+
+    def _holds(self, offender: Offender) -> bool:
+        """Whether ``offender``'s policy holds its process now: its current step changes the
+        process, and the policy enforces (monitor mode and a breaker's demotion never hold;
+        under the global --dry-run an enforcing policy holds as it would when enforcing, so
+        the audit shows what enforcement would do)."""
+        key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
+        policy = self._by_name[offender.policy]
+        enforcing = not policy.dry_run and self._breakers.demoted(policy.name) is None
+        return enforcing and offender.state in ("remediating", "cooldown") and key in self._holders
 
     def _rate_limited(self, case: _Case, now: float) -> str | None:
         limiter = self._limiters[case.policy.name]
@@ -368,6 +405,11 @@ class Engine:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
     def _after_action(self, offender: Offender, policy: Policy, step: Step, now: float) -> None:
+        key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
+        if changes_process(step):
+            self._holders.add(key)
+        else:
+            self._holders.discard(key)
         offender.step += 1
         offender.cooldown_until = now + max(policy.cooldown_s, step.settle_s)
         offender.until_below = step.until_below
@@ -465,6 +507,10 @@ class Engine:
             )
             return
         measured = record if value is None else dataclasses.replace(record, count=value)
+        # Records of this signal were lost since (the taint lasts two windows): judge the
+        # escalation as degraded, whatever the judged record said.
+        if now - self._degraded_at.get(record.signal, -math.inf) < 2 * record.window_s:
+            measured = dataclasses.replace(measured, degraded=True)
         self._evaluate(policy, measured, offender.subject)
 
     def _case(self, policy: Policy, record: SensorRecord, offender: Offender) -> _Case:
@@ -494,6 +540,7 @@ class Engine:
             log.warning("release of pid %d: %s", offender.subject.pid, err)
         detach(self._machine, offender)
         del self._offenders[key]
+        self._holders.discard(key)
         handle = offender.subject.handle
         if handle is not None and not self._offenders_of(offender.subject):
             handle.close()  # the last offender of this process: nobody else holds the pidfd

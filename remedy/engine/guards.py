@@ -1,4 +1,5 @@
-"""Guards the engine applies before any action: rate limits and protected processes.
+"""Guards the engine applies before any action: rate limits, protected processes, and what a
+step can do to a process (end it, or merely change it).
 
 The engine owns these, not the actions, so no action can forget them (oomd's lesson).
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from remedy.engine.offender import Subject
 from remedy.errors import RemedyError
-from remedy.policy.model import Policy
+from remedy.policy.model import Policy, Step
 from remedy.proc import ProcFS
 
 # Exact paths, never substrings: "sshd" as a substring would also protect "/tmp/not-sshd".
@@ -33,6 +34,48 @@ PROTECTED_EXES = frozenset(
         "/usr/bin/kubelet",
     }
 )
+
+
+# Actions that never end a process: each changes something the undo journal takes back
+# (SIGCONT for stop, the old limits, the old cgroup), or nothing at all (notify). An action
+# missing here (a new one) is taken to end processes until someone says otherwise: on degraded
+# data the safe mistake is to do too little.
+NEVER_ENDS = frozenset(
+    {
+        "notify",
+        "quarantine",
+        "throttle_cpu",
+        "limit_memory",
+        "limit_pids",
+        "freeze",
+        "thaw",
+        "io_weight",
+        "renice",
+        "ionice",
+        "stop",
+        "continue",
+    }
+)
+
+
+def ends_process(step: Step) -> str | None:
+    """How ``step`` can end a process (a kill, a terminate, a SIGKILL/SIGTERM, a kernel arm), or
+    None when it cannot. One rule for every guard that must never end a process, so a new
+    path (an action, a scope, a parameter) cannot slip past one of them."""
+    if step.kernel:
+        # The kernel fires the arm later, at a fork no one re-checks, and nothing journals it.
+        return f"a kernel arm ({step.action} at the next fork)"
+    sig = getattr(step.params, "signal", None)
+    if sig in ("SIGKILL", "SIGTERM"):
+        return f"{step.action} with {sig}"
+    if step.action not in NEVER_ENDS:
+        return step.action  # kill, terminate (SIGKILL after its grace), anything unknown
+    return None
+
+
+def changes_process(step: Step) -> bool:
+    """Whether running ``step`` changes the process at all (every action but notify)."""
+    return step.action != "notify"
 
 
 class RateLimiter:

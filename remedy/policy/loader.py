@@ -91,7 +91,8 @@ def load_policy_set(
 
     Raises ConfigErrors listing every problem: unreadable or insecure files, invalid YAML,
     unknown or missing keys, bad values, a policy naming an unknown playbook, a silence naming an
-    unknown policy, duplicate names, two policies for one signal, or no policies at all. Warnings
+    unknown policy, duplicate names, two policies for one signal with different kernel filters
+    (threshold, window, for, lifetime), or no policies at all. Warnings
     (an expired silence, an old key spelling) are logged.
     """
     if require_secure is None:
@@ -249,6 +250,11 @@ def _selector(spec: MatchDoc) -> Selector:
         containers=tuple(spec.containers),
         pods=tuple(spec.pods),
     )
+
+
+def _filter_of(policy: Policy) -> tuple[float, int, int, float]:
+    """What the kernel filter of a policy's signal holds (one per signal; see signal_settings)."""
+    return (policy.window_s, policy.threshold, policy.sustain, policy.lifetime_s)
 
 
 def _when(epoch: float) -> str:
@@ -520,14 +526,17 @@ class _Loader:
         by_signal: dict[str, Policy] = {}
         for policy, doc in self.policies:
             first = by_signal.setdefault(policy.signal, policy)
-            if first is not policy:
+            if first is not policy and _filter_of(first) != _filter_of(policy):
                 # The kernel filter holds a single threshold and window per signal, so a second
                 # policy could never see events the first one's filter did not already pass.
+                # Policies that share the filter exactly (they differ in whom they select and
+                # what they do) see the same records: the engine evaluates each.
                 self.error(
                     doc,
                     "signal",
                     f"policy {first.name!r} in {first.file} already watches {policy.signal!r}; "
-                    "only one policy per signal is supported",
+                    "only one policy per signal is supported, unless both have the same "
+                    "threshold, window, for and lifetime",
                 )
             if policy.playbook not in playbooks and policy.playbook not in self.broken["Playbook"]:
                 known = ", ".join(sorted(playbooks)) or "none"

@@ -221,7 +221,8 @@ class PolicySet:
     """Every policy and playbook of one configuration, cross-checked by the loader.
 
     Invariant (when built by the loader): every policy's playbook is in ``playbooks``, names are
-    unique, and at most one policy watches each signal.
+    unique, and the policies watching one signal share its kernel filter (threshold, window,
+    sustain, lifetime).
     """
 
     policies: tuple[Policy, ...]

@@ -22,7 +22,7 @@ def test_check_accepts_the_shipped_files(
     config: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["check", *map(str, config)]) == 0
-    assert "ok: 1 policy(ies), 6 playbook(s)" in capsys.readouterr().out
+    assert "ok: 2 policy(ies), 7 playbook(s)" in capsys.readouterr().out
 
 
 def test_check_rejects_an_unknown_key_naming_file_and_key(

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from remedy.actions.params import KillParams, QuarantineParams
+from remedy.actions.params import (
+    FreezeParams,
+    KillParams,
+    LimitMemoryParams,
+    LimitPidsParams,
+    NotifyParams,
+    QuarantineParams,
+    StopParams,
+    TerminateParams,
+)
 from remedy.clock import FakeClock
 from remedy.engine.decisions import Decision
 from remedy.engine.engine import Engine
@@ -15,6 +24,7 @@ from remedy.engine.guards import Protector
 from remedy.engine.offender import Subject
 from remedy.errors import PermissionDenied, ProcessGone
 from remedy.policy import Breaker, Playbook, Policy, PolicySet, RateLimit, Selector, Silence, Step
+from remedy.sensors.catalog import SignalCounters, SignalSettings
 from remedy.sensors.records import SensorRecord
 
 POLICY = Policy(
@@ -117,14 +127,18 @@ class Rig:
 
 
 def rig(
-    *subjects: Subject, policy: Policy = POLICY, dry_run: bool = False, agent_pid: int = 999
+    *subjects: Subject,
+    policy: Policy = POLICY,
+    dry_run: bool = False,
+    agent_pid: int = 999,
+    playbook: Playbook = PLAYBOOK,
 ) -> Rig:
     clock = FakeClock()
     executor = FakeExecutor()
     sink = ListSink()
     identifier = FakeIdentifier({s.pid: s for s in subjects})
     engine = Engine(
-        PolicySet((policy,), {PLAYBOOK.name: PLAYBOOK}),
+        PolicySet((policy,), {playbook.name: playbook}),
         identifier=identifier,
         executor=executor,
         sink=sink,
@@ -517,3 +531,239 @@ def test_a_released_offender_is_reverted_unless_changes_are_kept_on_shutdown() -
     kept.engine.on_record(record(42))
     kept.engine.close()
     assert not [c for c in undo2.calls if c[0] in ("offender", "all")]
+
+
+# -- issue 10 item 8: degraded data never ends a process ---------------------------------------
+
+
+def ladder(*steps: Step) -> Playbook:
+    return Playbook(name="contain", file=Path("playbooks/contain.yaml"), steps=steps)
+
+
+def degraded(pid: int) -> SensorRecord:
+    return replace(record(pid), degraded=True)
+
+
+ENDS_A_PROCESS = [
+    pytest.param(Step("kill", KillParams()), id="kill"),
+    pytest.param(Step("kill", KillParams(signal="SIGTERM", quarantine=False)), id="kill-sigterm"),
+    pytest.param(Step("kill", KillParams(), scope="cgroup", scope_set=True), id="cgroup-kill"),
+    pytest.param(Step("terminate", TerminateParams(grace_s=1.0)), id="terminate"),
+    pytest.param(Step("kill", KillParams(), kernel=True), id="kernel-kill"),
+    pytest.param(Step("stop", StopParams(), kernel=True), id="kernel-stop"),
+]
+
+
+@pytest.mark.parametrize("step", ENDS_A_PROCESS)
+def test_degraded_data_never_ends_a_process(step: Step) -> None:
+    r = rig(subject(42), playbook=ladder(step))
+    r.engine.on_record(degraded(42))
+    assert r.outcomes() == [("skipped", step.action)]
+    assert r.sink.decisions[0].reason.startswith("degraded window: records were lost")
+    assert r.executor.ran == []
+    r.engine.on_record(record(42))  # a clean window may end it
+    assert r.outcomes()[-1] == ("acted", step.action)
+
+
+def test_degraded_data_never_kills_a_policy_scoped_cgroup() -> None:
+    # The step has no scope of its own: it inherits the policy's cgroup scope (cgroup.kill).
+    r = rig(
+        subject(42),
+        policy=replace(POLICY, scope="cgroup"),
+        playbook=ladder(Step("kill", KillParams())),
+    )
+    r.engine.on_record(degraded(42))
+    assert r.outcomes() == [("skipped", "kill")]
+    assert r.executor.ran == []
+
+
+def test_degraded_data_is_refused_in_dry_run_too() -> None:
+    # Dry-run shows what enforcement would do: on degraded data, not a terminate.
+    r = rig(subject(42), dry_run=True, playbook=ladder(Step("terminate", TerminateParams())))
+    r.engine.on_record(degraded(42))
+    assert r.outcomes() == [("skipped", "terminate")]
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        pytest.param(Step("quarantine", QuarantineParams()), id="quarantine"),
+        pytest.param(Step("stop", StopParams()), id="stop"),
+        pytest.param(Step("freeze", FreezeParams(), scope="cgroup", scope_set=True), id="freeze"),
+        pytest.param(Step("limit_memory", LimitMemoryParams(high=1 << 30)), id="limit_memory"),
+        pytest.param(Step("limit_pids", LimitPidsParams(max=16), scope="tree"), id="limit_pids"),
+        pytest.param(Step("notify", NotifyParams()), id="notify"),
+    ],
+)
+def test_degraded_data_still_runs_reversible_steps(step: Step) -> None:
+    r = rig(subject(42), playbook=ladder(step))
+    r.engine.on_record(degraded(42))
+    assert r.outcomes() == [("acted", step.action)]
+
+
+def test_the_agents_loss_taint_reaches_the_guard() -> None:
+    # A ring buffer loss taints the signal for two windows (LossWatch.mark, on the worker,
+    # before the engine sees the record): a terminate on such a record is refused.
+    from remedy.service.agent import LossWatch  # noqa: PLC0415
+
+    r = rig(subject(42), playbook=ladder(Step("terminate", TerminateParams())))
+    losses = LossWatch({"fork_rate": SignalSettings(1.0, 200)})
+    losses.update({"fork_rate": SignalCounters()}, queue_full=0, now=0.0)
+    losses.update({"fork_rate": SignalCounters(ringbuf_failed=1)}, queue_full=0, now=1.0)
+    r.engine.on_record(losses.mark(record(42), now=1.5))
+    assert r.outcomes() == [("skipped", "terminate")]
+    r.engine.on_record(losses.mark(record(42), now=3.5))  # two windows later: clean again
+    assert r.outcomes()[-1] == ("acted", "terminate")
+
+
+def test_a_judged_escalation_on_degraded_data_never_terminates() -> None:
+    # A timed stage (stop, then terminate) escalates from tick(), judging the last record: when
+    # that record was degraded, the terminate is refused; the process stays stopped (reversible).
+    book = ladder(Step("stop", StopParams(), settle_s=1.0), Step("terminate", TerminateParams()))
+    r = rig(subject(42), playbook=book)
+    r.engine.on_record(degraded(42))
+    r.clock.advance(1.1)
+    r.engine.tick()
+    assert r.outcomes() == [("acted", "stop"), ("skipped", "terminate")]
+    assert r.executor.ran == [("stop", 42)]
+
+
+# -- issue 10 item 10: precedence that cannot starve containment ---------------------------------
+
+
+TELL = Playbook(
+    name="tell",
+    file=Path("playbooks/tell.yaml"),
+    steps=(Step("notify", NotifyParams(message="crash loop"), settle_s=120.0),),
+)
+TELL_THEN_LIMIT = replace(
+    TELL, steps=(Step("notify", NotifyParams()), Step("limit_pids", LimitPidsParams(max=16)))
+)
+CRASH = replace(POLICY, name="crash-loop", signal="exec_rate", playbook="tell", cooldown_s=120.0)
+
+
+def exec_record(pid: int) -> SensorRecord:
+    return replace(record(pid), signal="exec_rate")
+
+
+def rig_books(
+    policies: tuple[Policy, ...],
+    books: tuple[Playbook, ...],
+    *subjects: Subject,
+    dry_run: bool = False,
+) -> Rig:
+    r = rig(*subjects, dry_run=dry_run)
+    r.engine.reload(PolicySet(policies, {b.name: b for b in books}))
+    return r
+
+
+def test_a_notify_only_policy_of_equal_severity_never_blocks_containment() -> None:
+    # Seen for real: a notify-only crash-loop policy made fork-bomb skip a ~500 forks/s process
+    # 20 times ("another policy is remediating").
+    r = rig_books((CRASH, POLICY), (TELL, PLAYBOOK), subject(42))
+    r.engine.on_record(exec_record(42))  # notify; in cooldown for 2 minutes
+    for _ in range(20):
+        r.engine.on_record(replace(record(42), count=500))
+        r.clock.advance(1.0)
+        r.engine.tick()
+    assert not [d for d in r.sink.decisions if d.reason.startswith("another policy")]
+    assert r.executor.ran[:3] == [("notify", 42), ("quarantine", 42), ("kill", 42)]
+
+
+def test_a_monitor_mode_policy_never_blocks_containment() -> None:
+    watcher = replace(CRASH, playbook=PLAYBOOK.name, dry_run=True)  # would quarantine
+    r = rig_books((watcher, POLICY), (PLAYBOOK,), subject(42))
+    r.engine.on_record(exec_record(42))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("would-act", "quarantine"), ("acted", "quarantine")]
+    assert r.executor.ran == [("quarantine", 42)]
+
+
+def test_a_policy_demoted_by_its_breaker_never_blocks_containment() -> None:
+    tripping = replace(CRASH, playbook=PLAYBOOK.name, breaker=Breaker(max_offenders=1))
+    r = rig_books((tripping, POLICY), (PLAYBOOK,), subject(41), subject(42))
+    r.engine.on_record(exec_record(41))  # acts on its one offender
+    r.engine.on_record(exec_record(42))  # a second would trip it: demoted, would-act only
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [
+        ("acted", "quarantine"),
+        ("breaker-tripped", "quarantine"),
+        ("would-act", "quarantine"),
+        ("acted", "quarantine"),
+    ]
+    assert r.executor.ran == [("quarantine", 41), ("quarantine", 42)]
+
+
+def test_a_policy_that_changed_the_process_still_holds_it_against_equal_severity() -> None:
+    container = replace(CRASH, playbook=PLAYBOOK.name)  # enforcing quarantine: it holds
+    r = rig_books((container, POLICY), (PLAYBOOK,), subject(42))
+    r.engine.on_record(exec_record(42))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("acted", "quarantine"), ("skipped", "quarantine")]
+    assert r.sink.decisions[1].reason == "another policy is remediating: crash-loop"
+
+
+def test_a_notifying_policy_holds_once_its_ladder_changes_the_process() -> None:
+    crash = replace(CRASH, playbook=TELL_THEN_LIMIT.name, cooldown_s=5.0)
+    r = rig_books((crash, POLICY), (TELL_THEN_LIMIT, PLAYBOOK), subject(42))
+    r.engine.on_record(exec_record(42))  # notify: holds nothing
+    r.engine.on_record(record(42))  # so fork-bomb contains it
+    r.clock.advance(6.0)
+    r.engine.tick()
+    r.engine.on_record(exec_record(42))  # limit_pids changes the process: crash-loop holds it
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [
+        ("acted", "notify"),
+        ("acted", "quarantine"),
+        ("acted", "limit_pids"),
+        ("skipped", "kill"),
+    ]
+    assert r.sink.decisions[-1].reason == "another policy is remediating: crash-loop"
+
+
+def test_under_global_dry_run_an_enforcing_policy_holds_as_it_would_when_enforcing() -> None:
+    # The audit of a --dry-run shows what enforcement would do, precedence included.
+    container = replace(CRASH, playbook=PLAYBOOK.name)
+    r = rig_books((container, POLICY), (PLAYBOOK,), subject(42), dry_run=True)
+    r.engine.on_record(exec_record(42))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("would-act", "quarantine"), ("skipped", "quarantine")]
+
+
+def test_a_judged_escalation_sees_a_taint_that_came_after_the_judged_record() -> None:
+    # The judged record was clean; records of the signal arriving since were tainted (a loss):
+    # the escalation between records is judged on degraded data, and refused.
+    book = ladder(Step("stop", StopParams(), settle_s=1.0), Step("terminate", TerminateParams()))
+    r = rig(subject(42), subject(43), playbook=book)
+    r.engine.on_record(record(42))
+    r.clock.advance(0.5)
+    r.engine.on_record(degraded(43))  # another process, same signal: stopped, not ended
+    r.clock.advance(0.6)
+    r.engine.tick()
+    assert r.outcomes() == [("acted", "stop"), ("acted", "stop"), ("skipped", "terminate")]
+    r.clock.advance(2.0)  # two windows after the loss: clean again
+    r.engine.on_record(record(42))
+    assert r.outcomes()[-1] == ("acted", "terminate")
+
+
+def test_a_policy_that_does_not_apply_leaves_the_pidfd_to_the_next_one_on_the_signal() -> None:
+    # Two policies on one signal (one kernel filter): the first does not apply and the second
+    # acts, through the pidfd identification opened; it must still be open.
+    elsewhere = replace(POLICY, name="elsewhere", match=Selector(cgroups=("/other/*",)))
+    r = rig_set(_set(elsewhere, POLICY), subject(42))
+    r.engine.on_record(record(42))
+    assert r.outcomes() == [("acted", "quarantine")]
+    [offender] = r.engine.offenders()
+    assert offender.subject.handle is r.identifier.handles[0]
+    assert not r.identifier.handles[0].closed
+    r.engine.close()
+    assert r.identifier.handles[0].closed
+
+
+def test_a_policy_reloaded_into_monitor_mode_stops_holding_at_once() -> None:
+    container = replace(CRASH, playbook=PLAYBOOK.name)
+    r = rig_books((container, POLICY), (PLAYBOOK,), subject(42))
+    r.engine.on_record(exec_record(42))  # quarantined by crash-loop: it holds
+    r.engine.reload(PolicySet((replace(container, dry_run=True), POLICY), {"contain": PLAYBOOK}))
+    r.engine.on_record(record(42))  # still in crash-loop's cooldown, but it acts no more
+    assert r.outcomes() == [("acted", "quarantine"), ("acted", "quarantine")]

@@ -1,8 +1,19 @@
-"""Rate limiter edges (the protector is exercised through the engine tests)."""
+"""Rate limiter edges and what a step can do to a process (the protector is exercised through
+the engine tests)."""
 
 from __future__ import annotations
 
-from remedy.engine.guards import RateLimiter
+import pytest
+
+from remedy.actions.params import (
+    PARAMS,
+    KillParams,
+    NotifyParams,
+    StopParams,
+    TerminateParams,
+)
+from remedy.engine.guards import NEVER_ENDS, RateLimiter, changes_process, ends_process
+from remedy.policy import Step
 
 
 def test_sliding_window() -> None:
@@ -14,3 +25,32 @@ def test_sliding_window() -> None:
     assert rl.allow(10.0)  # the first action left the window
     assert not rl.allow(10.5)
     assert rl.allow(11.0)
+
+
+@pytest.mark.parametrize(
+    ("step", "how"),
+    [
+        (Step("kill", KillParams()), "kill with SIGKILL"),
+        (Step("kill", KillParams(signal="SIGTERM")), "kill with SIGTERM"),
+        (Step("kill", KillParams(), scope="cgroup"), "kill with SIGKILL"),
+        (Step("terminate", TerminateParams()), "terminate"),
+        (Step("kill", KillParams(), kernel=True), "a kernel arm (kill at the next fork)"),
+        (Step("stop", StopParams(), kernel=True), "a kernel arm (stop at the next fork)"),
+        (Step("stop", StopParams()), None),
+        (Step("notify", NotifyParams()), None),
+    ],
+)
+def test_what_ends_a_process(step: Step, how: str | None) -> None:
+    assert ends_process(step) == how
+
+
+def test_an_action_nobody_classified_is_taken_to_end_processes() -> None:
+    # A new action is refused on degraded data until it is listed as one that never ends one.
+    assert ends_process(Step("reboot", NotifyParams())) == "reboot"
+    assert PARAMS.keys() > NEVER_ENDS
+    assert PARAMS.keys() - NEVER_ENDS == {"kill", "terminate"}
+
+
+def test_only_notify_changes_nothing() -> None:
+    assert not changes_process(Step("notify", NotifyParams()))
+    assert all(changes_process(Step(name, NotifyParams())) for name in PARAMS.keys() - {"notify"})

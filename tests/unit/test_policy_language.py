@@ -348,7 +348,8 @@ def test_unknown_kind_lists_every_kind(tmp_path: Path) -> None:
 
 
 def test_one_policy_per_signal_still_holds(tmp_path: Path) -> None:
-    error = only(errors(tmp_path, POLICY, POLICY.replace("name: fork-bomb", "name: other")))
+    other = POLICY.replace("name: fork-bomb", "name: other").replace("200", "9")
+    error = only(errors(tmp_path, POLICY, other))
     assert error.key == "signal"
     assert "only one policy per signal is supported" in error.message
 
@@ -433,9 +434,10 @@ def test_check_json_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert report == {
         "ok": True,
         "errors": [],
-        "policies": ["fork-bomb"],
+        "policies": ["fork-bomb", "service-fork-storm"],
         "playbooks": [
             "contain-fork-bomb",
+            "contain-service",
             "crash-loop",
             "fd-leak",
             "memory-leak",
@@ -642,10 +644,10 @@ def test_kernel_steps_are_only_for_signals(tmp_path: Path) -> None:
         "  - action: throttle_cpu\n    params: {cpu: 0.5}\n    kernel: true\n"
     )
     with pytest.raises(ConfigErrors, match="only for kill and stop"):
-        load_policy_set([REPO / "policies"], [book], require_secure=False)
+        load_policy_set([REPO / "policies" / "fork-bomb.yaml"], [book], require_secure=False)
     book.write_text(
         "apiVersion: remedy/v1\nkind: Playbook\nname: contain-fork-bomb\nsteps:\n"
         "  - action: kill\n    kernel: true\n"
     )
-    loaded = load_policy_set([REPO / "policies"], [book], require_secure=False)
+    loaded = load_policy_set([REPO / "policies" / "fork-bomb.yaml"], [book], require_secure=False)
     assert loaded.playbooks["contain-fork-bomb"].steps[0].kernel

@@ -87,12 +87,14 @@ def only(errors: Sequence[ConfigError]) -> ConfigError:
 
 def test_shipped_files_load() -> None:
     policy_set = load_policy_set([REPO / "policies"], [REPO / "playbooks"])
-    (policy,) = policy_set.for_signal("fork_rate")
-    assert policy.name == "fork-bomb"
+    policy, service = policy_set.for_signal("fork_rate")  # they split the processes between them
+    assert (policy.name, service.name) == ("fork-bomb", "service-fork-storm")
+    assert policy.exclude == service.match
     assert policy.threshold == 200
     assert policy.window_s == 1.0
     assert policy.release_after_s > policy.window_s
     assert policy.match == Selector()
+    assert [s.action for s in policy_set.playbook_for(service).steps] == ["quarantine", "notify"]
     playbook = policy_set.playbook_for(policy)
     assert [step.action for step in playbook.steps] == ["quarantine", "kill"]
     assert playbook.steps[0].params == QuarantineParams(pids_max=32, cpu=0.2)
@@ -101,9 +103,10 @@ def test_shipped_files_load() -> None:
 
 def test_shipped_files_pass_check() -> None:
     policy_set = check_paths([REPO / "policies", REPO / "playbooks"])
-    assert [p.name for p in policy_set.policies] == ["fork-bomb"]
+    assert [p.name for p in policy_set.policies] == ["fork-bomb", "service-fork-storm"]
     assert sorted(policy_set.playbooks) == [
         "contain-fork-bomb",
+        "contain-service",
         "crash-loop",
         "fd-leak",
         "memory-leak",
@@ -216,7 +219,8 @@ def test_invalid_playbook_does_not_also_report_unknown_playbook(tmp_path: Path) 
 
 
 def test_duplicate_signal_names_both_files(tmp_path: Path) -> None:
-    second = POLICY.replace("name: fork-bomb", "name: other")
+    # A second policy on one signal needs the same kernel filter; this one's threshold differs.
+    second = POLICY.replace("name: fork-bomb", "name: other").replace("200", "300")
     error = only(errors_of({"a.yaml": POLICY, "b.yaml": second}, tmp_path))
     assert error.file.name == "b.yaml"
     assert (error.key, error.line) == ("signal", 4)
@@ -385,7 +389,8 @@ def test_check_paths_mixed(tmp_path: Path) -> None:
     write(mixed / "a-policy.yaml", POLICY)
     write(mixed / "b-playbook.yaml", PLAYBOOK)
     write(mixed / "notes.txt", "ignored")
-    extra = write(tmp_path / "single.yml", POLICY.replace("fork-bomb", "second"))
+    second = POLICY.replace("fork-bomb", "second").replace("window: 1s", "window: 2s")
+    extra = write(tmp_path / "single.yml", second)
     policy_set = check_paths([mixed, mixed / "a-policy.yaml"])
     assert [p.name for p in policy_set.policies] == ["fork-bomb"]  # the same file counts once
     assert list(policy_set.playbooks) == ["contain"]
