@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.params import ActionParams
+from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcessInfo, ProcFS
@@ -50,6 +52,86 @@ class ActionContext:
                 continue
             reached.append(pid)
         return reached
+
+    @contextlib.contextmanager
+    def pinned_reach(
+        self, subject: Subject, started_before_ns: int
+    ) -> Iterator[list[ProcessHandle]]:
+        """What :meth:`reach` finds, each process pinned by a pidfd *before* it is judged: the
+        protection test, the start-time test and the scope test (still a member of the cgroup,
+        still a descendant) all read the pinned process, so whatever is then signalled, moved
+        or reniced through the handle is the process that was judged, never a pid reused in
+        between. All handles are closed on exit."""
+        candidates = (
+            self.cgroups.members(subject.cgroup)
+            if self.scope == "cgroup"
+            else self._descendants(subject.pid)
+            if self.scope == "tree"
+            else []
+        )
+        handles: list[ProcessHandle] = []
+        try:
+            for pid in candidates:
+                if pid == subject.pid:
+                    continue
+                try:
+                    handle = ProcessHandle.bind(
+                        pid, self.procfs, started_before_ns=started_before_ns
+                    )
+                except ActionError:
+                    continue  # gone, or started after the decision: not one we judged
+                handles.append(handle)
+            kept = self._still_in_scope(subject, handles)
+            for handle in handles:
+                if handle not in kept:
+                    handle.close()
+            handles = kept
+            yield handles
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def _still_in_scope(
+        self, subject: Subject, handles: list[ProcessHandle]
+    ) -> list[ProcessHandle]:
+        """The pinned processes that are unprotected and still in the scope (their pids are
+        theirs while pinned and alive, so these reads are about them)."""
+        live = [h for h in handles if not h.has_exited() and not self.spare(h.info)]
+        if self.scope == "cgroup":
+            members = set(self.cgroups.members(subject.cgroup))
+            return [h for h in live if h.pid in members]
+        # Tree: a descendant's parent is the offender or another kept descendant.
+        kept: dict[int, ProcessHandle] = {}
+        parents = {subject.pid}
+        grew = True
+        while grew:
+            grew = False
+            for h in live:
+                if h.pid not in kept and h.info.ppid in parents:
+                    kept[h.pid] = h
+                    parents.add(h.pid)
+                    grew = True
+        return [h for h in live if h.pid in kept]
+
+    @contextlib.contextmanager
+    def pinned_members(self, rel: str) -> Iterator[list[ProcessHandle]]:
+        """The members of cgroup ``rel``, each pinned and then checked to still be a member
+        (a pid read from cgroup.procs may belong to someone else by the time it is pinned)."""
+        handles: list[ProcessHandle] = []
+        try:
+            for pid in self.cgroups.members(rel):
+                with contextlib.suppress(ActionError):
+                    handles.append(ProcessHandle.bind(pid, self.procfs))
+            members = set(self.cgroups.members(rel))
+            kept = [h for h in handles if h.pid in members and not h.has_exited()]
+            for handle in handles:
+                if handle not in kept:
+                    handle.close()
+            handles = kept
+            yield handles
+        finally:
+            for handle in handles:
+                handle.close()
 
     def _descendants(self, root: int) -> list[int]:
         children: dict[int, list[int]] = {}

@@ -1,8 +1,9 @@
 """Process actions: notify, renice, ionice, stop, continue, terminate.
 
 Targets follow the step's scope: the offender (through the pidfd opened when it was identified),
-plus ``ctx.reach``: its descendants (tree) or every other member of its cgroup (cgroup), each
-pinned by a pidfd bound now and checked against its start time.
+plus ``ctx.pinned_reach``: its descendants (tree) or every other member of its cgroup (cgroup),
+each pinned by a pidfd first and judged through the pinned process. Operations that only take a
+number (setpriority, ioprio_set on each thread) check the pidfd right before the call.
 
 renice and ionice are per *thread* on Linux (setpriority(2) and ioprio_set(2) with a pid act on
 that one thread), so they walk /proc/pid/task. Python's os has no ioprio call: ioprio_set and
@@ -16,9 +17,11 @@ import ctypes
 import errno
 import os
 import platform
+import select
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from remedy.actions.base import ActionContext
 from remedy.actions.params import (
@@ -28,7 +31,7 @@ from remedy.actions.params import (
     ReniceParams,
     TerminateParams,
 )
-from remedy.actions.process import ProcessHandle, pinned
+from remedy.actions.process import Birth, ProcessHandle
 from remedy.actions.throttle import new_record
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Handle, Subject
@@ -78,16 +81,27 @@ def _now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """A process an action reaches, pinned: its pid, start time (identity) and pidfd."""
+
+    pid: int
+    start_ticks: int
+    handle: Handle
+
+
 @contextlib.contextmanager
-def _targets(subject: Subject, ctx: ActionContext) -> Iterator[list[tuple[int, Handle]]]:
-    """(pid, pinned handle) for the offender and everything its scope reaches."""
+def _targets(subject: Subject, ctx: ActionContext) -> Iterator[list[_Target]]:
+    """The offender and everything its scope reaches, each pinned."""
     if subject.handle is None:
         raise ActionError(
             "no pidfd for the offender; refusing to act on a bare pid", pid=subject.pid
         )
-    now_ns = _now_ns()
-    with pinned(ctx.reach(subject, now_ns), ctx.procfs, started_before_ns=now_ns) as reached:
-        yield [(subject.pid, subject.handle), *((h.pid, h) for h in reached)]
+    with ctx.pinned_reach(subject, _now_ns()) as reached:
+        yield [
+            _Target(subject.pid, subject.start_ticks, subject.handle),
+            *(_Target(h.pid, h.start_ticks, h) for h in reached),
+        ]
 
 
 def _threads(pid: int, ctx: ActionContext) -> list[int]:
@@ -99,10 +113,49 @@ def _threads(pid: int, ctx: ActionContext) -> list[int]:
         raise ActionError(f"cannot list threads: {err.strerror}", pid=pid) from err
 
 
-def _per_thread(pid: int, ctx: ActionContext, what: str, op: Callable[[int], None]) -> None:
+# include/uapi/linux/pidfd.h: a pidfd for one thread (Linux 6.9); it polls readable when that
+# thread exits, and while it is open and the thread has not exited its tid cannot be reused.
+_PIDFD_THREAD = os.O_EXCL
+
+
+@contextlib.contextmanager
+def _pinned_thread(tid: int) -> Iterator[int | None]:
+    """A pidfd for thread ``tid``, or None on kernels without PIDFD_THREAD (EINVAL)."""
+    try:
+        fd = os.pidfd_open(tid, _PIDFD_THREAD)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _thread_alive(fd: int | None) -> bool:
+    if fd is None:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not poller.poll(0)
+
+
+def _per_thread(target: _Target, ctx: ActionContext, what: str, op: Callable[[int], None]) -> None:
+    """``op(tid)`` on every thread of the pinned ``target``. Each thread is pinned too and
+    checked right before the call: alive, and still a thread of this process (its
+    /proc/PID/task entry, read while the process is pinned and alive)."""
+    pid = target.pid
     for tid in _threads(pid, ctx):
         try:
-            op(tid)
+            with _pinned_thread(tid) as fd:
+                task_dir = ctx.procfs.root / str(pid) / "task" / str(tid)
+                if target.handle.has_exited():
+                    raise ProcessGone(f"exited before {what}", pid=pid)
+                if not _thread_alive(fd) or not task_dir.exists():
+                    continue  # that thread exited; its tid may be someone else's now
+                op(tid)
         except ProcessLookupError:
             continue  # that thread exited
         except OSError as err:
@@ -132,16 +185,16 @@ class Notify:
 
 
 class _PerProcess:
-    """A reversible per-process setting: previous values keyed "<pid>" -> "<start_ticks> <v>",
-    so revert touches only processes that still have the start time they had (psutil's
-    identity), never a reused pid."""
+    """A reversible per-process setting: previous values keyed "<pid>" -> "<start_ticks> <v>".
+    Revert pins each pid again and goes on only if the pinned process has that start time
+    (psutil's identity, at clock-tick resolution): never a reused pid."""
 
     name: str
 
-    def _get(self, pid: int) -> str:
+    def _get(self, target: _Target) -> str:
         raise NotImplementedError
 
-    def _set(self, pid: int, value: str, ctx: ActionContext) -> None:
+    def _set(self, target: _Target, value: str, ctx: ActionContext) -> None:
         raise NotImplementedError
 
     def undo(
@@ -156,10 +209,11 @@ class _PerProcess:
     ) -> UndoRecord:
         previous: dict[str, str] = {}
         with _targets(subject, ctx) as targets:
-            for pid, _handle in targets:
+            for target in targets:
                 try:
-                    ticks = ctx.procfs.read(pid).start_ticks
-                    previous[str(pid)] = f"{ticks} {self._get(pid)}"
+                    if target.handle.has_exited():
+                        continue
+                    previous[str(target.pid)] = f"{target.start_ticks} {self._get(target)}"
                 except (ActionError, OSError):
                     continue
         return new_record(
@@ -175,13 +229,15 @@ class _PerProcess:
 
     def revert(self, record: UndoRecord, ctx: ActionContext) -> str:
         done = 0
+        hz = ctx.procfs.clock_ticks()
         for key, entry in record.previous.items():
             ticks, value = entry.split(" ", 1)
             pid = int(key)
+            birth = Birth(int(ticks) * 1_000_000_000 // hz, exact=False)
             try:
-                if ctx.procfs.read(pid).start_ticks != int(ticks):
-                    continue  # the pid now names another process
-                self._set(pid, value, ctx)
+                # ProcessGone also when the pid now names another process.
+                with ProcessHandle.bind(pid, ctx.procfs, birth=birth) as handle:
+                    self._set(_Target(pid, handle.start_ticks, handle), value, ctx)
                 done += 1
             except ProcessGone:
                 continue
@@ -201,20 +257,20 @@ class Renice(_PerProcess):
         assert isinstance(params, ReniceParams)
         done = 0
         with _targets(subject, ctx) as targets:
-            for pid, handle in targets:
-                if handle.has_exited():
-                    continue
+            for target in targets:
                 with contextlib.suppress(ProcessGone):
-                    self._set(pid, str(params.nice), ctx)
+                    self._set(target, str(params.nice), ctx)
                     done += 1
         return f"nice {params.nice} on {done} process(es)"
 
-    def _get(self, pid: int) -> str:
-        return str(os.getpriority(os.PRIO_PROCESS, pid))
+    def _get(self, target: _Target) -> str:
+        return str(os.getpriority(os.PRIO_PROCESS, _checked(target, "getpriority")))
 
-    def _set(self, pid: int, value: str, ctx: ActionContext) -> None:
+    def _set(self, target: _Target, value: str, ctx: ActionContext) -> None:
         nice = int(value)
-        _per_thread(pid, ctx, "setpriority", lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
+        _per_thread(
+            target, ctx, "setpriority", lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice)
+        )
 
 
 class Ionice(_PerProcess):
@@ -232,31 +288,36 @@ class Ionice(_PerProcess):
         value = (_IOPRIO_CLASS[params.io_class] << _IOPRIO_CLASS_SHIFT) | level
         done = 0
         with _targets(subject, ctx) as targets:
-            for pid, handle in targets:
-                if handle.has_exited():
-                    continue
+            for target in targets:
                 with contextlib.suppress(ProcessGone):
-                    self._set(pid, str(value), ctx)
+                    self._set(target, str(value), ctx)
                     done += 1
         return f"io class {params.io_class}/{level} on {done} process(es)"
 
-    def _get(self, pid: int) -> str:
-        return str(ioprio_get(pid))
+    def _get(self, target: _Target) -> str:
+        return str(ioprio_get(_checked(target, "ioprio_get")))
 
-    def _set(self, pid: int, value: str, ctx: ActionContext) -> None:
+    def _set(self, target: _Target, value: str, ctx: ActionContext) -> None:
         raw = int(value)
-        _per_thread(pid, ctx, "ioprio_set", lambda tid: ioprio_set(tid, raw))
+        _per_thread(target, ctx, "ioprio_set", lambda tid: ioprio_set(tid, raw))
 
 
-def _signal_all(sig: int, subject: Subject, ctx: ActionContext) -> list[tuple[int, Handle]]:
+def _checked(target: _Target, what: str) -> int:
+    """The pid, right after checking through the pidfd that its process has not exited."""
+    if target.handle.has_exited():
+        raise ProcessGone(f"exited before {what}", pid=target.pid)
+    return target.pid
+
+
+def _signal_all(sig: int, subject: Subject, ctx: ActionContext) -> list[_Target]:
     sent = []
     with _targets(subject, ctx) as targets:
-        for pid, handle in targets:
+        for target in targets:
             try:
-                handle.send_signal(sig)
+                target.handle.send_signal(sig)
             except ProcessGone:
                 continue
-            sent.append((pid, handle))
+            sent.append(target)
     return sent
 
 
@@ -271,12 +332,11 @@ class Stop(_PerProcess):
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         return f"stopped {len(_signal_all(signal.SIGSTOP, subject, ctx))} process(es)"
 
-    def _get(self, pid: int) -> str:
+    def _get(self, target: _Target) -> str:
         return "stopped"
 
-    def _set(self, pid: int, value: str, ctx: ActionContext) -> None:
-        with ProcessHandle.bind(pid, ctx.procfs) as handle:
-            handle.send_signal(signal.SIGCONT)
+    def _set(self, target: _Target, value: str, ctx: ActionContext) -> None:
+        target.handle.send_signal(signal.SIGCONT)
 
 
 class Continue:
@@ -319,16 +379,17 @@ class Terminate:
             )
         with _targets(subject, ctx) as targets:
             termed = []
-            for pid, handle in targets:
+            for target in targets:
+                handle = target.handle
                 with contextlib.suppress(ProcessGone):
                     handle.send_signal(signal.SIGTERM)
                     # A stopped process (an earlier `stop` step) cannot act on SIGTERM until
                     # it runs again: let it, so the grace period means something.
                     handle.send_signal(signal.SIGCONT)
-                    termed.append((pid, handle))
+                    termed.append(handle)
             deadline = time.monotonic() + params.grace_s
             killed = 0
-            for _pid, handle in termed:
+            for handle in termed:
                 if _wait_exit(handle, max(0.0, deadline - time.monotonic())):
                     continue
                 with contextlib.suppress(ProcessGone):
