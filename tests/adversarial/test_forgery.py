@@ -170,6 +170,8 @@ def _identify(forger: Forger, v2_rel: str) -> Subject:
     index = CgroupIndex.detect(CGROUP_ROOT)
     enricher = Enricher(procfs, index, ParentChain(procfs), proc_cgroup=driver.cgroup_of)
     cgroup_id = (forger.v2_root / v2_rel.lstrip("/")).stat().st_ino
+    # No kernel sensor here: the birth at /proc's resolution (checked to the tick).
+    birth = procfs.read(forger.pid).start_ticks * 1_000_000_000 // procfs.clock_ticks()
     record = SensorRecord(
         signal="fork_rate",
         tgid=forger.pid,
@@ -182,6 +184,8 @@ def _identify(forger: Forger, v2_rel: str) -> Subject:
         elapsed_s=0.1,
         ts_boot_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME),
         key=forger.pid,
+        birth_ns=birth,
+        key_birth_ns=birth,
     )
     return ProcIdentifier(procfs, driver, enricher).identify(record)
 
