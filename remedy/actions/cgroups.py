@@ -673,31 +673,35 @@ class CgroupV1Driver:
         return _one(knob, value)
 
     def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
-        """One write to the origin's cgroup.procs per hierarchy where ``pid`` is in ``rel``."""
+        """One write to the origin's cgroup.procs per hierarchy where ``pid`` is in ``rel``;
+        every hierarchy is tried even when one fails, so as much as possible goes home."""
         _parts(rel)
+        failed: list[str] = []
         for hierarchy, where in self.origins(pid).items():
             if not _within(where, rel):
                 continue
             home = origins.get(hierarchy)
             if home is None:
-                raise CgroupError(
-                    f"no recorded origin in the {hierarchy} hierarchy", pid=pid, cgroup=rel
-                )
-            procs = self._dir(hierarchy, _parts(home)) / "cgroup.procs"
+                failed.append(f"no recorded origin in the {hierarchy} hierarchy")
+                continue
             try:
+                procs = self._dir(hierarchy, _parts(home)) / "cgroup.procs"
                 procs.write_text(str(pid))
             except ProcessLookupError as err:
                 raise ProcessGone("exited before it could be moved back", pid=pid) from err
             except OSError as err:
-                raise CgroupError(
-                    f"cannot move back into {home} in the {hierarchy} hierarchy: {err.strerror}",
-                    pid=pid,
-                    cgroup=rel,
-                ) from err
+                failed.append(
+                    f"cannot move back into {home} in the {hierarchy} hierarchy: {err.strerror}"
+                )
+            except CgroupError as err:  # a recorded path that is not one
+                failed.append(str(err))
         stuck = [h for h, where in self.origins(pid).items() if _within(where, rel)]
         if stuck:
+            why = "; ".join(failed) or "the kernel kept it there"
             raise CgroupError(
-                f"still in the quarantine in the {', '.join(stuck)} hierarchy", pid=pid, cgroup=rel
+                f"still in the quarantine in the {', '.join(stuck)} hierarchy: {why}",
+                pid=pid,
+                cgroup=rel,
             )
 
     def remove(self, rel: str) -> None:
