@@ -699,9 +699,7 @@ class CgroupV1Driver:
         if stuck:
             why = "; ".join(failed) or "the kernel kept it there"
             raise CgroupError(
-                f"still in the quarantine in the {', '.join(stuck)} hierarchy: {why}",
-                pid=pid,
-                cgroup=rel,
+                f"still in the quarantine in the {', '.join(stuck)} hierarchy: {why}", pid=pid
             )
 
     def remove(self, rel: str) -> None:
@@ -921,7 +919,7 @@ class CgroupV2Driver:
             raise CgroupError("no recorded origin", pid=pid, cgroup=rel)
         self.move(pid, home)
         if _within(self.origins(pid)[""], rel):
-            raise CgroupError("still in the quarantine", pid=pid, cgroup=rel)
+            raise CgroupError("still in the quarantine", pid=pid)
 
     def remove(self, rel: str) -> None:
         """rmdir ``rel`` and its children, deepest first."""
