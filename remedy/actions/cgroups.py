@@ -33,6 +33,7 @@ __all__ = [
     "PidsController",
     "RemedyNode",
     "detect",
+    "within",
 ]
 
 # The CFS bandwidth period we always use (the kernel default, 100 ms).
@@ -390,8 +391,8 @@ def _deepest_first(top: Path) -> Iterator[Path]:
         yield Path(dirpath)
 
 
-def _within(path: str, rel: str) -> bool:
-    """Whether cgroup ``path`` is ``rel`` or below it."""
+def within(path: str, rel: str) -> bool:
+    """Whether cgroup path ``path`` is ``rel`` or below it."""
     return path == rel or path.startswith(rel.rstrip("/") + "/")
 
 
@@ -678,7 +679,7 @@ class CgroupV1Driver:
         _parts(rel)
         failed: list[str] = []
         for hierarchy, where in self.origins(pid).items():
-            if not _within(where, rel):
+            if not within(where, rel):
                 continue
             home = origins.get(hierarchy)
             if home is None:
@@ -695,7 +696,7 @@ class CgroupV1Driver:
                 )
             except CgroupError as err:  # a recorded path that is not one
                 failed.append(str(err))
-        stuck = [h for h, where in self.origins(pid).items() if _within(where, rel)]
+        stuck = [h for h, where in self.origins(pid).items() if within(where, rel)]
         if stuck:
             why = "; ".join(failed) or "the kernel kept it there"
             raise CgroupError(
@@ -912,13 +913,13 @@ class CgroupV2Driver:
     def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
         """Write ``pid`` to the origin's cgroup.procs if it is in ``rel``."""
         _parts(rel)
-        if not _within(self.origins(pid)[""], rel):
+        if not within(self.origins(pid)[""], rel):
             return
         home = origins.get("")
         if home is None:
             raise CgroupError("no recorded origin", pid=pid, cgroup=rel)
         self.move(pid, home)
-        if _within(self.origins(pid)[""], rel):
+        if within(self.origins(pid)[""], rel):
             raise CgroupError("still in the quarantine", pid=pid)
 
     def remove(self, rel: str) -> None:

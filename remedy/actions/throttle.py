@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import ClassVar, Protocol
 
 from remedy.actions.base import ActionContext
-from remedy.actions.cgroups import INHERITED, V1_HIERARCHIES, Limits
+from remedy.actions.cgroups import INHERITED, V1_HIERARCHIES, Limits, within
 from remedy.actions.params import (
     ActionParams,
     FreezeParams,
@@ -158,12 +158,15 @@ def into_quarantine(
     limits = wanted
     for pid in pids:
         try:
-            under = ctx.cgroups.inherited(ctx.cgroups.origins(pid))
+            origins = ctx.cgroups.origins(pid)
         except ProcessGone:
             if pid == subject.pid:
                 raise
             continue
-        limits = limits.tightened(under.without(*may_loosen))
+        # A hierarchy where it is in the quarantine already (an earlier step moved it) has
+        # nothing to carry: the quarantine's own values are kept below, as they are.
+        outside = {h: path for h, path in origins.items() if not within(path, rel)}
+        limits = limits.tightened(ctx.cgroups.inherited(outside).without(*may_loosen))
     if ctx.cgroups.exists(rel):  # an earlier step's caps stay
         held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)
         limits = limits.tightened(held)

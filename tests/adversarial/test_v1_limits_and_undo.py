@@ -246,6 +246,51 @@ def test_a_move_never_lets_a_grower_past_its_hard_limit(
     assert not any((ROOT / h / q[1:]).exists() for h in HIERARCHIES)
 
 
+# 16 MiB where it starts, then 8 MiB more (once moved) per line on stdin; bounded.
+TWO_STEPS = textwrap.dedent(
+    """
+    import sys
+    chunks = [b"\x01" * (16 << 20)]
+    print("a", flush=True)
+    sys.stdin.readline()
+    chunks.append(b"\x01" * (8 << 20))
+    print("b", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_a_later_step_keeps_the_quarantine_caps_an_earlier_one_set(box: Box) -> None:
+    app = box.mkdir("memory", "app")
+    (ROOT / "memory" / app[1:] / "memory.limit_in_bytes").write_text(str(LIMIT))
+    where = {h: box.top for h in HIERARCHIES[:4]} | {"memory": app}
+    subject = box.spawn(
+        [sys.executable, "-c", TWO_STEPS], where, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    child = box.children[-1]
+    assert child.stdin is not None and child.stdout is not None
+    assert child.stdout.readline() == b"a\n"
+    ctx = box.ctx()
+    first = Quarantine().undo(QuarantineParams(), subject, ctx, policy="p", ttl_s=60, now_wall=1)
+    Quarantine().run(QuarantineParams(), subject, ctx)
+    q = ctx.quarantine_of(subject)
+    limit_file = ROOT / "memory" / q[1:] / "memory.limit_in_bytes"
+    room = int(limit_file.read_text())
+    assert room < LIMIT
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == b"b\n"  # 8 MiB charged to the quarantine now
+    params = LimitMemoryParams.model_validate({"high": "1Gi"})
+    second = LimitMemory().undo(params, subject, ctx, policy="p", ttl_s=60, now_wall=1)
+    LimitMemory().run(params, subject, ctx)
+    # Neither looser (1 GiB) nor cut by what it has in the quarantine itself.
+    assert int(limit_file.read_text()) == room
+    LimitMemory().revert(second, ctx)
+    assert int(limit_file.read_text()) == room
+    Quarantine().revert(first, ctx)
+    assert _where(subject.pid)["memory"] == app
+
+
 def test_limit_memory_in_place_writes_a_hard_limit_on_v1(box: Box) -> None:
     where = {h: box.mkdir(h, "app") for h in HIERARCHIES[:4]}  # in place: one path for all
     app = where["memory"]
