@@ -704,8 +704,12 @@ class CgroupV1Driver:
             )
 
     def remove(self, rel: str) -> None:
-        """rmdir in every hierarchy remedy creates in, children first."""
+        """rmdir in every hierarchy remedy creates in, children first; nothing at all while a
+        process is in it in any hierarchy (else the pids directory would go, and with it the
+        only sign of a process still capped in another)."""
         parts = _non_root_parts(rel, "remove")
+        if self.members_anywhere(rel):
+            raise CgroupError("cannot remove: still has processes", cgroup=rel)
         for hierarchy in V1_HIERARCHIES:
             _rmdir_tree(self._dir(hierarchy, parts), rel, os.rmdir)
 
