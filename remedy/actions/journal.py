@@ -334,9 +334,9 @@ def reconcile(
     Every active record whose TTL has passed is reverted now. With ``keep_unexpired`` the others
     stay active for the engine to re-arm; without it they are reverted too. ``revert`` undoes
     one record and returns a detail string; each success is journaled as a revert. A revert that
-    raises is logged and journaled as "revert-failed" but the record stays active, so the next
-    start retries it. Returns (record, detail) for each record handled, a failure's detail being
-    ``"revert-failed: <error>"``.
+    raises is logged and journaled as "revert-failed" but the record stays active, so it is
+    retried (by ``Undoer.expire`` with backoff, or at the next start). Returns (record, detail)
+    for each record handled, a failure's detail being ``"revert-failed: <error>"``.
     """
     done: list[tuple[UndoRecord, str]] = []
     for record in journal.active():
@@ -351,7 +351,7 @@ def reconcile(
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             log.warning(
-                "undo %s (%s on pid %d, cgroup %s) failed, retried next start: %s",
+                "undo %s (%s on pid %d, cgroup %s) failed, stays applied and is retried: %s",
                 record.id,
                 record.action,
                 record.pid,
