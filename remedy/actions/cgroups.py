@@ -33,6 +33,7 @@ __all__ = [
     "PidsController",
     "RemedyNode",
     "detect",
+    "within",
 ]
 
 # The CFS bandwidth period we always use (the kernel default, 100 ms).
@@ -44,7 +45,7 @@ _V2_CONTROLLERS = ("pids", "cpu")
 # How long a freeze may take to settle (FREEZING -> FROZEN) before we call it failed.
 _FREEZE_WAIT_S = 1.0
 
-KNOBS = ("pids_max", "cpu_cores", "memory_high", "frozen", "io_weight")
+KNOBS = ("pids_max", "cpu_cores", "memory_max", "memory_high", "frozen", "io_weight")
 """The names of the limits a driver reads and writes raw (:meth:`CgroupDriver.read_knobs`).
 
 Raw values are what the kernel files hold, per version:
@@ -55,27 +56,32 @@ knob            v1 (hierarchy/file)                        v2 file
 pids_max        pids/pids.max ("max" or N)                 pids.max
 cpu_cores       cpu/cpu.cfs_quota_us + cfs_period_us,      cpu.max ("max 100000")
                 joined "quota period" ("-1 100000")
+memory_max      memory/memory.limit_in_bytes               memory.max ("max" or N)
 memory_high     memory/memory.soft_limit_in_bytes          memory.high ("max" or N)
 frozen          freezer/freezer.state (THAWED/FROZEN)      cgroup.freeze ("0"/"1")
 io_weight       blkio/blkio.weight (10..1000)              io.weight ("default 100")
 ==============  =========================================  ===========================
 
-v1 has no memory.high. memory.soft_limit_in_bytes is its nearest relative: above it the
-cgroup is reclaimed first under global memory pressure, without OOM-killing anything, which
-is what memory.high means for remedy (slow it down, do not kill it). memory.limit_in_bytes
-would OOM-kill instead, so it is deliberately not used.
+v1 has no memory.high. memory.soft_limit_in_bytes is its nearest relative, but it only orders
+reclaim under *global* memory pressure: it never stops a grower on a host with free memory.
+What holds one on v1 is memory.limit_in_bytes (reclaim, then the memcg OOM killer at the
+limit), so ``limit_memory`` writes both there (see :class:`remedy.actions.throttle.LimitMemory`).
 """
 # v1 knob -> hierarchy
 _V1_HIERARCHY = {
     "pids_max": "pids",
     "cpu_cores": "cpu",
+    "memory_max": "memory",
     "memory_high": "memory",
     "frozen": "freezer",
     "io_weight": "blkio",
 }
+# Every v1 hierarchy a process can be moved in, so every one whose origin undo must restore.
+V1_HIERARCHIES = ("pids", "cpu", "memory", "freezer", "blkio")
 _V2_FILE = {
     "pids_max": "pids.max",
     "cpu_cores": "cpu.max",
+    "memory_max": "memory.max",
     "memory_high": "memory.high",
     "frozen": "cgroup.freeze",
     "io_weight": "io.weight",
@@ -84,9 +90,24 @@ _V2_FILE = {
 _V2_CONTROLLER_OF = {
     "pids_max": "pids",
     "cpu_cores": "cpu",
+    "memory_max": "memory",
     "memory_high": "memory",
     "io_weight": "io",
 }
+# The limits a move must carry along (:meth:`CgroupDriver.inherited`). io_weight is not one:
+# a weight is relative to its siblings, so copying it under another parent means nothing.
+INHERITED = ("pids_max", "cpu_cores", "memory_max", "memory_high", "frozen")
+# v1 reports "no limit" on memory as PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB
+# pages); anything this large is unlimited.
+_V1_MEMORY_UNLIMITED = 1 << 62
+
+
+def _min(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _min_f(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass(frozen=True)
@@ -98,10 +119,42 @@ class Limits:
     memory_high: int | None = None  # bytes (v1: memory.soft_limit_in_bytes, see KNOBS)
     frozen: bool | None = None
     io_weight: int | None = None  # 1..10000 (v2 io.weight); v1 clamps to blkio's 10..1000
+    memory_max: int | None = None  # bytes (v1: memory.limit_in_bytes)
 
     def knobs(self) -> list[str]:
         """The names (from :data:`KNOBS`) of the limits that are set."""
         return [k for k in KNOBS if getattr(self, k) is not None]
+
+    def tightened(self, other: Limits) -> Limits:
+        """Both sets of caps at once: the smaller of each number, frozen if either is.
+
+        This is how a move never loosens a limit: what the step asks for, tightened by what the
+        process was already under (``None`` on either side means "no cap there").
+        """
+        return Limits(
+            pids_max=_min(self.pids_max, other.pids_max),
+            cpu_cores=_min_f(self.cpu_cores, other.cpu_cores),
+            memory_high=_min(self.memory_high, other.memory_high),
+            frozen=True
+            if (self.frozen or other.frozen)
+            else (self.frozen if self.frozen is not None else other.frozen),
+            # A weight is a share relative to siblings, not a cap: the step's own stands.
+            io_weight=self.io_weight if self.io_weight is not None else other.io_weight,
+            memory_max=_min(self.memory_max, other.memory_max),
+        )
+
+    def without(self, *knobs: str) -> Limits:
+        """A copy with ``knobs`` unset."""
+        return Limits(**{k: None if k in knobs else getattr(self, k) for k in KNOBS})
+
+    @classmethod
+    def from_raw(cls, version: int, raw: dict[str, str]) -> Limits:
+        """Parse raw values as :meth:`CgroupDriver.read_knobs` returns them ("no limit" is
+        ``None``; a frozen cgroup is ``frozen=True``, a thawed one ``None``)."""
+        values: dict[str, Any] = {}
+        for knob, text in raw.items():
+            values[knob] = _parse_raw(version, knob, text.strip())
+        return cls(**values)
 
     def raw(self, version: int) -> dict[str, str]:
         """The set limits as raw file values for cgroup ``version`` (see :data:`KNOBS`)."""
@@ -111,6 +164,8 @@ class Limits:
         quota = self.cpu_quota_us()
         if quota is not None:
             values["cpu_cores"] = f"{quota} {CPU_PERIOD_US}"
+        if self.memory_max is not None:
+            values["memory_max"] = str(self.memory_max)
         if self.memory_high is not None:
             values["memory_high"] = str(self.memory_high)
         if self.frozen is not None:
@@ -130,6 +185,31 @@ class Limits:
         if self.cpu_cores is None:
             return None
         return max(_MIN_QUOTA_US, int(self.cpu_cores * CPU_PERIOD_US))
+
+
+def _one(knob: str, value: int | float | bool | None) -> Limits:
+    kwargs: dict[str, Any] = {knob: value}
+    return Limits(**kwargs)
+
+
+def _parse_raw(version: int, knob: str, text: str) -> int | float | bool | None:
+    """One raw knob value as a number (``None`` = no limit), see :data:`KNOBS`."""
+    if knob == "frozen":
+        # v1 FREEZING counts: it is on its way to FROZEN and a move must not let a task out.
+        return True if text in ("FROZEN", "FREEZING", "1") else None
+    if knob == "cpu_cores":
+        quota, _, period = text.partition(" ")
+        if quota in ("max", "-1") or not period:
+            return None
+        return int(quota) / int(period)
+    if knob == "io_weight":
+        return int(text.rsplit(maxsplit=1)[-1])
+    if text == "max":
+        return None
+    value = int(text)
+    if version == 1 and knob.startswith("memory_") and value >= _V1_MEMORY_UNLIMITED:
+        return None
+    return value
 
 
 class CgroupDriver(Protocol):
@@ -190,6 +270,30 @@ class CgroupDriver(Protocol):
 
     def members(self, rel: str) -> list[int]:
         """The pids in ``rel`` itself (not its children); [] if it does not exist."""
+        ...
+
+    def members_anywhere(self, rel: str) -> list[int]:
+        """The pids in ``rel`` in *any* hierarchy (v1: a process half moved back sits in the
+        quarantine of one hierarchy only); [] if it exists nowhere. v2: :meth:`members`."""
+        ...
+
+    def origins(self, pid: int) -> dict[str, str]:
+        """Where ``pid`` is, per hierarchy it can be moved in: v1 {"pids": "/a", "cpu": "/b",
+        ...} from /proc/pid/cgroup (the lines may all differ); v2 {"": "/a"}. For undo."""
+        ...
+
+    def inherited(self, origins: dict[str, str]) -> Limits:
+        """The limits a process with these :meth:`origins` is under, from its cgroups and every
+        ancestor up to (not including) the root: the smallest pids.max and CPU quota, frozen
+        if any is, and for memory the smallest *room left* (limit minus usage), because the
+        pages it already has stay charged where they are when it moves (v1 cannot move
+        charges on Linux 6.x, v2 never does). A move that applies these keeps every cap."""
+        ...
+
+    def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
+        """Move ``pid`` out of ``rel`` back to ``origins[h]`` in every hierarchy ``h`` where
+        it sits in ``rel``. Raises :class:`CgroupError` unless, afterwards, it sits in ``rel``
+        nowhere (and :class:`ProcessGone` if it exited)."""
         ...
 
     def kill_all(self, rel: str) -> bool:
@@ -312,6 +416,11 @@ def _deepest_first(top: Path) -> Iterator[Path]:
         yield Path(dirpath)
 
 
+def within(path: str, rel: str) -> bool:
+    """Whether cgroup path ``path`` is ``rel`` or below it."""
+    return path == rel or path.startswith(rel.rstrip("/") + "/")
+
+
 def _read_pids(procs: Path) -> list[int]:
     return [int(x) for x in procs.read_text().split()]
 
@@ -426,12 +535,12 @@ class CgroupV1Driver:
             raise _error(err, f"cannot write limits {limits}", rel) from err
         raw = limits.raw(self.version)
         rest: dict[str, str] = {
-            k: raw[k] for k in ("memory_high", "io_weight", "frozen") if k in raw
+            k: raw[k] for k in ("memory_max", "memory_high", "io_weight", "frozen") if k in raw
         }
         self.write_knobs(rel, rest)
 
     def _require_hierarchy(self, hierarchy: str, rel: str) -> None:
-        probe = {"blkio": "blkio.weight", "memory": "memory.soft_limit_in_bytes"}
+        probe = {"blkio": "blkio.weight", "memory": "memory.limit_in_bytes"}
         top = self.root / hierarchy
         name = probe.get(hierarchy, "tasks")
         if not (top / name).exists():
@@ -453,6 +562,7 @@ class CgroupV1Driver:
             return (d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us")
         name = {
             "pids_max": "pids.max",
+            "memory_max": "memory.limit_in_bytes",
             "memory_high": "memory.soft_limit_in_bytes",
             "frozen": "freezer.state",
             "io_weight": "blkio.weight",
@@ -492,6 +602,9 @@ class CgroupV1Driver:
                     files[0].write_text(value)
             except (OSError, ValueError) as err:
                 why = err.strerror if isinstance(err, OSError) else str(err)
+                if isinstance(err, OSError) and err.errno == errno.EBUSY and knob == "memory_max":
+                    # mem_cgroup_resize_max(): usage stayed above the new limit after reclaim.
+                    why = "usage is above it and could not be reclaimed"
                 raise CgroupError(f"cannot write {knob}={value!r}: {why}", cgroup=rel) from err
             if knob == "frozen" and value == "FROZEN":
                 _wait_for(_reads(files[0], "FROZEN"), "FROZEN", rel)
@@ -532,14 +645,97 @@ class CgroupV1Driver:
         except OSError as err:
             raise _error(err, "cannot read cgroup.procs", rel) from err
 
+    def members_anywhere(self, rel: str) -> list[int]:
+        """cgroup.procs of ``rel`` in every hierarchy where it exists, merged."""
+        parts = _parts(rel)
+        found: set[int] = set()
+        for hierarchy in V1_HIERARCHIES:
+            procs = self._dir(hierarchy, parts) / "cgroup.procs"
+            try:
+                found.update(_read_pids(procs))
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                what = f"cannot read cgroup.procs in the {hierarchy} hierarchy"
+                raise _error(err, what, rel) from err
+        return sorted(found)
+
     def contains(self, rel: str, pid: int) -> bool:
         """Whether ``pid`` is in ``rel`` (pids hierarchy)."""
         return pid in self.members(rel)
 
+    def origins(self, pid: int) -> dict[str, str]:
+        """The pids, cpu, memory, freezer and blkio lines of /proc/pid/cgroup that are mounted
+        here (each hierarchy has its own path: a service may sit in /system.slice/x.service
+        for pids and in / for cpu)."""
+        cgroups = self._procfs.cgroups(pid)
+        return {h: cgroups[h] for h in V1_HIERARCHIES if h in cgroups and (self.root / h).is_dir()}
+
+    def inherited(self, origins: dict[str, str]) -> Limits:
+        """Each knob is read in its own hierarchy's origin and that path's ancestors."""
+        result = Limits()
+        for knob in INHERITED:
+            hierarchy = _V1_HIERARCHY[knob]
+            origin = origins.get(hierarchy)
+            if origin is None or not (self.root / hierarchy).is_dir():
+                continue
+            parts = _parts(origin)
+            for depth in range(len(parts), 0, -1):  # the root cgroup has no limits
+                result = result.tightened(self._limit_at(knob, parts[:depth], origin))
+        return result
+
+    def _limit_at(self, knob: str, parts: list[str], rel: str) -> Limits:
+        files = self._knob_files(knob, parts)
+        try:
+            raw = " ".join(f.read_text().strip() for f in files)
+            value = _parse_raw(1, knob, raw)
+            if value is not None and knob.startswith("memory_"):
+                usage = int((files[0].parent / "memory.usage_in_bytes").read_text())
+                value = max(0, int(value) - usage)
+        except FileNotFoundError:
+            return Limits()  # no such file at this level (e.g. freezer.state of the root)
+        except (OSError, ValueError) as err:
+            raise CgroupError(f"cannot read the {knob} it is under: {err}", cgroup=rel) from err
+        return _one(knob, value)
+
+    def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
+        """One write to the origin's cgroup.procs per hierarchy where ``pid`` is in ``rel``;
+        every hierarchy is tried even when one fails, so as much as possible goes home."""
+        _parts(rel)
+        failed: list[str] = []
+        for hierarchy, where in self.origins(pid).items():
+            if not within(where, rel):
+                continue
+            home = origins.get(hierarchy)
+            if home is None:
+                failed.append(f"no recorded origin in the {hierarchy} hierarchy")
+                continue
+            try:
+                procs = self._dir(hierarchy, _parts(home)) / "cgroup.procs"
+                procs.write_text(str(pid))
+            except ProcessLookupError as err:
+                raise ProcessGone("exited before it could be moved back", pid=pid) from err
+            except OSError as err:
+                failed.append(
+                    f"cannot move back into {home} in the {hierarchy} hierarchy: {err.strerror}"
+                )
+            except CgroupError as err:  # a recorded path that is not one
+                failed.append(str(err))
+        stuck = [h for h, where in self.origins(pid).items() if within(where, rel)]
+        if stuck:
+            why = "; ".join(failed) or "the kernel kept it there"
+            raise CgroupError(
+                f"still in the quarantine in the {', '.join(stuck)} hierarchy: {why}", pid=pid
+            )
+
     def remove(self, rel: str) -> None:
-        """rmdir in every hierarchy remedy creates in, children first."""
+        """rmdir in every hierarchy remedy creates in, children first; nothing at all while a
+        process is in it in any hierarchy (else the pids directory would go, and with it the
+        only sign of a process still capped in another)."""
         parts = _non_root_parts(rel, "remove")
-        for hierarchy in (*self._HIERARCHIES, "memory", "freezer", "blkio"):
+        if self.members_anywhere(rel):
+            raise CgroupError("cannot remove: still has processes", cgroup=rel)
+        for hierarchy in V1_HIERARCHIES:
             _rmdir_tree(self._dir(hierarchy, parts), rel, os.rmdir)
 
 
@@ -702,9 +898,58 @@ class CgroupV2Driver:
         except OSError as err:
             raise _error(err, "cannot read cgroup.procs", rel) from err
 
+    def members_anywhere(self, rel: str) -> list[int]:
+        """v2 has one hierarchy: :meth:`members`."""
+        return self.members(rel)
+
     def contains(self, rel: str, pid: int) -> bool:
         """Whether ``pid`` is in ``rel``."""
         return pid in self.members(rel)
+
+    def origins(self, pid: int) -> dict[str, str]:
+        """{"": the "0::" line of /proc/pid/cgroup}."""
+        cgroups = self._procfs.cgroups(pid)
+        if "" not in cgroups:
+            raise CgroupError("no cgroup v2 line in /proc/pid/cgroup", pid=pid)
+        return {"": cgroups[""]}
+
+    def inherited(self, origins: dict[str, str]) -> Limits:
+        """pids.max, cpu.max, memory.max/high (minus memory.current) and cgroup.freeze of the
+        origin and its ancestors; a file that is not there (controller off) caps nothing."""
+        origin = origins.get("")
+        if origin is None:
+            return Limits()
+        parts = _parts(origin)
+        result = Limits()
+        for depth in range(len(parts), 0, -1):  # the root cgroup has no limits
+            d = self._dir(parts[:depth])
+            for knob in INHERITED:
+                result = result.tightened(self._limit_at(d, knob, origin))
+        return result
+
+    @staticmethod
+    def _limit_at(d: Path, knob: str, rel: str) -> Limits:
+        try:
+            value = _parse_raw(2, knob, (d / _V2_FILE[knob]).read_text().strip())
+            if value is not None and knob.startswith("memory_"):
+                value = max(0, int(value) - int((d / "memory.current").read_text()))
+        except FileNotFoundError:
+            return Limits()
+        except (OSError, ValueError) as err:
+            raise CgroupError(f"cannot read the {knob} it is under: {err}", cgroup=rel) from err
+        return _one(knob, value)
+
+    def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
+        """Write ``pid`` to the origin's cgroup.procs if it is in ``rel``."""
+        _parts(rel)
+        if not within(self.origins(pid)[""], rel):
+            return
+        home = origins.get("")
+        if home is None:
+            raise CgroupError("no recorded origin", pid=pid, cgroup=rel)
+        self.move(pid, home)
+        if within(self.origins(pid)[""], rel):
+            raise CgroupError("still in the quarantine", pid=pid)
 
     def remove(self, rel: str) -> None:
         """rmdir ``rel`` and its children, deepest first."""

@@ -5,12 +5,13 @@ One JSON object per line, appended, flushed and fsynced per entry (like the audi
     {"op": "apply",   "record": {...UndoRecord...}, "at": wall}
     {"op": "revert",  "id": ..., "reason": ..., "outcome": ..., "at": wall[, "detail": ...]}
     {"op": "abandon", "id": ..., "reason": ..., "at": wall}
-    {"op": "revert-failed", "id": ..., "reason": ..., "error": ..., "at": wall}
+    {"op": "revert-failed", "id": ..., "reason": ..., "error": ..., "attempt": n, "at": wall}
 
 A record is *active* from its "apply" line until a "revert" or "abandon" line closes it;
-"revert-failed" is informational and leaves it active, so it is retried. Replaying the file
-gives the same active set every time, which is what lets a restarted agent reconcile a crashed
-run: nothing stays throttled forever, and nothing is reverted twice. See docs/undo.md.
+"revert-failed" leaves it active, so it is retried, and counts the attempts
+(:meth:`Journal.failures`). Replaying the file gives the same active set every time, which is
+what lets a restarted agent reconcile a crashed run: nothing stays throttled forever, and
+nothing is reverted twice. See docs/undo.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from remedy.actions.undo import UndoRecord
 from remedy.clock import Clock
 from remedy.errors import RemedyError
 
-__all__ = ["Journal", "JournalError", "reconcile"]
+__all__ = ["Journal", "JournalError", "RevertFailure", "reconcile"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,17 @@ REASON_AGENT_RESTART = "agent restart"
 
 class JournalError(RemedyError):
     """The journal could not be opened, locked or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class RevertFailure:
+    """Why an active record is still applied: its reverts failed ``attempts`` times (counted
+    from the file, so across restarts), the last at ``at`` (wall) with ``error``."""
+
+    attempts: int
+    error: str
+    reason: str
+    at: float
 
 
 class Journal:
@@ -58,6 +71,7 @@ class Journal:
         self._applied_at: dict[str, float] = {}
         self._closed_ids: set[str] = set()
         self._closed_lines = 0
+        self._failures: dict[str, RevertFailure] = {}
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = self._open_locked(path)
@@ -91,6 +105,12 @@ class Journal:
     def for_policy(self, policy: str) -> list[UndoRecord]:
         """Active records made by ``policy``."""
         return [r for r in self.active() if r.policy == policy]
+
+    def failures(self) -> dict[str, RevertFailure]:
+        """Active records whose last revert attempts failed (id -> why): the changes remedy
+        could not take back. Status and metrics read this; a record leaves it when closed."""
+        with self._lock:
+            return dict(self._failures)
 
     @property
     def closed_entries(self) -> int:
@@ -135,13 +155,17 @@ class Journal:
         return self._close(record_id, {"op": "abandon", "id": record_id, "reason": reason})
 
     def failed(self, record_id: str, reason: str, error: str) -> bool:
-        """Note a revert attempt that failed. The record stays active and is retried; this line
-        only tells the operator why it is still there. False for an unknown or closed id."""
+        """Note a revert attempt that failed. The record stays active and is retried; the line
+        tells the operator why it is still there and counts the attempts (:meth:`failures`).
+        False for an unknown or closed id."""
         with self._lock:
             if record_id not in self._active:
                 return False
-            entry = {"op": "revert-failed", "id": record_id, "reason": reason, "error": error}
-            self._append({**entry, "at": self._clock.wall()})
+            before = self._failures.get(record_id)
+            attempts = 1 + (before.attempts if before else 0)
+            why = RevertFailure(attempts, error, reason, self._clock.wall())
+            self._append(_failure_entry(record_id, why))
+            self._failures[record_id] = why
             return True
 
     def compact(self) -> None:
@@ -159,6 +183,8 @@ class Journal:
                     _encode({"op": "apply", "record": r.to_json(), "at": self._applied_at[i]})
                     for i, r in self._active.items()
                 ]
+                # A record still failing keeps its count of attempts.
+                lines += [_encode(_failure_entry(i, why)) for i, why in self._failures.items()]
                 _write_all(fd, b"".join(lines))
                 os.fsync(fd)
                 os.replace(tmp, self.path)  # the commit point
@@ -192,6 +218,7 @@ class Journal:
             self._append({**entry, "at": self._clock.wall()})
             del self._active[record_id]
             del self._applied_at[record_id]
+            self._failures.pop(record_id, None)
             self._closed_ids.add(record_id)
             self._closed_lines += 1
             return True
@@ -274,9 +301,22 @@ class Journal:
                 record_id = str(entry["id"])
                 if self._active.pop(record_id, None) is not None:
                     del self._applied_at[record_id]
+                    self._failures.pop(record_id, None)
                     self._closed_ids.add(record_id)
                     self._closed_lines += 1
-            elif op != "revert-failed":
+            elif op == "revert-failed":
+                record_id = str(entry["id"])
+                if record_id in self._active:
+                    before = self._failures.get(record_id)
+                    # "attempt" since per-record retries; older lines count one each.
+                    attempts = int(entry.get("attempt", 1 + (before.attempts if before else 0)))
+                    self._failures[record_id] = RevertFailure(
+                        attempts,
+                        str(entry.get("error", "")),
+                        str(entry.get("reason", "")),
+                        float(entry.get("at", 0.0)),
+                    )
+            else:
                 log.warning("%s:%d: ignoring unknown op %r", self.path, number, op)
         except (KeyError, TypeError, ValueError) as err:
             log.warning("%s:%d: ignoring a malformed %r entry: %s", self.path, number, op, err)
@@ -294,9 +334,9 @@ def reconcile(
     Every active record whose TTL has passed is reverted now. With ``keep_unexpired`` the others
     stay active for the engine to re-arm; without it they are reverted too. ``revert`` undoes
     one record and returns a detail string; each success is journaled as a revert. A revert that
-    raises is logged and journaled as "revert-failed" but the record stays active, so the next
-    start retries it. Returns (record, detail) for each record handled, a failure's detail being
-    ``"revert-failed: <error>"``.
+    raises is logged and journaled as "revert-failed" but the record stays active, so it is
+    retried (by ``Undoer.expire`` with backoff, or at the next start). Returns (record, detail)
+    for each record handled, a failure's detail being ``"revert-failed: <error>"``.
     """
     done: list[tuple[UndoRecord, str]] = []
     for record in journal.active():
@@ -311,7 +351,7 @@ def reconcile(
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
             log.warning(
-                "undo %s (%s on pid %d, cgroup %s) failed, retried next start: %s",
+                "undo %s (%s on pid %d, cgroup %s) failed, stays applied and is retried: %s",
                 record.id,
                 record.action,
                 record.pid,
@@ -324,6 +364,17 @@ def reconcile(
         journal.reverted(record.id, reason, detail=detail)
         done.append((record, detail))
     return done
+
+
+def _failure_entry(record_id: str, why: RevertFailure) -> dict[str, Any]:
+    return {
+        "op": "revert-failed",
+        "id": record_id,
+        "reason": why.reason,
+        "error": why.error,
+        "attempt": why.attempts,
+        "at": why.at,
+    }
 
 
 def _encode(entry: dict[str, Any]) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ActionParams(BaseModel):
@@ -56,14 +56,24 @@ class ThrottleCpuParams(ActionParams):
 
 
 class LimitMemoryParams(ActionParams):
-    """Reclaim pressure above ``high`` bytes (v2 memory.high; v1 memory.soft_limit_in_bytes)."""
+    """Hold memory at ``high`` bytes: v2 memory.high (reclaim and throttle above it), plus
+    memory.max at ``max`` when given; v1 memory.soft_limit_in_bytes at ``high`` and the hard
+    memory.limit_in_bytes at ``max``, or at ``high`` without one (v1 has nothing else that
+    stops a grower)."""
 
     high: int = Field(ge=4096)
+    max: int | None = Field(default=None, ge=4096)
 
-    @field_validator("high", mode="before")
+    @field_validator("high", "max", mode="before")
     @classmethod
-    def _size(cls, value: object) -> int:
-        return parse_bytes(value)
+    def _size(cls, value: object) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @model_validator(mode="after")
+    def _max_above_high(self) -> LimitMemoryParams:
+        if self.max is not None and self.max < self.high:
+            raise ValueError(f"max ({self.max}) must not be below high ({self.high})")
+        return self
 
 
 class LimitPidsParams(ActionParams):

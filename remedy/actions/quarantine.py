@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import Limits
 from remedy.actions.params import ActionParams, QuarantineParams
-from remedy.actions.throttle import move_back, new_record
+from remedy.actions.throttle import (
+    current_limits,
+    into_quarantine,
+    kept_words,
+    new_record,
+    record_origins,
+    revert_quarantine,
+)
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Subject
 from remedy.errors import CgroupError, ProcessGone
@@ -39,13 +45,11 @@ class Quarantine:
         limits = Limits(pids_max=params.pids_max, cpu_cores=params.cpu)
         if ctx.scope == "cgroup":
             return self._cap_in_place(subject, ctx, limits)
-        now_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        ctx.cgroups.create(rel, limits)
-        ctx.cgroups.move(subject.pid, rel)
-        for pid in ctx.reach(subject, now_ns):  # scope tree: its descendants follow it
-            with contextlib.suppress(ProcessGone):
-                ctx.cgroups.move(pid, rel)
-        return f"{len(ctx.cgroups.members(rel))} task(s) in quarantine"
+        # Every cap it was under comes along (memory, freeze, a tighter pids.max or quota):
+        # a quarantine must never be a way out of a limit.
+        applied = into_quarantine(subject, rel, limits, ctx)
+        n = len(ctx.cgroups.members(rel))
+        return f"{n} task(s) in quarantine{kept_words(limits, applied)}"
 
     def undo(
         self,
@@ -70,8 +74,11 @@ class Quarantine:
                 previous=knobs,
             )
         rel = ctx.quarantine_of(subject)
-        # Only the step that creates the quarantine owns the move back.
-        original = None if ctx.cgroups.exists(rel) else subject.cgroup
+        if ctx.cgroups.exists(rel):  # only the step that creates the quarantine owns the move
+            return new_record(
+                self.name, subject, rel, policy=policy, ttl_s=ttl_s, now_wall=now_wall
+            )
+        pids = (subject.pid, *ctx.reach(subject, time.clock_gettime_ns(time.CLOCK_BOOTTIME)))
         return new_record(
             self.name,
             subject,
@@ -79,22 +86,28 @@ class Quarantine:
             policy=policy,
             ttl_s=ttl_s,
             now_wall=now_wall,
-            original_cgroup=original,
+            original_cgroup=subject.cgroup,
+            pids=pids,
+            origins=record_origins(subject, pids, ctx),
         )
 
     def revert(self, record: UndoRecord, ctx: ActionContext) -> str:
+        if record.original_cgroup is not None:
+            return revert_quarantine(record.cgroup, record, ctx)
         if not ctx.cgroups.exists(record.cgroup):
             return f"{record.cgroup} is gone: nothing to restore"
-        if record.original_cgroup is None:
-            if record.previous:
-                ctx.cgroups.write_knobs(record.cgroup, dict(record.previous))
-            return f"restored {ctx.cgroups.display_path(record.cgroup)}"
-        return move_back(record.cgroup, record.original_cgroup, ctx)
+        if record.previous:
+            ctx.cgroups.write_knobs(record.cgroup, dict(record.previous))
+        return f"restored {ctx.cgroups.display_path(record.cgroup)}"
 
     @staticmethod
     def _cap_in_place(subject: Subject, ctx: ActionContext, limits: Limits) -> str:
         """Scope cgroup: the offender is the whole cgroup; cap it where it is."""
         if subject.cgroup in ("", "/"):
             raise CgroupError("refusing to cap the root cgroup", cgroup=subject.cgroup)
-        ctx.cgroups.create(subject.cgroup, limits)
-        return f"{len(ctx.cgroups.members(subject.cgroup))} task(s) capped"
+        # Its own caps may be tighter already (ancestors' apply anyway, hierarchically).
+        held = current_limits(subject.cgroup, limits.knobs(), ctx)  # pids_max, cpu_cores
+        applied = limits.tightened(held)
+        ctx.cgroups.create(subject.cgroup, applied)
+        n = len(ctx.cgroups.members(subject.cgroup))
+        return f"{n} task(s) capped{kept_words(limits, applied)}"

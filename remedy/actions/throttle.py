@@ -19,10 +19,11 @@ import contextlib
 import os
 import time
 import uuid
+from dataclasses import replace
 from typing import ClassVar, Protocol
 
 from remedy.actions.base import ActionContext
-from remedy.actions.cgroups import Limits
+from remedy.actions.cgroups import INHERITED, V1_HIERARCHIES, Limits, within
 from remedy.actions.params import (
     ActionParams,
     FreezeParams,
@@ -46,7 +47,11 @@ __all__ = [
     "Reversible",
     "Thaw",
     "ThrottleCpu",
+    "into_quarantine",
+    "kept_words",
+    "move_back",
     "new_record",
+    "revert_quarantine",
 ]
 
 INODE_KEY = "@inode"
@@ -93,6 +98,7 @@ def new_record(
     previous: dict[str, str] | None = None,
     original_cgroup: str | None = None,
     pids: tuple[int, ...] = (),
+    origins: dict[str, dict[str, str]] | None = None,
 ) -> UndoRecord:
     """An :class:`UndoRecord` with a fresh uuid4 id, expiring ``ttl_s`` after ``now_wall``."""
     return UndoRecord(
@@ -107,25 +113,125 @@ def new_record(
         previous=dict(previous or {}),
         original_cgroup=original_cgroup,
         pids=pids,
+        origins=dict(origins or {}),
     )
 
 
-def move_back(rel: str, original: str, ctx: ActionContext) -> str:
-    """Move every member of quarantine ``rel`` back to ``original`` (those that exited are
-    skipped) and remove the quarantine once it is empty."""
-    moved = 0
-    for pid in ctx.cgroups.members(rel):
+def record_origins(
+    subject: Subject, pids: tuple[int, ...], ctx: ActionContext
+) -> dict[str, dict[str, str]]:
+    """Where each process about to be moved is, per hierarchy (str(pid) -> {hierarchy: path}),
+    for the undo record. The offender's must be readable (else nothing is moved); one of the
+    others that exited meanwhile will not be moved either."""
+    found = {str(subject.pid): ctx.cgroups.origins(subject.pid)}
+    for pid in pids:
+        if pid != subject.pid:
+            with contextlib.suppress(ProcessGone):
+                found[str(pid)] = ctx.cgroups.origins(pid)
+    return found
+
+
+def current_limits(rel: str, knobs: list[str], ctx: ActionContext) -> Limits:
+    """What ``rel`` holds now for ``knobs``; a knob not readable there (v1: not created in that
+    hierarchy yet) has the kernel's default, no cap."""
+    raw: dict[str, str] = {}
+    for knob in knobs:
+        with contextlib.suppress(CgroupError):
+            raw.update(ctx.cgroups.read_knobs(rel, [knob]))
+    return Limits.from_raw(ctx.cgroups.version, raw)
+
+
+def into_quarantine(
+    subject: Subject,
+    rel: str,
+    wanted: Limits,
+    ctx: ActionContext,
+    *,
+    may_loosen: tuple[str, ...] = (),
+) -> Limits:
+    """Move the offender (and what :meth:`ActionContext.reach` adds) into quarantine ``rel``
+    without loosening anything: ``wanted`` is tightened by every limit the moved processes
+    were under (:meth:`CgroupDriver.inherited`) and by what ``rel`` already holds. Returns the
+    limits applied. ``may_loosen`` names knobs the step may set looser (thaw)."""
+    now_ns = _boot_ns()
+    pids = [subject.pid, *ctx.reach(subject, now_ns)]
+    limits = wanted
+    for pid in pids:
         try:
-            ctx.cgroups.move(pid, original)
+            origins = ctx.cgroups.origins(pid)
+        except ProcessGone:
+            if pid == subject.pid:
+                raise
+            continue
+        # A hierarchy where it is in the quarantine already (an earlier step moved it) has
+        # nothing to carry: the quarantine's own values are kept below, as they are.
+        outside = {h: path for h, path in origins.items() if not within(path, rel)}
+        limits = limits.tightened(ctx.cgroups.inherited(outside).without(*may_loosen))
+    if ctx.cgroups.exists(rel):  # an earlier step's caps stay
+        held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)
+        limits = limits.tightened(held)
+    # Freeze after the moves, so the wait for FROZEN covers the moved tasks.
+    ctx.cgroups.create(rel, replace(limits, frozen=False) if limits.frozen else limits)
+    ctx.cgroups.move(subject.pid, rel)
+    for pid in pids[1:]:  # scope tree: its descendants follow it
+        with contextlib.suppress(ProcessGone):
+            ctx.cgroups.move(pid, rel)
+    if limits.frozen:
+        ctx.cgroups.apply(rel, Limits(frozen=True))
+    return limits
+
+
+def move_back(rel: str, record: UndoRecord, ctx: ActionContext) -> str:
+    """Move every member of quarantine ``rel`` (in any hierarchy) back where it came from, per
+    hierarchy, and remove the quarantine. Members with no origin of their own (forked inside)
+    go where the offender came from. Those that exited are skipped. Raises CgroupError, so the
+    record stays open, while any member is still in the quarantine in any hierarchy."""
+    fallback = record.origins.get(str(record.pid))
+    if fallback is None:  # a record from before per-hierarchy origins: one path for all
+        legacy = record.original_cgroup or "/"
+        fallback = {h: legacy for h in ("", *V1_HIERARCHIES)}
+    moved, failures = 0, []
+    for pid in ctx.cgroups.members_anywhere(rel):
+        try:
+            ctx.cgroups.restore(pid, rel, record.origins.get(str(pid), fallback))
             moved += 1
         except ProcessGone:
             continue
-    removed = ""
-    if not ctx.cgroups.members(rel):
-        with contextlib.suppress(CgroupError):
+        except CgroupError as err:
+            failures.append(str(err))
+    left = ctx.cgroups.members_anywhere(rel)
+    if left:
+        why = "; ".join(failures) or "they did not leave"
+        raise CgroupError(
+            f"moved {moved} task(s) back, {len(left)} still in the quarantine: {why}", cgroup=rel
+        )
+    ctx.cgroups.remove(rel)
+    homes = record.origins.get(str(record.pid)) or {"": record.original_cgroup or "/"}
+    where = ", ".join(f"{h}:{p}" if h else p for h, p in sorted(homes.items()))
+    return f"moved {moved} task(s) back to {where}, removed the quarantine"
+
+
+def revert_quarantine(rel: str, record: UndoRecord, ctx: ActionContext) -> str:
+    """Take back a move into quarantine ``rel``: thaw it (a task must not leave frozen: v1
+    keeps it FREEZING), then :func:`move_back`. Gone only when it is gone in every hierarchy."""
+    if not ctx.cgroups.exists(rel) and not ctx.cgroups.members_anywhere(rel):
+        with contextlib.suppress(CgroupError):  # an empty leftover in another hierarchy
             ctx.cgroups.remove(rel)
-            removed = ", removed the quarantine"
-    return f"moved {moved} task(s) back to {original}{removed}"
+        return f"{rel} is gone: nothing to restore"
+    # Not only for a freeze step: a quarantine also keeps an origin's freeze (inherited).
+    if current_limits(rel, ["frozen"], ctx).frozen:
+        ctx.cgroups.apply(rel, Limits(frozen=False))
+    return move_back(rel, record, ctx)
+
+
+def kept_words(wanted: Limits, applied: Limits) -> str:
+    """Audit words for the caps kept tighter than the step asked."""
+    kept = [
+        f"{k} {getattr(applied, k)}"
+        for k in applied.knobs()
+        if getattr(applied, k) != getattr(wanted, k)
+    ]
+    return f" (kept tighter, as it was under: {', '.join(kept)})" if kept else ""
 
 
 def _boot_ns() -> int:
@@ -133,17 +239,23 @@ def _boot_ns() -> int:
 
 
 class CgroupAction:
-    """One limit on one cgroup; subclasses say which knob and which value."""
+    """One limit on one cgroup; subclasses say which knob and which value.
+
+    It only ever tightens: in place, each value written is the smaller of the step's and the
+    cgroup's own; into a quarantine, also of every limit the process was under where it came
+    from (:func:`into_quarantine`). Only :class:`Thaw` may loosen, and only ``frozen``.
+    """
 
     name: str
     knob: ClassVar[str]
+    may_loosen: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         # Inodes seen by undo(), re-checked by run() right before it writes: (pid, ticks, rel).
         self._inodes: dict[tuple[int, int, str], int] = {}
 
-    def limits(self, params: ActionParams) -> Limits:
-        """The limit this step sets."""
+    def limits(self, params: ActionParams, version: int) -> Limits:
+        """The limit this step sets on a cgroup ``version`` host."""
         raise NotImplementedError
 
     def words(self, params: ActionParams) -> str:
@@ -160,36 +272,32 @@ class CgroupAction:
         return f"moving it{tree} into {target}, {self.words(params)} there"
 
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
-        limits = self.limits(params)
+        wanted = self.limits(params, ctx.cgroups.version)
         if ctx.scope == "cgroup":
             rel = subject.cgroup
             self._refuse_shared(rel, ctx)
             expected = self._inodes.pop((*subject.key, rel), None)
             self._check_inode(rel, expected, ctx)
-            ctx.cgroups.apply(rel, limits)
+            # Ancestors' limits still apply in place (every v1/v2 limit is hierarchical); only
+            # the cgroup's own value could be looser than the step's.
+            knobs = [k for k in wanted.knobs() if k in INHERITED and k not in self.may_loosen]
+            held = current_limits(rel, knobs, ctx)
+            applied = wanted.tightened(held)
+            ctx.cgroups.apply(rel, applied)
             n = len(ctx.cgroups.members(rel))
-            return f"{self.words(params)} on {subject.cgroup_display} in place ({n} task(s))"
+            kept = kept_words(wanted, applied)
+            return f"{self.words(params)} on {subject.cgroup_display} in place ({n} task(s)){kept}"
         rel = ctx.quarantine_of(subject)
         # Moving is by pid: while the pinned offender has not exited its pid cannot be reused.
         if subject.handle is not None and subject.handle.has_exited():
             raise ProcessGone(f"exited before {self.name}", pid=subject.pid, cgroup=rel)
-        now_ns = _boot_ns()
         expected = self._inodes.pop((*subject.key, rel), None)
         if expected is not None:  # the quarantine existed when the record was taken
             self._check_inode(rel, expected, ctx)
-        if limits.frozen:
-            # Freeze after the move, so the wait for FROZEN covers the moved tasks.
-            ctx.cgroups.create(rel, Limits(frozen=False))
-        else:
-            ctx.cgroups.create(rel, limits)
-        ctx.cgroups.move(subject.pid, rel)
-        for pid in ctx.reach(subject, now_ns):  # scope tree: its descendants follow it
-            with contextlib.suppress(ProcessGone):
-                ctx.cgroups.move(pid, rel)
-        if limits.frozen:
-            ctx.cgroups.apply(rel, limits)
+        applied = into_quarantine(subject, rel, wanted, ctx, may_loosen=self.may_loosen)
         n = len(ctx.cgroups.members(rel))
-        return f"{self.words(params)} on {n} task(s) in {ctx.cgroups.display_path(rel)}"
+        where = ctx.cgroups.display_path(rel)
+        return f"{self.words(params)} on {n} task(s) in {where}{kept_words(wanted, applied)}"
 
     # --- Reversible ---------------------------------------------------------------------------
 
@@ -203,16 +311,16 @@ class CgroupAction:
         ttl_s: float,
         now_wall: float,
     ) -> UndoRecord:
-        """In place: the knob's current raw value and the cgroup's inode. Into a quarantine
-        that does not exist yet: nothing to restore, only the processes to move back to
-        ``subject.cgroup`` (revert then removes the quarantine)."""
+        """In place: the knobs' current raw values and the cgroup's inode. Into a quarantine
+        that does not exist yet: nothing to restore, only the processes to move back, each to
+        its own origin in every hierarchy (revert then removes the quarantine)."""
         if len(self._inodes) > 4096:  # undo() without run(): never let the memo grow
             self._inodes.clear()
         if ctx.scope == "cgroup":
             rel = subject.cgroup
             self._refuse_shared(rel, ctx)
             ino = ctx.cgroups.inode(rel)
-            previous = ctx.cgroups.read_knobs(rel, [self.knob])
+            previous = ctx.cgroups.read_knobs(rel, self._written(params, ctx))
             previous[INODE_KEY] = str(ino)
             self._inodes[(*subject.key, rel)] = ino
             return new_record(
@@ -237,16 +345,19 @@ class CgroupAction:
                 now_wall=now_wall,
                 original_cgroup=subject.cgroup,
                 pids=pids,
+                origins=record_origins(subject, pids, ctx),
             )
         # An existing quarantine (an earlier step made it): that step owns the move; this
-        # record only restores the knob.
+        # record only restores the knobs.
         ino = ctx.cgroups.inode(rel)
-        try:
-            previous = ctx.cgroups.read_knobs(rel, [self.knob])
-        except CgroupError:
-            # v1: the quarantine is not in this knob's hierarchy yet; run() creates it there
-            # with the kernel's default, which there is no need to restore.
-            previous = {}
+        previous = {}
+        for knob in self._written(params, ctx):
+            try:
+                previous.update(ctx.cgroups.read_knobs(rel, [knob]))
+            except CgroupError:
+                # v1: the quarantine is not in this knob's hierarchy yet; run() creates it
+                # there with the kernel's default, which there is no need to restore.
+                continue
         previous[INODE_KEY] = str(ino)
         self._inodes[(*subject.key, rel)] = ino
         return new_record(
@@ -260,26 +371,26 @@ class CgroupAction:
             pids=pids,
         )
 
+    def _written(self, params: ActionParams, ctx: ActionContext) -> list[str]:
+        return self.limits(params, ctx.cgroups.version).knobs()
+
     def revert(self, record: UndoRecord, ctx: ActionContext) -> str:
         """Restore the previous raw values; for a quarantine made by this step, thaw it, move
-        its members back to ``original_cgroup`` (those that exited are skipped) and remove it.
+        its members back to their origins (those that exited are skipped) and remove it.
         A cgroup that is gone has nothing left to restore; one that was replaced is refused."""
         rel = record.cgroup
         previous = dict(record.previous)
         inode = previous.pop(INODE_KEY, None)
+        if record.original_cgroup is not None:
+            return revert_quarantine(rel, record, ctx)
         if not ctx.cgroups.exists(rel):
             return f"{rel} is gone: nothing to restore"
         if inode is not None and ctx.cgroups.inode(rel) != int(inode):
             raise CgroupError("cgroup was replaced", cgroup=rel)
-        if record.original_cgroup is None:
-            if previous:
-                ctx.cgroups.write_knobs(rel, previous)
-            restored = ", ".join(f"{k}={v}" for k, v in previous.items()) or "nothing"
-            return f"restored {restored} on {ctx.cgroups.display_path(rel)}"
-        if self.knob == "frozen":
-            # Thaw before moving out: a task must not leave frozen (v1 keeps it FREEZING).
-            ctx.cgroups.apply(rel, Limits(frozen=False))
-        return move_back(rel, record.original_cgroup, ctx)
+        if previous:
+            ctx.cgroups.write_knobs(rel, previous)
+        restored = ", ".join(f"{k}={v}" for k, v in previous.items()) or "nothing"
+        return f"restored {restored} on {ctx.cgroups.display_path(rel)}"
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -316,7 +427,7 @@ class ThrottleCpu(CgroupAction):
     name = "throttle_cpu"
     knob = "cpu_cores"
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, ThrottleCpuParams)
         return Limits(cpu_cores=params.cpu)
 
@@ -326,18 +437,25 @@ class ThrottleCpu(CgroupAction):
 
 
 class LimitMemory(CgroupAction):
-    """Reclaim above a size (memory.high; v1 memory.soft_limit_in_bytes, see cgroups.KNOBS)."""
+    """Hold a grower at a size. v2: memory.high (reclaim and throttle above ``high``) and
+    memory.max when ``max`` is given. v1 has no memory.high and its soft limit stops nothing
+    on a host with free memory, so v1 writes memory.limit_in_bytes (``max``, else ``high``):
+    the kernel reclaims, then OOM-kills inside the cgroup, at the limit. A limit the kernel
+    cannot hold (v1: usage above it that reclaim cannot free, EBUSY) fails the step with
+    CgroupError, which the playbook escalates on."""
 
     name = "limit_memory"
     knob = "memory_high"
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, LimitMemoryParams)
-        return Limits(memory_high=params.high)
+        hard = params.max if params.max is not None or version != 1 else params.high
+        return Limits(memory_high=params.high, memory_max=hard)
 
     def words(self, params: ActionParams) -> str:
         assert isinstance(params, LimitMemoryParams)
-        return f"memory high {params.high} bytes"
+        hard = f", max {params.max} bytes" if params.max is not None else ""
+        return f"memory high {params.high} bytes{hard}"
 
 
 class LimitPids(CgroupAction):
@@ -346,7 +464,7 @@ class LimitPids(CgroupAction):
     name = "limit_pids"
     knob = "pids_max"
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, LimitPidsParams)
         return Limits(pids_max=params.max)
 
@@ -361,7 +479,7 @@ class Freeze(CgroupAction):
     name = "freeze"
     knob = "frozen"
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, FreezeParams)
         return Limits(frozen=True)
 
@@ -374,8 +492,9 @@ class Thaw(CgroupAction):
 
     name = "thaw"
     knob = "frozen"
+    may_loosen = ("frozen",)  # thawing is the point; every other cap still only tightens
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, ThawParams)
         return Limits(frozen=False)
 
@@ -390,7 +509,7 @@ class IoWeight(CgroupAction):
     name = "io_weight"
     knob = "io_weight"
 
-    def limits(self, params: ActionParams) -> Limits:
+    def limits(self, params: ActionParams, version: int) -> Limits:
         assert isinstance(params, IoWeightParams)
         return Limits(io_weight=params.weight)
 

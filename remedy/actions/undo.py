@@ -26,6 +26,10 @@ class UndoRecord:
     previous: dict[str, str] = field(default_factory=dict)
     original_cgroup: str | None = None  # where the process was before a move, if it was moved
     pids: tuple[int, ...] = ()  # processes moved or signalled (stop -> continue on revert)
+    # For a move: str(pid) -> {hierarchy: path} where each moved process came from, per v1
+    # hierarchy ("pids", "cpu", "memory", "freezer", "blkio" may all differ) or {"": path} on
+    # v2. Records written before it have only original_cgroup, replayed in every hierarchy.
+    origins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -34,4 +38,8 @@ class UndoRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UndoRecord:
-        return cls(**{**data, "pids": tuple(data.get("pids", ()))})
+        origins = {
+            str(pid): {str(h): str(path) for h, path in where.items()}
+            for pid, where in dict(data.get("origins") or {}).items()
+        }
+        return cls(**{**data, "pids": tuple(data.get("pids", ())), "origins": origins})

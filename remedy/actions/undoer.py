@@ -9,10 +9,11 @@ recovery, TTL expiry, policy removal and shutdown, and what the agent reconciles
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 
 from remedy.actions.base import Action, ActionContext
-from remedy.actions.journal import Journal, reconcile
+from remedy.actions.journal import Journal, RevertFailure, reconcile
 from remedy.actions.params import ActionParams
 from remedy.actions.throttle import Reversible
 from remedy.actions.undo import UndoRecord
@@ -30,8 +31,24 @@ def reversible(action: Action) -> Reversible | None:
     return None
 
 
+RETRY_FIRST_S = 5.0
+"""The wait before retrying a revert that failed; doubled per failure up to :data:`RETRY_MAX_S`."""
+RETRY_MAX_S = 300.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failure of one record's revert."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** max(0, attempts - 1))
+
+
 class Undoer:
-    """The journal and the actions' revert, behind the engine's ``Undo`` interface."""
+    """The journal and the actions' revert, behind the engine's ``Undo`` interface.
+
+    A revert that fails stays open in the journal (never closed as done) and is retried by
+    :meth:`expire`, whether or not its TTL has passed, with a delay doubling from 5 s to 5 min
+    per failure. Explicit requests (release, recovery, policy removal, shutdown) try at once.
+    :meth:`stuck` and :attr:`stats` say what could not be taken back, for status and metrics.
+    """
 
     def __init__(
         self, journal: Journal, ctx: ActionContext, clock: Clock, actions: dict[str, Action]
@@ -40,6 +57,9 @@ class Undoer:
         self.ctx = ctx
         self._clock = clock
         self._actions = actions
+        # Record id -> monotonic time before which expire() does not retry it.
+        self._retry_at: dict[str, float] = {}
+        self.stats: Counter[str] = Counter()
 
     def apply(
         self,
@@ -75,10 +95,38 @@ class Undoer:
         try:
             detail = undoable.revert(record, self.ctx)
         except ActionError as err:
-            self.journal.failed(record.id, reason, str(err))
-            return f"{record.action} on {record.cgroup}: revert failed: {err}"
+            return self._failed(record, reason, err)
         self.journal.reverted(record.id, reason, detail=detail)
+        self._retry_at.pop(record.id, None)
+        self.stats["reverted"] += 1
         return f"{record.action} on {record.cgroup}: {detail}"
+
+    def _failed(self, record: UndoRecord, reason: str, err: Exception) -> str:
+        self.journal.failed(record.id, reason, str(err))
+        why = self.journal.failures().get(record.id)
+        attempts = why.attempts if why else 1
+        delay = retry_delay(attempts)
+        self._retry_at[record.id] = self._clock.monotonic() + delay
+        self.stats["revert-failed"] += 1
+        log.warning(
+            "undo %s (%s on pid %d, %s) failed (attempt %d), still applied, retry in %g s: %s",
+            record.id,
+            record.action,
+            record.pid,
+            record.cgroup,
+            attempts,
+            delay,
+            err,
+        )
+        return (
+            f"{record.action} on {record.cgroup}: revert failed (attempt {attempts}, "
+            f"still applied, retry in {delay:g} s): {err}"
+        )
+
+    def stuck(self) -> list[tuple[UndoRecord, RevertFailure]]:
+        """Active records whose reverts failed and are being retried, with why."""
+        failures = self.journal.failures()
+        return [(r, failures[r.id]) for r in self.journal.active() if r.id in failures]
 
     def _revert_all(self, records: Iterable[UndoRecord], reason: str) -> list[str]:
         # Newest first: a throttle applied after a move is taken back before the move is.
@@ -91,14 +139,29 @@ class Undoer:
         return self._revert_all(self.journal.for_policy(policy), reason)
 
     def expire(self) -> list[str]:
-        return self._revert_all(self.journal.due(self._clock.wall()), "ttl expired")
+        """Revert what is past its TTL, and retry failed reverts whose delay has passed."""
+        now = self._clock.monotonic()
+        failures = self.journal.failures()
+        details = []
+        for record in reversed(self.journal.active()):
+            failed = failures.get(record.id)
+            if failed is None and record.expires > self._clock.wall():
+                continue
+            if self._retry_at.get(record.id, now) > now:
+                continue  # backing off
+            if failed is not None:
+                self.stats["revert-retried"] += 1
+            reason = f"retry: {failed.reason}" if failed else "ttl expired"
+            details.append(self.revert(record, reason))
+        return details
 
     def revert_all(self, reason: str) -> list[str]:
         return self._revert_all(self.journal.active(), reason)
 
     def reconcile(self, *, keep_unexpired: bool = True) -> list[str]:
         """On start: leftovers of a crashed run whose TTL has passed are reverted now; the rest
-        stay active and expire on schedule (``keep_unexpired``), or are all reverted."""
+        stay active and expire on schedule (``keep_unexpired``), or are all reverted. What
+        fails stays active and is retried by :meth:`expire` with backoff."""
 
         def _revert(record: UndoRecord) -> str:
             undoable = reversible(self._actions[record.action])
@@ -107,4 +170,10 @@ class Undoer:
             return undoable.revert(record, self.ctx)
 
         done = reconcile(self.journal, _revert, self._clock.wall(), keep_unexpired=keep_unexpired)
+        failures = self.journal.failures()
+        for record, _detail in done:
+            why = failures.get(record.id)
+            if why is not None:
+                self.stats["revert-failed"] += 1
+                self._retry_at[record.id] = self._clock.monotonic() + retry_delay(why.attempts)
         return [f"{record.action} on {record.cgroup}: {detail}" for record, detail in done]

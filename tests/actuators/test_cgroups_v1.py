@@ -202,3 +202,20 @@ def test_cgroupspy_nodes_know_pids_and_freezer(box: V1Box) -> None:
     freezer = RemedyNode(freezer_dir.name.encode(), parent=top)
     assert isinstance(freezer.controller, FreezerController)
     assert freezer.controller.state == "THAWED"
+
+
+def test_remove_removes_nothing_while_any_hierarchy_holds_a_process(box: V1Box) -> None:
+    rel = box.rel("half")
+    box.driver.create(rel, Limits(pids_max=4))
+    child = box.spawn()
+    # Half moved back: home in pids, still in the quarantine for cpu (capped there).
+    (ROOT / "cpu" / rel[1:] / "cgroup.procs").write_text(str(child.pid))
+    assert box.driver.members(rel) == [] and box.driver.members_anywhere(rel) == [child.pid]
+    with pytest.raises(CgroupError, match="still has processes"):
+        box.driver.remove(rel)
+    assert (ROOT / "pids" / rel[1:]).is_dir()  # the record's sign of it stays
+    origins = {"pids": "/", "cpu": "/"}
+    box.driver.restore(child.pid, rel, origins)
+    assert ProcFS().cgroups(child.pid)["cpu"] == "/"
+    box.driver.remove(rel)
+    assert not (ROOT / "cpu" / rel[1:]).exists()

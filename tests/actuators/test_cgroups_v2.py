@@ -220,3 +220,62 @@ def test_kill_all_writes_cgroup_kill_where_the_kernel_has_it(tmp_path: Path) -> 
     (group / "cgroup.kill").write_text("")
     assert driver.kill_all("/a") is True
     assert (group / "cgroup.kill").read_text() == "1"
+
+
+def _limits_file(d: Path, **files: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def test_inherited_takes_the_tightest_along_the_path(driver: CgroupV2Driver, cg_root: Path) -> None:
+    _limits_file(
+        cg_root / "user.slice",
+        pids_max="100",
+        cpu_max="max 100000",
+        memory_max=str(1 << 30),
+        memory_current=str(900 << 20),
+        memory_high="max",
+    )
+    _limits_file(
+        cg_root / "user.slice" / "app",
+        pids_max="max",
+        cpu_max="25000 100000",
+        memory_max=str(512 << 20),
+        memory_current=str(100 << 20),
+        cgroup_freeze="0",
+    )
+    got = driver.inherited({"": "/user.slice/app"})
+    # Memory: the room left at each level (its pages stay charged there): 124 MiB at the slice.
+    assert got == Limits(pids_max=100, cpu_cores=0.25, memory_max=124 << 20)
+    (cg_root / "user.slice" / "cgroup.freeze").write_text("1\n")
+    assert driver.inherited({"": "/user.slice/app"}).frozen is True
+    assert driver.inherited({}) == Limits()
+
+
+def test_tightened_never_loosens_and_weights_are_not_caps() -> None:
+    step = Limits(pids_max=32, cpu_cores=0.2, memory_high=2 << 30, io_weight=500)
+    under = Limits(pids_max=5, cpu_cores=1.0, memory_max=64 << 20, frozen=True, io_weight=50)
+    assert step.tightened(under) == Limits(
+        pids_max=5,
+        cpu_cores=0.2,
+        memory_high=2 << 30,
+        memory_max=64 << 20,
+        frozen=True,
+        io_weight=500,
+    )
+    assert Limits(frozen=False).tightened(Limits()) == Limits(frozen=False)
+
+
+def test_restore_refuses_to_call_done_while_it_is_still_there(
+    driver: CgroupV2Driver, cg_root: Path, procfs: ProcFS
+) -> None:
+    (cg_root / "user.slice" / "app").mkdir(parents=True)
+    (cg_root / "user.slice" / "app" / "cgroup.procs").write_text("")
+    # /proc still says quarantine after the write (a fixture cannot move it): not restored.
+    assert procfs.cgroups(CHILD_PID)[""] == "/user.slice/app"
+    driver.restore(CHILD_PID, "/remedy/q-1-2", {"": "/user.slice/app"})  # not in it: no-op
+    (procfs.root / str(CHILD_PID) / "cgroup").write_text("0::/remedy/q-1-2\n")
+    with pytest.raises(CgroupError, match="still in the quarantine"):
+        driver.restore(CHILD_PID, "/remedy/q-1-2", {"": "/user.slice/app"})
+    assert (cg_root / "user.slice" / "app" / "cgroup.procs").read_text() == str(CHILD_PID)

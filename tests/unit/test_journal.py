@@ -412,3 +412,65 @@ def test_a_failed_revert_is_retried_next_start(
     assert [(r.id, detail) for r, detail in done] == [("a", "ok now")]
     assert j.active() == []
     j.close()
+
+
+def test_failed_attempts_are_counted_across_restarts_and_compaction(
+    path: Path, clock: FakeClock
+) -> None:
+    j = Journal(path, clock)
+    j.begin(_record("a", clock))
+    j.begin(_record("b", clock))
+    assert j.failed("a", "ttl expired", "CgroupError: still in the quarantine")
+    clock.advance(5)
+    assert j.failed("a", "retry: ttl expired", "CgroupError: still in the quarantine")
+    assert {i: w.attempts for i, w in j.failures().items()} == {"a": 2}
+    j.close()
+    j = Journal(path, clock)  # a new agent sees what the old one could not take back
+    why = j.failures()["a"]
+    assert (why.attempts, why.reason, why.error) == (
+        2,
+        "retry: ttl expired",
+        "CgroupError: still in the quarantine",
+    )
+    j.compact()  # keeps the count, not one line per attempt
+    assert [line["op"] for line in _lines(path)] == ["apply", "apply", "revert-failed"]
+    j.close()
+    j = Journal(path, clock)
+    assert j.failures()["a"].attempts == 2
+    assert j.reverted("a", "retry: ttl expired")
+    assert j.failures() == {}
+    j.close()
+    assert Journal(path, clock).failures() == {}
+
+
+def test_an_old_revert_failed_line_without_a_count_counts_one(path: Path, clock: FakeClock) -> None:
+    record = _record("a", clock)
+    lines = [
+        {"op": "apply", "record": record.to_json(), "at": 1.0},
+        {"op": "revert-failed", "id": "a", "reason": "r", "error": "e", "at": 2.0},
+        {"op": "revert-failed", "id": "a", "reason": "r", "error": "e", "at": 3.0},
+    ]
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    j = Journal(path, clock)
+    assert j.failures()["a"].attempts == 2
+    j.close()
+
+
+def test_per_hierarchy_origins_round_trip_and_old_records_still_load(
+    path: Path, clock: FakeClock
+) -> None:
+    origins = {"42": {"pids": "/system.slice/app.service", "cpu": "/", "memory": "/m"}}
+    new = UndoRecord(**{**_record("n", clock).__dict__, "origins": origins})
+    old = _record("o", clock).to_json()
+    del old["origins"]  # written before per-hierarchy origins: only original_cgroup
+    j = Journal(path, clock)
+    j.begin(new)
+    j.close()
+    with path.open("a") as f:
+        f.write(json.dumps({"op": "apply", "record": old, "at": 1.0}) + "\n")
+    j = Journal(path, clock)
+    loaded = {r.id: r for r in j.active()}
+    assert loaded["n"].origins == origins
+    assert loaded["o"].origins == {} and loaded["o"].original_cgroup == "/user.slice"
+    j.close()
