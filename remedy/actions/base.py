@@ -10,8 +10,8 @@ from typing import Protocol
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.params import ActionParams
 from remedy.actions.process import ProcessHandle
-from remedy.engine.offender import Subject
-from remedy.errors import ActionError
+from remedy.engine.offender import Handle, Subject
+from remedy.errors import ActionError, ProcessGone
 from remedy.proc import ProcessInfo, ProcFS
 
 
@@ -30,28 +30,11 @@ class ActionContext:
         """One quarantine per offender identity, so a reused pid never shares one."""
         return f"{self.quarantine_root.rstrip('/')}/q-{subject.pid}-{subject.start_ticks}"
 
-    def reach(self, subject: Subject, started_before_ns: int) -> list[int]:
-        """Every pid the action reaches beyond the offender itself, protected ones left out:
-        its descendants (scope tree) or the other members of its cgroup (scope cgroup).
-        Processes that started after ``started_before_ns`` are not ones we decided about."""
-        if self.scope == "cgroup":
-            candidates = self.cgroups.members(subject.cgroup)
-        elif self.scope == "tree":
-            candidates = self._descendants(subject.pid)
-        else:
-            return []
-        reached = []
-        for pid in candidates:
-            if pid == subject.pid:
-                continue
-            try:
-                info = self.procfs.read(pid)
-            except ActionError:
-                continue
-            if self.procfs.start_boot_ns(info) > started_before_ns or self.spare(info):
-                continue
-            reached.append(pid)
-        return reached
+    def reach_pids(self, subject: Subject, started_before_ns: int) -> tuple[int, ...]:
+        """The pids :meth:`pinned_reach` finds now, for an undo record's list (no action
+        goes through these numbers)."""
+        with self.pinned_reach(subject, started_before_ns) as reached:
+            return tuple(h.pid for h in reached)
 
     @contextlib.contextmanager
     def pinned_reach(
@@ -114,15 +97,17 @@ class ActionContext:
         return [h for h in live if h.pid in kept]
 
     @contextlib.contextmanager
-    def pinned_members(self, rel: str) -> Iterator[list[ProcessHandle]]:
-        """The members of cgroup ``rel``, each pinned and then checked to still be a member
-        (a pid read from cgroup.procs may belong to someone else by the time it is pinned)."""
+    def pinned_members(self, rel: str, *, anywhere: bool = False) -> Iterator[list[ProcessHandle]]:
+        """The members of cgroup ``rel`` (``anywhere``: in any v1 hierarchy), each pinned and
+        then checked to still be a member (a pid read from cgroup.procs may belong to someone
+        else by the time it is pinned)."""
+        read = self.cgroups.members_anywhere if anywhere else self.cgroups.members
         handles: list[ProcessHandle] = []
         try:
-            for pid in self.cgroups.members(rel):
+            for pid in read(rel):
                 with contextlib.suppress(ActionError):
                     handles.append(ProcessHandle.bind(pid, self.procfs))
-            members = set(self.cgroups.members(rel))
+            members = set(read(rel))
             kept = [h for h in handles if h.pid in members and not h.has_exited()]
             for handle in handles:
                 if handle not in kept:
@@ -146,6 +131,15 @@ class ActionContext:
                 found.append(child)
                 todo.append(child)
         return found
+
+
+def checked(pid: int, handle: Handle | None, what: str) -> int:
+    """``pid`` for an operation that only takes a number (a cgroup move), right after checking
+    through its pidfd that the process has not exited: until it is reaped nobody else can hold
+    the pid. The residual race is the microseconds between this check and the write."""
+    if handle is not None and handle.has_exited():
+        raise ProcessGone(f"exited before {what}", pid=pid)
+    return pid
 
 
 class Action(Protocol):

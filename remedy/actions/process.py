@@ -12,7 +12,7 @@ import errno
 import os
 import select
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -20,7 +20,7 @@ from typing import Protocol
 from remedy.errors import ActionError, IdentityUnverified, PermissionDenied, ProcessGone
 from remedy.proc import ProcessInfo, ProcFS
 
-__all__ = ["Birth", "BirthRegistry", "ProcessHandle", "pinned", "signal_pinned"]
+__all__ = ["Birth", "BirthRegistry", "ProcessHandle", "signal_pinned"]
 
 
 class BirthRegistry(Protocol):
@@ -240,24 +240,6 @@ def _translate(err: OSError, what: str, pid: int, policy: str | None) -> ActionE
         # pidfd_open(2) without PIDFD_THREAD refuses a pid that is not a thread-group leader.
         return ActionError(f"{what}: not a process (thread id?)", pid=pid, policy=policy)
     return ActionError(f"{what}: {err.strerror}", pid=pid, policy=policy)
-
-
-@contextlib.contextmanager
-def pinned(
-    pids: Iterable[int], procfs: ProcFS, *, started_before_ns: int
-) -> Iterator[list[ProcessHandle]]:
-    """A pidfd for each of ``pids`` still alive and started before ``started_before_ns`` (a
-    pid reused since we looked is skipped), all closed on exit. Every action that reaches
-    processes beyond the offender pins them this way before touching them."""
-    handles: list[ProcessHandle] = []
-    try:
-        for pid in pids:
-            with contextlib.suppress(ProcessGone):
-                handles.append(ProcessHandle.bind(pid, procfs, started_before_ns=started_before_ns))
-        yield handles
-    finally:
-        for handle in handles:
-            handle.close()
 
 
 def signal_pinned(handles: Iterable[ProcessHandle], sig: int) -> int:

@@ -78,7 +78,7 @@ class Quarantine:
             return new_record(
                 self.name, subject, rel, policy=policy, ttl_s=ttl_s, now_wall=now_wall
             )
-        pids = (subject.pid, *ctx.reach(subject, time.clock_gettime_ns(time.CLOCK_BOOTTIME)))
+        pids = (subject.pid, *ctx.reach_pids(subject, time.clock_gettime_ns(time.CLOCK_BOOTTIME)))
         return new_record(
             self.name,
             subject,

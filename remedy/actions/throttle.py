@@ -22,7 +22,7 @@ import uuid
 from dataclasses import replace
 from typing import ClassVar, Protocol
 
-from remedy.actions.base import ActionContext
+from remedy.actions.base import ActionContext, checked
 from remedy.actions.cgroups import INHERITED, V1_HIERARCHIES, Limits, within
 from remedy.actions.params import (
     ActionParams,
@@ -34,7 +34,7 @@ from remedy.actions.params import (
     ThrottleCpuParams,
 )
 from remedy.actions.undo import UndoRecord
-from remedy.engine.offender import Subject
+from remedy.engine.offender import Handle, Subject
 from remedy.errors import ActionError, CgroupError, ProcessGone
 
 __all__ = [
@@ -153,29 +153,35 @@ def into_quarantine(
     without loosening anything: ``wanted`` is tightened by every limit the moved processes
     were under (:meth:`CgroupDriver.inherited`) and by what ``rel`` already holds. Returns the
     limits applied. ``may_loosen`` names knobs the step may set looser (thaw)."""
-    now_ns = _boot_ns()
-    pids = [subject.pid, *ctx.reach(subject, now_ns)]
-    limits = wanted
-    for pid in pids:
-        try:
-            origins = ctx.cgroups.origins(pid)
-        except ProcessGone:
-            if pid == subject.pid:
-                raise
-            continue
-        # A hierarchy where it is in the quarantine already (an earlier step moved it) has
-        # nothing to carry: the quarantine's own values are kept below, as they are.
-        outside = {h: path for h, path in origins.items() if not within(path, rel)}
-        limits = limits.tightened(ctx.cgroups.inherited(outside).without(*may_loosen))
-    if ctx.cgroups.exists(rel):  # an earlier step's caps stay
-        held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)
-        limits = limits.tightened(held)
-    # Freeze after the moves, so the wait for FROZEN covers the moved tasks.
-    ctx.cgroups.create(rel, replace(limits, frozen=False) if limits.frozen else limits)
-    ctx.cgroups.move(subject.pid, rel)
-    for pid in pids[1:]:  # scope tree: its descendants follow it
-        with contextlib.suppress(ProcessGone):
-            ctx.cgroups.move(pid, rel)
+    with ctx.pinned_reach(subject, _boot_ns()) as reached:
+        movers: list[tuple[int, Handle | None]] = [
+            (subject.pid, subject.handle),
+            *((h.pid, h) for h in reached),
+        ]
+        limits = wanted
+        for pid, handle in movers:
+            try:
+                origins = ctx.cgroups.origins(checked(pid, handle, "reading its cgroups"))
+            except ProcessGone:
+                if pid == subject.pid:
+                    raise
+                continue
+            # A hierarchy where it is in the quarantine already (an earlier step moved it) has
+            # nothing to carry: the quarantine's own values are kept below, as they are.
+            outside = {h: path for h, path in origins.items() if not within(path, rel)}
+            limits = limits.tightened(ctx.cgroups.inherited(outside).without(*may_loosen))
+        if ctx.cgroups.exists(rel):  # an earlier step's caps stay
+            held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)
+            limits = limits.tightened(held)
+        # Freeze after the moves, so the wait for FROZEN covers the moved tasks.
+        ctx.cgroups.create(rel, replace(limits, frozen=False) if limits.frozen else limits)
+        for i, (pid, handle) in enumerate(movers):  # scope tree: its descendants follow it
+            try:
+                # A move takes a pid number: checked through the pidfd right before it.
+                ctx.cgroups.move(checked(pid, handle, "its move into quarantine"), rel)
+            except ProcessGone:
+                if i == 0:
+                    raise
     if limits.frozen:
         ctx.cgroups.apply(rel, Limits(frozen=True))
     return limits
@@ -191,14 +197,16 @@ def move_back(rel: str, record: UndoRecord, ctx: ActionContext) -> str:
         legacy = record.original_cgroup or "/"
         fallback = {h: legacy for h in ("", *V1_HIERARCHIES)}
     moved, failures = 0, []
-    for pid in ctx.cgroups.members_anywhere(rel):
-        try:
-            ctx.cgroups.restore(pid, rel, record.origins.get(str(pid), fallback))
-            moved += 1
-        except ProcessGone:
-            continue
-        except CgroupError as err:
-            failures.append(str(err))
+    with ctx.pinned_members(rel, anywhere=True) as members:
+        for member in members:
+            try:
+                pid = checked(member.pid, member, "its move back")
+                ctx.cgroups.restore(pid, rel, record.origins.get(str(pid), fallback))
+                moved += 1
+            except ProcessGone:
+                continue
+            except CgroupError as err:
+                failures.append(str(err))
     left = ctx.cgroups.members_anywhere(rel)
     if left:
         why = "; ".join(failures) or "they did not leave"
@@ -334,7 +342,7 @@ class CgroupAction:
                 pids=tuple(ctx.cgroups.members(rel)),
             )
         rel = ctx.quarantine_of(subject)
-        pids = (subject.pid, *ctx.reach(subject, _boot_ns()))
+        pids = (subject.pid, *ctx.reach_pids(subject, _boot_ns()))
         if not ctx.cgroups.exists(rel):
             return new_record(
                 self.name,
