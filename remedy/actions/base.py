@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -11,7 +12,7 @@ from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.params import ActionParams
 from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Handle, Subject
-from remedy.errors import ActionError, ProcessGone
+from remedy.errors import ActionError, CgroupError, ProcessGone, ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
 
 
@@ -36,6 +37,46 @@ class ActionContext:
         with self.pinned_reach(subject, started_before_ns) as reached:
             return tuple(h.pid for h in reached)
 
+    def gate_cgroup(self, subject: Subject, what: str) -> str:
+        """The one reach gate for every action on the offender's whole cgroup (a limit or a
+        quarantine in place, a freeze, cgroup.kill, signals to its members): ``subject.cgroup``
+        unless it is the root cgroup, a cgroup replaced since identification (its inode
+        differs), or one whose *subtree* holds the agent, its ancestors, pid 1 or a protected
+        process (a freeze, a limit or cgroup.kill reaches all of them). Raises
+        :class:`CgroupError` or :class:`ProtectedProcess`, so nothing is half done."""
+        rel = subject.cgroup
+        if rel in ("", "/"):
+            raise CgroupError(f"refusing to {what} the root cgroup", pid=subject.pid, cgroup=rel)
+        if not subject.cgroup_inode:
+            raise CgroupError(
+                f"refusing to {what}: its cgroup's inode was not read at identification",
+                pid=subject.pid,
+                cgroup=rel,
+            )
+        if self.cgroups.inode(rel) != subject.cgroup_inode:
+            raise CgroupError(
+                f"refusing to {what}: the cgroup was replaced since identification",
+                pid=subject.pid,
+                cgroup=rel,
+            )
+        agent = os.getpid()
+        for pid in self.cgroups.subtree_members(rel):
+            why = "pid 1 (init)" if pid == 1 else "the agent itself" if pid == agent else None
+            if why is None:
+                try:
+                    info = self.procfs.read(pid)
+                except ActionError:
+                    continue  # exited meanwhile
+                why = self.spare(info)
+            if why:
+                raise ProtectedProcess(
+                    f"refusing to {what}: its cgroup (or one below it) holds protected "
+                    f"pid {pid} ({why})",
+                    pid=subject.pid,
+                    cgroup=rel,
+                )
+        return rel
+
     @contextlib.contextmanager
     def pinned_reach(
         self, subject: Subject, started_before_ns: int
@@ -45,6 +86,8 @@ class ActionContext:
         still a descendant) all read the pinned process, so whatever is then signalled, moved
         or reniced through the handle is the process that was judged, never a pid reused in
         between. All handles are closed on exit."""
+        if self.scope == "cgroup":
+            self.gate_cgroup(subject, "reach every process of the cgroup")
         candidates = (
             self.cgroups.members(subject.cgroup)
             if self.scope == "cgroup"

@@ -277,6 +277,11 @@ class CgroupDriver(Protocol):
         quarantine of one hierarchy only); [] if it exists nowhere. v2: :meth:`members`."""
         ...
 
+    def subtree_members(self, rel: str) -> list[int]:
+        """The pids in ``rel`` and every cgroup below it, in any hierarchy: everything a
+        freeze, a limit or cgroup.kill on ``rel`` reaches."""
+        ...
+
     def origins(self, pid: int) -> dict[str, str]:
         """Where ``pid`` is, per hierarchy it can be moved in: v1 {"pids": "/a", "cpu": "/b",
         ...} from /proc/pid/cgroup (the lines may all differ); v2 {"": "/a"}. For undo."""
@@ -419,6 +424,23 @@ def _deepest_first(top: Path) -> Iterator[Path]:
 def within(path: str, rel: str) -> bool:
     """Whether cgroup path ``path`` is ``rel`` or below it."""
     return path == rel or path.startswith(rel.rstrip("/") + "/")
+
+
+def _subtree_pids(tops: list[Path], rel: str) -> list[int]:
+    """Every pid in the cgroup.procs files under ``tops`` (missing tops skipped). Cgroups
+    removed while we walk are skipped: their tasks were gone or moved."""
+    found: set[int] = set()
+    for top in tops:
+        if not top.is_dir():
+            continue
+        for dirpath, _dirs, _files in os.walk(top):
+            try:
+                found.update(_read_pids(Path(dirpath) / "cgroup.procs"))
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise _error(err, f"cannot read {dirpath}/cgroup.procs", rel) from err
+    return sorted(found)
 
 
 def _read_pids(procs: Path) -> list[int]:
@@ -644,6 +666,11 @@ class CgroupV1Driver:
             return []
         except OSError as err:
             raise _error(err, "cannot read cgroup.procs", rel) from err
+
+    def subtree_members(self, rel: str) -> list[int]:
+        """cgroup.procs of ``rel`` and its descendants in every hierarchy, merged."""
+        parts = _parts(rel)
+        return _subtree_pids([self._dir(h, parts) for h in V1_HIERARCHIES], rel)
 
     def members_anywhere(self, rel: str) -> list[int]:
         """cgroup.procs of ``rel`` in every hierarchy where it exists, merged."""
@@ -897,6 +924,10 @@ class CgroupV2Driver:
             return []
         except OSError as err:
             raise _error(err, "cannot read cgroup.procs", rel) from err
+
+    def subtree_members(self, rel: str) -> list[int]:
+        """cgroup.procs of ``rel`` and of every cgroup below it."""
+        return _subtree_pids([self._dir(_parts(rel))], rel)
 
     def members_anywhere(self, rel: str) -> list[int]:
         """v2 has one hierarchy: :meth:`members`."""

@@ -8,6 +8,7 @@ from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import Limits
 from remedy.actions.params import ActionParams, QuarantineParams
 from remedy.actions.throttle import (
+    INODE_KEY,
     current_limits,
     into_quarantine,
     kept_words,
@@ -17,7 +18,7 @@ from remedy.actions.throttle import (
 )
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Subject
-from remedy.errors import CgroupError, ProcessGone
+from remedy.errors import ProcessGone
 
 
 class Quarantine:
@@ -63,7 +64,10 @@ class Quarantine:
     ) -> UndoRecord:
         """A quarantine is a throttle too: it is taken back (members moved home) like one."""
         if ctx.scope == "cgroup":
-            knobs = ctx.cgroups.read_knobs(subject.cgroup, ("pids_max", "cpu_cores"))
+            rel = ctx.gate_cgroup(subject, "quarantine in place")
+            knobs = ctx.cgroups.read_knobs(rel, ("pids_max", "cpu_cores"))
+            # Revert restores this very cgroup, not whatever later takes its name.
+            knobs[INODE_KEY] = str(ctx.cgroups.inode(rel))
             return new_record(
                 self.name,
                 subject,
@@ -96,18 +100,22 @@ class Quarantine:
             return revert_quarantine(record.cgroup, record, ctx)
         if not ctx.cgroups.exists(record.cgroup):
             return f"{record.cgroup} is gone: nothing to restore"
-        if record.previous:
-            ctx.cgroups.write_knobs(record.cgroup, dict(record.previous))
+        previous = dict(record.previous)
+        inode = previous.pop(INODE_KEY, None)
+        if inode is not None and ctx.cgroups.inode(record.cgroup) != int(inode):
+            return f"{record.cgroup} was replaced since: nothing of ours to restore"
+        if previous:
+            ctx.cgroups.write_knobs(record.cgroup, previous)
         return f"restored {ctx.cgroups.display_path(record.cgroup)}"
 
     @staticmethod
     def _cap_in_place(subject: Subject, ctx: ActionContext, limits: Limits) -> str:
-        """Scope cgroup: the offender is the whole cgroup; cap it where it is."""
-        if subject.cgroup in ("", "/"):
-            raise CgroupError("refusing to cap the root cgroup", cgroup=subject.cgroup)
+        """Scope cgroup: the offender is the whole cgroup; cap it where it is (never creating
+        it again: a removed cgroup is gone, not ours to make)."""
+        rel = ctx.gate_cgroup(subject, "quarantine in place")
         # Its own caps may be tighter already (ancestors' apply anyway, hierarchically).
-        held = current_limits(subject.cgroup, limits.knobs(), ctx)  # pids_max, cpu_cores
+        held = current_limits(rel, limits.knobs(), ctx)  # pids_max, cpu_cores
         applied = limits.tightened(held)
-        ctx.cgroups.create(subject.cgroup, applied)
-        n = len(ctx.cgroups.members(subject.cgroup))
+        ctx.cgroups.apply(rel, applied)
+        n = len(ctx.cgroups.members(rel))
         return f"{n} task(s) capped{kept_words(limits, applied)}"

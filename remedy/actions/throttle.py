@@ -16,7 +16,6 @@ Every action here is :class:`Reversible`: the engine calls :meth:`undo` *before*
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -35,7 +34,7 @@ from remedy.actions.params import (
 )
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Handle, Subject
-from remedy.errors import ActionError, CgroupError, ProcessGone
+from remedy.errors import CgroupError, ProcessGone
 
 __all__ = [
     "INODE_KEY",
@@ -282,8 +281,7 @@ class CgroupAction:
     def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
         wanted = self.limits(params, ctx.cgroups.version)
         if ctx.scope == "cgroup":
-            rel = subject.cgroup
-            self._refuse_shared(rel, ctx)
+            rel = ctx.gate_cgroup(subject, f"{self.name} in place")
             expected = self._inodes.pop((*subject.key, rel), None)
             self._check_inode(rel, expected, ctx)
             # Ancestors' limits still apply in place (every v1/v2 limit is hierarchical); only
@@ -325,8 +323,7 @@ class CgroupAction:
         if len(self._inodes) > 4096:  # undo() without run(): never let the memo grow
             self._inodes.clear()
         if ctx.scope == "cgroup":
-            rel = subject.cgroup
-            self._refuse_shared(rel, ctx)
+            rel = ctx.gate_cgroup(subject, f"{self.name} in place")
             ino = ctx.cgroups.inode(rel)
             previous = ctx.cgroups.read_knobs(rel, self._written(params, ctx))
             previous[INODE_KEY] = str(ino)
@@ -401,27 +398,6 @@ class CgroupAction:
         return f"restored {restored} on {ctx.cgroups.display_path(rel)}"
 
     # --- checks -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _refuse_shared(rel: str, ctx: ActionContext) -> None:
-        """A cgroup limited in place must hold neither the agent nor a spared process."""
-        if rel in ("", "/"):
-            raise CgroupError("refusing to limit the root cgroup in place", cgroup=rel)
-        agent = os.getpid()
-        for pid in ctx.cgroups.members(rel):
-            if pid == agent:
-                raise CgroupError("refusing: the cgroup contains the agent", pid=pid, cgroup=rel)
-            try:
-                info = ctx.procfs.read(pid)
-            except ActionError:
-                continue  # exited meanwhile
-            why = ctx.spare(info)
-            if why:
-                raise CgroupError(
-                    f"refusing: the cgroup contains protected {info.comm} ({why})",
-                    pid=pid,
-                    cgroup=rel,
-                )
 
     @staticmethod
     def _check_inode(rel: str, expected: int | None, ctx: ActionContext) -> None:

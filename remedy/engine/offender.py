@@ -61,6 +61,7 @@ class Subject:
     context: Context | None = None  # container, exe, cmdline, parent chain: for humans
     stack: tuple[str, ...] = ()  # symbolized frames at the crossing, when captured
     birth_ns: int = 0  # task->start_boottime as the kernel recorded it; 0 when unknown
+    cgroup_inode: int = 0  # of ``cgroup``'s directory at identification; 0 when unknown
 
     @property
     def key(self) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.process import Birth, BirthRegistry, ProcessHandle
 from remedy.engine.offender import Subject
-from remedy.errors import CgroupError
+from remedy.errors import CgroupError, IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import Enricher
@@ -80,6 +80,11 @@ class ProcIdentifier:
         info = handle.info
         cgroup = self._cgroup_of(record, info.pid)
         display = self._cgroups.display_path(cgroup)
+        self._check_cgroup_id(record, info.pid, cgroup)
+        try:
+            cgroup_inode = self._cgroups.inode(cgroup)
+        except CgroupError:
+            cgroup_inode = 0  # cgroup-scope actions refuse an unknown inode
         context = None
         if self._enricher is not None:
             # About the offender, which for parent-keyed signals is not the record's task: then
@@ -105,7 +110,30 @@ class ProcIdentifier:
             context=context,
             stack=self._stack_of(record) if self._stack_of else (),
             birth_ns=birth.ns if birth is not None else 0,
+            cgroup_inode=cgroup_inode,
         )
+
+    def _check_cgroup_id(self, record: SensorRecord, pid: int, cgroup: str) -> None:
+        """The record's cgroup id is the inode of the task's cgroup2 directory when the kernel
+        counted; the path /proc gives must resolve to that very directory, or what remedy would
+        act on is not what was counted (a forged or racing path): refused. Skipped where the
+        record names another task (parent-keyed) or carries no id (the sampler)."""
+        if record.cgroup_id <= 0 or pid != record.tgid:
+            return
+        if self._cgroups.version == 2:
+            inode = self._cgroups.inode(cgroup)
+        else:
+            index = self._enricher.cgroup_index if self._enricher is not None else None
+            if index is None:
+                return  # no cgroup2 mount to check against
+            inode = self._procfs.cgroup2_inode(pid, index.mount)
+        if inode != record.cgroup_id:
+            raise IdentityUnverified(
+                f"its cgroup2 directory (inode {inode}) is not the one the kernel counted "
+                f"in (id {record.cgroup_id})",
+                pid=pid,
+                cgroup=cgroup,
+            )
 
     def _cgroup_of(self, record: SensorRecord, pid: int) -> str:
         """The offender's cgroup as the driver acts on it. When /proc cannot say (a reader in a

@@ -40,7 +40,7 @@ from remedy.actions.throttle import (
 )
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Subject
-from remedy.errors import CgroupError
+from remedy.errors import CgroupError, ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
 
 ROOT = Path("/sys/fs/cgroup")
@@ -92,6 +92,7 @@ class Box:
             cgroup=rel,
             cgroup_display=self.driver.display_path(rel),
             handle=handle,
+            cgroup_inode=self.driver.inode(rel),  # as identification reads it
         )
 
     def ctx(self, scope: str, spare: set[int] | None = None) -> ActionContext:
@@ -246,9 +247,9 @@ def test_refuses_a_cgroup_with_a_spared_process(box: Box) -> None:
     subject = box.spawn_into(rel)
     protected = box.spawn_into(rel)
     ctx = box.ctx("cgroup", spare={protected.pid})
-    with pytest.raises(CgroupError, match="protected"):
+    with pytest.raises(ProtectedProcess, match="protected"):
         _undo(LimitPids(), LimitPidsParams(max=3), subject, ctx)
-    with pytest.raises(CgroupError, match="protected"):
+    with pytest.raises(ProtectedProcess, match="protected"):
         LimitPids().run(LimitPidsParams(max=3), subject, ctx)
     assert _read("pids", rel, "pids.max") == "max"
 

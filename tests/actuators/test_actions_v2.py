@@ -61,8 +61,9 @@ def _ctx(root: Path) -> ActionContext:
     return ActionContext(CgroupV2Driver(root, procfs), procfs, scope="cgroup")
 
 
-def _subject() -> Subject:
-    return Subject(4242, 1, "x", 1, None, 0, False, "/app", "/app")
+def _subject(root: Path) -> Subject:
+    inode = (root / "app").stat().st_ino  # as identification reads it
+    return Subject(4242, 1, "x", 1, None, 0, False, "/app", "/app", cgroup_inode=inode)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -71,9 +72,9 @@ def test_in_place_writes_and_restores(root: Path, case: Case) -> None:
     ctx = ActionContext(
         CgroupV2Driver(root, ProcFS(root / "proc")), ProcFS(root / "proc"), scope="cgroup"
     )
-    record = action.undo(params, _subject(), ctx, policy="p", ttl_s=5, now_wall=10)
+    record = action.undo(params, _subject(root), ctx, policy="p", ttl_s=5, now_wall=10)
     assert record.previous[action.knob] == before
-    action.run(params, _subject(), ctx)
+    action.run(params, _subject(root), ctx)
     assert (root / "app" / name).read_text() == want
     action.revert(record, ctx)
     assert (root / "app" / name).read_text() == before
@@ -85,4 +86,4 @@ def test_io_weight_without_io_controller(root: Path) -> None:
         CgroupV2Driver(root, ProcFS(root / "proc")), ProcFS(root / "proc"), scope="cgroup"
     )
     with pytest.raises(CgroupError, match="io controller not available"):
-        IoWeight().run(IoWeightParams(weight=5), _subject(), ctx)
+        IoWeight().run(IoWeightParams(weight=5), _subject(root), ctx)

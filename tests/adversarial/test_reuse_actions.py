@@ -83,11 +83,14 @@ def _subject(pid: int, ctx: ActionContext) -> Subject:
         cgroup=cgroup,
         cgroup_display=ctx.cgroups.display_path(cgroup),
         handle=handle,
+        cgroup_inode=ctx.cgroups.inode(cgroup),  # as identification reads it
     )
 
 
 def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    """Stopped, dead or up (R and S are one: a child may still be starting)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return stat if stat in ("T", "t", "Z", "X") else "up"
 
 
 def _snapshot(pid: int) -> tuple[object, ...]:

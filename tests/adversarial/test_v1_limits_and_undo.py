@@ -108,6 +108,7 @@ class Box:
             cgroup=where["pids"],
             cgroup_display=self.driver.display_path(where["pids"]),
             handle=handle,
+            cgroup_inode=self.driver.inode(where["pids"]),  # as identification reads it
         )
 
     def ctx(self) -> ActionContext:

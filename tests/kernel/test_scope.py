@@ -17,6 +17,7 @@ from remedy.actions.params import KillParams, QuarantineParams
 from remedy.actions.process import ProcessHandle
 from remedy.actions.quarantine import Quarantine
 from remedy.engine.offender import Subject
+from remedy.errors import ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
 from remedy.service.sandbox import CgroupSandbox
 
@@ -59,6 +60,7 @@ def tree(test_cgroup: CgroupSandbox) -> Iterator[tuple[Subject, list[int]]]:
         cgroup=cgroups.cgroup_of(info.pid),
         cgroup_display=cgroups.display_path(cgroups.cgroup_of(info.pid)),
         handle=handle,
+        cgroup_inode=cgroups.inode(cgroups.cgroup_of(info.pid)),  # as identification reads it
     )
     try:
         yield subject, kids
@@ -116,17 +118,31 @@ def test_scope_tree_moves_and_kills_the_descendants_too(
     assert _wait_dead([subject.pid, *kids]) == []
 
 
-def test_scope_cgroup_caps_in_place_and_kills_every_member_but_the_spared(
+def test_scope_cgroup_caps_in_place_and_kills_every_member(
     test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
 ) -> None:
     subject, kids = tree
-    ctx = _ctx(test_cgroup, "cgroup", spare={kids[0]})
+    ctx = _ctx(test_cgroup, "cgroup")
     Quarantine().run(QuarantineParams(pids_max=50, cpu=0.5), subject, ctx)
     assert (test_cgroup.pids_dir / "pids.max").read_text().strip() == "50"
     assert not ctx.cgroups.exists(ctx.quarantine_of(subject))  # nothing was moved
     Kill().run(KillParams(quarantine=False), subject, ctx)
-    assert _wait_dead([subject.pid, *kids[1:]]) == []
-    assert _alive([kids[0]]) == [kids[0]], "a protected member is spared"
+    assert _wait_dead([subject.pid, *kids]) == []
+
+
+def test_scope_cgroup_with_a_protected_member_is_refused_whole(
+    test_cgroup: CgroupSandbox, tree: tuple[Subject, list[int]]
+) -> None:
+    """A cap, freeze or kill of the cgroup would reach the protected member too: the reach
+    gate refuses the whole action rather than doing part of it."""
+    subject, kids = tree
+    ctx = _ctx(test_cgroup, "cgroup", spare={kids[0]})
+    with pytest.raises(ProtectedProcess):
+        Quarantine().run(QuarantineParams(pids_max=50, cpu=0.5), subject, ctx)
+    assert (test_cgroup.pids_dir / "pids.max").read_text().strip() != "50"
+    with pytest.raises(ProtectedProcess):
+        Kill().run(KillParams(quarantine=False), subject, ctx)
+    assert sorted(_alive([subject.pid, *kids])) == sorted([subject.pid, *kids])
 
 
 def test_scope_cgroup_sigkill_freezes_signals_and_thaws_on_v1(
