@@ -22,6 +22,7 @@ from remedy.errors import ConfigErrors, ProcessGone
 from remedy.policy import PolicySet
 from remedy.policy.loader import check_paths
 from remedy.proc import ProcessInfo, ProcFS
+from remedy.service.explain import explain, parse_facts
 
 # A root-owned binary in root-owned, non-writable directories on every Linux host.
 SYSTEM_EXE = "/usr/bin/sleep"
@@ -321,3 +322,11 @@ def test_an_unknown_user_is_an_error_naming_the_key(tmp_path: Path) -> None:
             f"exes: [{SYSTEM_EXE}]\n",
         )
     assert "user" in str(err.value)
+
+
+def test_explain_says_when_a_protected_path_is_not_protected_for_this_uid() -> None:
+    policies = PolicySet((), {})
+    assert "NOT PROTECTED" in explain(policies, parse_facts(["exe=/usr/sbin/sshd", "uid=1000"]))
+    assert "PROTECTED: /usr/sbin/sshd run as uid [0]" in explain(
+        policies, parse_facts(["exe=/usr/sbin/sshd", "uid=0"])
+    )
