@@ -12,16 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from remedy.clock import FakeClock
+from remedy.engine.decisions import Decision
+from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Subject
 from remedy.errors import ConfigErrors, ProcessGone
-from remedy.policy import PolicySet
+from remedy.policy import Policy, PolicySet, Step
 from remedy.policy.loader import check_paths
 from remedy.proc import ProcessInfo, ProcFS
+from remedy.sensors.records import SensorRecord
 from remedy.service.explain import explain, parse_facts
 
 # A root-owned binary in root-owned, non-writable directories on every Linux host.
@@ -274,7 +279,7 @@ steps: [{action: notify}]
 
 def _load(tmp_path: Path, *docs: str) -> PolicySet:
     conf = tmp_path / "conf"
-    conf.mkdir()
+    conf.mkdir(parents=True)
     (conf / "all.yaml").write_text("---\n".join([POLICY, *docs]))
     return check_paths([conf])
 
@@ -330,3 +335,65 @@ def test_explain_says_when_a_protected_path_is_not_protected_for_this_uid() -> N
     assert "PROTECTED: /usr/sbin/sshd run as uid [0]" in explain(
         policies, parse_facts(["exe=/usr/sbin/sshd", "uid=0"])
     )
+
+
+# --- through the engine -------------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    proc: Path
+
+    def identify(self, record: SensorRecord) -> Subject:
+        return subject_of(info(self.proc))
+
+
+@dataclass
+class _Runner:
+    ran: list[int] = field(default_factory=list)
+
+    def describe(self, step: Step, subject: Subject) -> str:
+        return "notify"
+
+    def execute(self, step: Step, subject: Subject, policy: Policy) -> str:
+        self.ran.append(subject.pid)
+        return ""
+
+    def release(self, subject: Subject) -> None:
+        pass
+
+
+@dataclass
+class _Sink:
+    decisions: list[Decision] = field(default_factory=list)
+
+    def record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+
+@pytest.mark.parametrize(("uid", "acted"), [(65534, False), (1000, True)])
+def test_the_engine_protects_by_the_configured_owner_on_records_and_reach(
+    tmp_path: Path, proc: Path, uid: int, acted: bool
+) -> None:
+    # The agent's wiring: the base protector reads this /proc, the configuration adds the
+    # document (user: nobody), and Engine.spare (tree and cgroup reach) says the same.
+    policies = _load(
+        tmp_path,
+        f"apiVersion: remedy/v1\nkind: Protection\nname: d\nuser: nobody\nexes: [{SYSTEM_EXE}]\n",
+    )
+    write_proc(proc, uids=(uid,) * 4)
+    runner, sink = _Runner(), _Sink()
+    engine = Engine(
+        policies,
+        identifier=_Table(proc),
+        executor=runner,
+        sink=sink,
+        clock=FakeClock(),
+        protector=Protector.for_this_agent(ProcFS(proc), 999),
+    )
+    engine.on_record(SensorRecord("fork_rate", PID, PID, 1, "daemon", 1, 500, 1.0, 0.2, 0))
+    assert runner.ran == ([PID] if acted else [])
+    assert [d.outcome for d in sink.decisions] == ["acted" if acted else "skipped"]
+    assert (engine.spare(info(proc)) is None) == acted
+    engine.reload(_load(tmp_path / "again"))
+    assert engine.spare(info(proc)) is None, "a reload without the document drops it"
