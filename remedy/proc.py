@@ -23,7 +23,15 @@ from pathlib import Path
 
 from remedy.errors import ActionError, PermissionDenied, ProcessGone
 
-__all__ = ["PF_KTHREAD", "ProcFS", "ProcessInfo", "learn_layout", "parse_cgroup_file"]
+__all__ = [
+    "LOADER_ENV",
+    "PF_KTHREAD",
+    "ProcFS",
+    "ProcessInfo",
+    "Provenance",
+    "learn_layout",
+    "parse_cgroup_file",
+]
 
 # include/linux/sched.h: set on every kernel thread (kthreadd and its children).
 PF_KTHREAD = 0x00200000
@@ -37,6 +45,13 @@ _GONE = (errno.ENOENT, errno.ESRCH)
 # /proc/<pid>/stat fields after the "(comm)" field, 0-based (proc(5) numbers them from 1):
 # 3 state, 4 ppid, 9 flags, 22 starttime.
 _STATE, _PPID, _FLAGS, _STARTTIME = 0, 1, 6, 19
+
+# Environment variables that make the dynamic loader (or libc, GCONV_PATH) load code from a
+# path the variable names: with one set, the code running is not only the executable's. glibc
+# strips them for setuid programs for the same reason (elf/dl-support.c, unsecure_envvars).
+LOADER_ENV = frozenset({"LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "GCONV_PATH"})
+# /proc/<pid>/loginuid of a process no login session started: (uid_t)-1 (kernel/audit.c).
+_NO_LOGINUID = 2**32 - 1
 
 # A line of /proc/<pid>/cgroup is "<hierarchy id>:<controllers>:<path>\n" and the path always
 # starts with "/" ("/.." under a cgroup namespace too): kernel/cgroup/cgroup.c,
@@ -144,6 +159,24 @@ class ProcessInfo:
         return bool(self.flags & PF_KTHREAD) or _KTHREADD_PID in (self.pid, self.ppid)
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Who one process runs as and how it started: facts an unprivileged user cannot choose for
+    a process of another uid, read when a protection decision needs them (see
+    :meth:`ProcFS.provenance`)."""
+
+    uids: tuple[int, int, int, int]  # real, effective, saved, filesystem (the Uid line)
+    # The audit login uid (pam_loginuid sets it at login, every child inherits it, and only
+    # CAP_AUDIT_CONTROL may set it, once): whose login session started the process. None when
+    # no session did (unset, or a kernel without CONFIG_AUDITSYSCALL).
+    loginuid: int | None
+    loader_env: tuple[str, ...]  # the LOADER_ENV names set in its environment, sorted
+    # Owner and mode of the file it runs, through the exe link (which reaches the file even
+    # after it was unlinked).
+    exe_uid: int
+    exe_mode: int
+
+
 class ProcFS:
     """Parses /proc (or a fixture tree shaped like it) into :class:`ProcessInfo` records."""
 
@@ -179,6 +212,37 @@ class ProcFS:
             exe=exe,
             cmdline=cmdline,
         )
+
+    def provenance(self, pid: int, start_ticks: int) -> Provenance:
+        """The :class:`Provenance` of the process ``(pid, start_ticks)``.
+
+        Read through one directory fd whose stat must show ``start_ticks``: a process that took
+        the pid since is never described (:class:`ProcessGone`). Raises
+        :class:`PermissionDenied` when environ is unreadable (it takes the same ptrace check as
+        the exe link) and :class:`ActionError` for a malformed file.
+        """
+        try:
+            dfd = os.open(self.root / str(pid), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            raise _translate(err, pid, "cannot open /proc entry") from err
+        try:
+            stat = _read_text(dfd, "stat", pid)
+            status = _read_text(dfd, "status", pid)
+            loginuid = _loginuid(dfd, pid)
+            try:
+                environ = _read_bytes(dfd, "environ")
+                exe = os.stat("exe", dir_fd=dfd)
+            except OSError as err:
+                raise _translate(err, pid, "cannot read environ or exe") from err
+        finally:
+            os.close(dfd)
+        if int(_split_stat(stat, pid)[1][_STARTTIME]) != start_ticks:
+            raise ProcessGone("the pid belongs to another process now", pid=pid)
+        # environ is the block the process was exec'd with, NUL-separated "NAME=value" (the
+        # process may rewrite it since; see SECURITY.md for what that leaves).
+        names = {entry.split(b"=", 1)[0] for entry in environ.split(b"\0")}
+        loader_env = tuple(sorted(n for n in LOADER_ENV if n.encode() in names))
+        return Provenance(_uids(status, pid), loginuid, loader_env, exe.st_uid, exe.st_mode)
 
     def ancestors(self, pid: int) -> list[ProcessInfo]:
         """The parent chain of ``pid``, parent first, up to and including pid 1.
@@ -409,11 +473,35 @@ def _split_stat(stat: str, pid: int) -> tuple[str, list[str]]:
 
 
 def _real_uid(status: str, pid: int) -> int:
+    return _uids(status, pid)[0]
+
+
+def _uids(status: str, pid: int) -> tuple[int, int, int, int]:
     # Lines end at "\n" only: the first line is "Name:\t<comm>", and comm is any 15 bytes but
     # "\n" and "\\", which the kernel escapes (proc_task_name(); \t and \x1c pass raw). A
     # comm of "\x1cUid:\t0\t0\t0" must not read as a Uid line (psutil's uids() regex does).
     for line in status.split("\n")[1:]:
         if line.startswith("Uid:\t"):
             # "Uid:\treal\teffective\tsaved\tfs"
-            return int(line.split("\t")[1])
+            fields = line.split("\t")[1:]
+            if len(fields) != 4 or not all(f.isdigit() for f in fields):
+                raise ActionError("malformed Uid line in /proc/pid/status", pid=pid)
+            real, effective, saved, fs = (int(f) for f in fields)
+            return real, effective, saved, fs
     raise ActionError("no Uid line in /proc/pid/status", pid=pid)
+
+
+def _loginuid(dfd: int, pid: int) -> int | None:
+    try:
+        text = _read_bytes(dfd, "loginuid").decode("ascii")
+    except FileNotFoundError:
+        # A kernel without CONFIG_AUDITSYSCALL has no login uids at all. (ENOENT also means the
+        # task exited; then the environ read that follows fails with ProcessGone.)
+        return None
+    except OSError as err:
+        raise _translate(err, pid, "cannot read loginuid") from err
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise ActionError(f"malformed loginuid {text!r}", pid=pid) from err
+    return None if value == _NO_LOGINUID else value

@@ -137,10 +137,8 @@ class Engine:
         self._executor = executor
         self._sink = sink
         self._clock = clock
-        self._base_exes = protector.exes
-        self._protector = dataclasses.replace(
-            protector, exes=protector.exes | policies.protected_exes
-        )
+        self._base_protector = protector
+        self._protector = protector.extended(policies)
         self.dry_run = dry_run
         self._runtime_silences: list[Silence] = []  # added over the control socket
         self._measure = measure
@@ -200,7 +198,7 @@ class Engine:
 
     def spare(self, info: ProcessInfo) -> str | None:
         """Why an action reaching beyond the offender must leave this process alone."""
-        return self._protector.why(info.pid, info.is_kernel_thread, info.exe)
+        return self._protector.why(info)
 
     def offenders(self) -> Iterator[Offender]:
         return iter(self._offenders.values())
@@ -254,9 +252,7 @@ class Engine:
         old_limits = {p.name: p.rate_limit for p in self.policies.policies}
         self.policies = policies
         self._by_name = {p.name: p for p in policies.policies}
-        self._protector = dataclasses.replace(
-            self._protector, exes=self._base_exes | policies.protected_exes
-        )
+        self._protector = self._base_protector.extended(policies)
         self._limiters = {
             p.name: (
                 self._limiters[p.name]

@@ -6,14 +6,19 @@ The engine owns these, not the actions, so no action can forget them (oomd's les
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from remedy.engine.offender import Subject
 from remedy.errors import RemedyError
-from remedy.policy.model import Policy, Step
-from remedy.proc import ProcFS
+from remedy.policy.model import Policy, PolicySet, Step
+from remedy.proc import ProcessInfo, ProcFS
+
+log = logging.getLogger(__name__)
 
 # Exact paths, never substrings: "sshd" as a substring would also protect "/tmp/not-sshd".
 PROTECTED_EXES = frozenset(
@@ -106,13 +111,34 @@ class RateLimiter:
         return self._times[0] + self.per_s - now
 
 
+# Who may own a protected executable's process when its entry names no user.
+ROOT_ONLY: frozenset[int] = frozenset({0})
+
+# proc_exe_link() prints the file's path with d_path(), which appends this once the file is
+# unlinked: a daemon whose package was upgraded runs "/usr/sbin/sshd (deleted)".
+_DELETED = " (deleted)"
+
+
 @dataclass(frozen=True)
 class Protector:
-    """Decides which processes remedy never touches."""
+    """Decides which processes remedy never touches.
+
+    Beyond pid 1, kernel threads, the agent and its ancestors, a process is protected by its
+    executable only when nobody but the executable's owner can have made it what it is (see
+    SECURITY.md, "What remedy will never act on"): its exe is a protected path, in directories
+    only root (or the entry's user) can write; every one of its uids is root, or the user its
+    entry names; no login session of anyone else started it (the audit login uid); and its
+    environment told the dynamic loader to load nothing else (:data:`remedy.proc.LOADER_ENV`).
+    """
 
     agent_pid: int
     agent_ancestors: frozenset[int]
     exes: frozenset[str] = PROTECTED_EXES
+    # Who may own each protected path's process; a path missing here: root only.
+    owners: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # Where the uids, login uid and environment are read. None only where the processes are
+    # not on this host (replay): then the recorded exe and real uid are all there is.
+    procfs: ProcFS | None = None
 
     @classmethod
     def for_this_agent(
@@ -123,15 +149,35 @@ class Protector:
             ancestors = frozenset(p.pid for p in procfs.ancestors(agent_pid))
         except RemedyError:
             ancestors = frozenset({1})
-        return cls(agent_pid, ancestors, PROTECTED_EXES | frozenset(extra_exes))
+        return cls(agent_pid, ancestors, PROTECTED_EXES | frozenset(extra_exes), procfs=procfs)
+
+    def extended(self, policies: PolicySet) -> Protector:
+        """This protector with the configuration's Protection documents added (never removed):
+        a path both here and there may be owned by the users of either."""
+        owners = dict(self.owners)
+        for path in policies.protected_exes:
+            theirs = policies.protected_owners.get(path, ROOT_ONLY)
+            owners[path] = self.owners_of(path) | theirs if path in self.exes else theirs
+        return replace(self, exes=self.exes | policies.protected_exes, owners=owners)
+
+    def owners_of(self, path: str) -> frozenset[int]:
+        """The uids a process of protected ``path`` may run as to be protected."""
+        return self.owners.get(path, ROOT_ONLY)
 
     def why_protected(self, subject: Subject) -> str | None:
         """A reason when ``subject`` must not be acted on, else None."""
-        return self.why(subject.pid, subject.is_kernel_thread, subject.exe)
+        return self._why(
+            subject.pid, subject.start_ticks, subject.is_kernel_thread, subject.exe, subject.uid
+        )
 
-    def why(self, pid: int, is_kernel_thread: bool, exe: str | None) -> str | None:
-        """The same test on bare facts: actions that reach beyond the offender (its tree, its
-        cgroup) apply it to every process they would touch."""
+    def why(self, info: ProcessInfo) -> str | None:
+        """The same test on a process read from /proc: actions that reach beyond the offender
+        (its tree, its cgroup) apply it to every process they would touch."""
+        return self._why(info.pid, info.start_ticks, info.is_kernel_thread, info.exe, info.uid)
+
+    def _why(
+        self, pid: int, start_ticks: int, is_kernel_thread: bool, exe: str | None, uid: int
+    ) -> str | None:
         if pid <= 1:
             return "pid 1 (init)"
         if is_kernel_thread:
@@ -140,9 +186,94 @@ class Protector:
             return "the agent itself"
         if pid in self.agent_ancestors:
             return "an ancestor of the agent"
-        if exe is not None and exe in self.exes:
-            return f"protected executable {exe}"
+        path = self._protected_path(exe)
+        if path is None:
+            return None
+        why_not = self._why_not(path, pid, start_ticks, uid)
+        if why_not is not None:
+            # Worth a line: an operator who protected this path may wonder why it was acted on.
+            log.info("pid %d runs protected %s but is not protected: %s", pid, exe, why_not)
+            return None
+        if exe != path:
+            return f"protected executable {path} (replaced on disk since it started)"
+        return f"protected executable {path}"
+
+    def _protected_path(self, exe: str | None) -> str | None:
+        if exe is None:
+            return None
+        if exe in self.exes:
+            return exe
+        # The running file was unlinked (an upgrade renames the new one over it): the name is
+        # the one it last had, so it is compared as that, under the same directory rule.
+        if exe.endswith(_DELETED) and exe[: -len(_DELETED)] in self.exes:
+            return exe[: -len(_DELETED)]
         return None
+
+    def _why_not(self, path: str, pid: int, start_ticks: int, uid: int) -> str | None:
+        """Why the process running protected ``path`` could be someone else's doing, or None."""
+        owners = self.owners_of(path)
+        if uid not in owners:
+            return f"it runs as uid {uid}, not {_names(owners)}"
+        if self.procfs is None:
+            return None
+        try:
+            facts = self.procfs.provenance(pid, start_ticks)
+        except RemedyError as err:
+            return f"its uids, login uid and environment cannot be read ({err})"
+        # The code: the file it runs (deleted or not) and the name it was found by must be
+        # beyond the reach of anyone but root and the owners.
+        if facts.exe_uid not in owners | ROOT_ONLY:
+            return f"its executable file belongs to uid {facts.exe_uid}"
+        if facts.exe_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return "its executable file is writable by others"
+        writable = _writable_by_others(path, owners)
+        if writable is not None:
+            return writable
+        if len(set(facts.uids)) != 1:
+            # A setuid program run by a user: euid root, real uid the user's; or a root daemon
+            # gone half way to another user.
+            return f"its uids differ (real, effective, saved, fs: {facts.uids})"
+        if facts.loginuid is not None and facts.loginuid != uid:
+            # sudo, su and setuid programs keep the login uid of the session they ran in.
+            return f"it was started in a login session of uid {facts.loginuid}"
+        if facts.loader_env:
+            return f"its environment loads other code ({', '.join(facts.loader_env)})"
+        return None
+
+
+def _names(uids: frozenset[int]) -> str:
+    return " or ".join(str(u) for u in sorted(uids))
+
+
+def _writable_by_others(path: str, owners: frozenset[int]) -> str | None:
+    """Why someone other than root or ``owners`` could have given a file the name ``path``, or
+    None. Every directory from / down to the file's, as written and as resolved (symlinks such
+    as /lib -> usr/lib), must belong to root or an owner; the file's own directory must be
+    writable by its owner only; the ones above may also be sticky (/tmp), because then nobody
+    but root or an entry's owner can rename or remove what root made there (may_delete())."""
+    trusted = owners | ROOT_ONLY
+    parent = os.path.dirname(path)
+    real_parent = os.path.realpath(parent)
+    chains = (_prefixes(parent), _prefixes(real_parent))
+    for chain in chains:
+        for index, directory in enumerate(chain):
+            try:
+                st = os.stat(directory)
+            except OSError as err:
+                return f"cannot check {directory}: {err.strerror}"
+            if st.st_uid not in trusted:
+                return f"{directory} belongs to uid {st.st_uid}"
+            others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            sticky_above = bool(st.st_mode & stat.S_ISVTX) and index < len(chain) - 1
+            if others_write and not sticky_above:
+                return f"{directory} is writable by others"
+    return None
+
+
+def _prefixes(directory: str) -> list[str]:
+    """The directory and its ancestors, from the root: /usr/sbin: /, /usr, /usr/sbin."""
+    parts = [p for p in directory.split("/") if p]
+    return ["/", *("/" + "/".join(parts[: i + 1]) for i in range(len(parts)))]
 
 
 @dataclass

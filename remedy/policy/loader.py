@@ -271,7 +271,8 @@ class _Loader:
     policies: list[tuple[Policy, Document]] = field(default_factory=list)
     playbooks: list[tuple[Playbook, Document]] = field(default_factory=list)
     silences: list[tuple[Silence, Document]] = field(default_factory=list)
-    protections: list[tuple[str, frozenset[str], Document]] = field(default_factory=list)
+    # (name, exes, the uid they run as, document)
+    protections: list[tuple[str, frozenset[str], int, Document]] = field(default_factory=list)
     # Names of documents that exist but are invalid: a policy naming a broken playbook (or a
     # silence naming a broken policy) already fails through that document's own errors, and
     # "unknown playbook" on top would send the reader astray.
@@ -473,7 +474,8 @@ class _Loader:
     def _load_protection(self, doc: Document, data: dict[Any, Any]) -> None:
         spec: ProtectionDoc | None = self._validate(doc, ProtectionDoc, data)
         if spec is not None:
-            self.protections.append((spec.name, frozenset(spec.exes), doc))
+            uid = 0 if spec.user is None else int(spec.user)  # resolved by the validator
+            self.protections.append((spec.name, frozenset(spec.exes), uid, doc))
 
     def _steps(self, doc: Document, raw: object) -> list[Step]:
         steps: list[Step] = []
@@ -557,7 +559,7 @@ class _Loader:
                         f"unknown policy {name!r} (loaded policies: {known})",
                     )
 
-        self._unique("Protection", ((name, doc) for name, _, doc in self.protections))
+        self._unique("Protection", ((name, doc) for name, _, _, doc in self.protections))
 
         if not self.saw_policy:
             where = ", ".join(str(p) for p in searched) or "no paths given"
@@ -573,5 +575,14 @@ class _Loader:
             policies=tuple(policy for policy, _ in self.policies),
             playbooks=MappingProxyType(playbooks),
             silences=tuple(silences.values()),
-            protected_exes=frozenset().union(*(exes for _, exes, _ in self.protections)),
+            protected_exes=frozenset().union(*(exes for _, exes, _, _ in self.protections)),
+            protected_owners=MappingProxyType(self._protected_owners()),
         )
+
+    def _protected_owners(self) -> dict[str, frozenset[int]]:
+        # A path in several documents may be owned by the user of any of them.
+        owners: dict[str, frozenset[int]] = {}
+        for _, exes, uid, _ in self.protections:
+            for exe in exes:
+                owners[exe] = owners.get(exe, frozenset()) | {uid}
+        return owners

@@ -229,6 +229,9 @@ class PolicySet:
     playbooks: Mapping[str, Playbook]
     silences: tuple[Silence, ...] = ()
     protected_exes: frozenset[str] = frozenset()  # added to the built-in protected set
+    # Who may own each of those paths' processes, from the Protection documents' ``user:``;
+    # a path missing here (or a document without ``user:``): root only.
+    protected_owners: Mapping[str, frozenset[int]] = field(default_factory=dict)
     # The engine asks for_signal() on every record, so the grouping is computed once here.
     _by_signal: Mapping[str, tuple[Policy, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict

@@ -355,11 +355,15 @@ class SilenceDoc(_KindDoc):
 
 
 class ProtectionDoc(_KindDoc):
-    """A ``kind: Protection`` document: executables remedy must never act on, by exact path."""
+    """A ``kind: Protection`` document: executables remedy must never act on, by exact path,
+    when run as root (or as ``user``) and started by no one else (SECURITY.md)."""
 
     kind: Literal["Protection"]
     description: str = ""
     exes: list[AbsolutePath] = Field(min_length=1)
+    # The user these daemons run as; unset: root. Never "anyone": any user can run any
+    # binary they can read, and would be protected "as" it.
+    user: Uid | None = None
 
 
 #: The model of each ``kind:``.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transitions.extensions import GraphMachine
 
-from remedy.engine.guards import PROTECTED_EXES
+from remedy.engine.guards import Protector
 from remedy.engine.offender import STATES, TRANSITIONS
 from remedy.errors import RemedyError
 from remedy.policy import SEVERITIES, Facts, PolicySet
@@ -63,9 +63,16 @@ def explain(policies: PolicySet, facts: Facts, now_wall: float | None = None) ->
     """Which policies apply to ``facts``, in precedence order, and why the others do not."""
     now_wall = time.time() if now_wall is None else now_wall
     lines = [f"offender: {facts}"]
-    protected = PROTECTED_EXES | policies.protected_exes
-    if facts.exe in protected:
-        lines.append(f"PROTECTED: {facts.exe} is in the protected set; no policy will act on it")
+    protector = Protector(0, frozenset()).extended(policies)
+    if facts.exe in protector.exes:
+        owners = sorted(protector.owners_of(facts.exe))
+        if facts.uid >= 0 and facts.uid not in owners:
+            lines.append(f"NOT PROTECTED: {facts.exe} is protected only when run as uid {owners}")
+        else:
+            lines.append(
+                f"PROTECTED: {facts.exe} run as uid {owners}, started by the system (or a "
+                "session of that uid), with no library injected: no policy will act on it"
+            )
     # Precedence: higher severity first, then load order (see docs/policies.md).
     order = sorted(
         enumerate(policies.policies), key=lambda ip: (-SEVERITIES.index(ip[1].severity), ip[0])

@@ -1,5 +1,6 @@
 """Rate limiter edges and what a step can do to a process (the protector is exercised through
-the engine tests)."""
+the engine tests and, for protection by executable, tests/unit/test_protection.py and
+tests/adversarial/test_protection_live.py)."""
 
 from __future__ import annotations
 
