@@ -460,8 +460,10 @@ class Engine:
         now = self._clock.monotonic()
         if self._undo is not None:
             for detail in self._undo.expire():
-                self.stats["ttl-reverted"] += 1
-                log.info("TTL expired, reverted: %s", detail)
+                # expire() also retries failed reverts; a retry that failed again is no revert.
+                failed = "revert failed" in detail
+                self.stats["revert-failed" if failed else "ttl-reverted"] += 1
+                log.log(logging.WARNING if failed else logging.INFO, "undo on tick: %s", detail)
         for key, offender in list(self._offenders.items()):
             policy = self._by_name[offender.policy]
             handle = offender.subject.handle

@@ -50,7 +50,8 @@ NEVER_ENDS = frozenset(
         "notify",
         "quarantine",
         "throttle_cpu",
-        "limit_memory",
+        # not limit_memory: a hard limit (v1 memory.limit_in_bytes, v2 memory.max) below what
+        # the process uses is an OOM kill
         "limit_pids",
         "freeze",
         "thaw",

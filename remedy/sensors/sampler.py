@@ -49,7 +49,8 @@ from typing import Literal, Protocol
 import psutil
 
 from remedy.clock import Clock, SystemClock
-from remedy.errors import SensorError
+from remedy.errors import ActionError, SensorError
+from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Mode, SignalCounters, SignalSettings
 from remedy.sensors.records import SensorRecord
 
@@ -200,22 +201,21 @@ def _outbound_connections() -> dict[int, frozenset[str]]:
     return {pid: frozenset(s) for pid, s in out.items()}
 
 
+_PROCFS = ProcFS()
+
+
 def _cgroup_of(pid: int) -> str | None:
-    """The unified (v2) cgroup path of a process, else its v1 pids/cpu hierarchy, else None."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None  # gone, or hidepid: no cgroup signal for this process
-    v1: dict[str, str] = {}
-    for line in lines:
-        hier, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hier == "0" and controllers == "":
+    """The unified (v2) cgroup path of a process, else its v1 pids/cpu hierarchy, else None.
+    Parsed as the kernel writes it (remedy/proc.py): a cgroup name that fakes a line is never
+    taken for another cgroup; an ambiguous file names no cgroup at all."""
+    for key in ("", "pids", "cpu"):
+        try:
+            path = _PROCFS.cgroup(pid, key)
+        except ActionError:
+            return None  # gone, hidepid, or ambiguous: no cgroup signal for this process
+        if path is not None:
             return path
-        for c in controllers.split(","):
-            v1[c] = path
-    return v1.get("pids") or v1.get("cpu") or next(iter(v1.values()), None)
+    return None
 
 
 def cgroup_key(path: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, TextIO
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupDriver, detect
-from remedy.actions.journal import Journal
+from remedy.actions.journal import Journal, RevertFailure
 from remedy.actions.registry import ACTIONS, ActionExecutor
 from remedy.actions.undoer import Undoer
 from remedy.clock import Clock, SystemClock
@@ -221,8 +221,16 @@ class AgentSnapshot:
     cpu_s: float
     max_rss_mib: float
     throttles: int = 0  # reversible changes in force
+    reverts_failing: int = 0  # of those, how many a revert failed for (retried with backoff)
     reloads: int = 0
     reloads_failed: int = 0
+
+
+def _failure_view(failure: RevertFailure | None) -> dict[str, object]:
+    """A throttle's revert trouble for status: nothing when its reverts never failed."""
+    if failure is None:
+        return {}
+    return {"revert_failed": {"attempts": failure.attempts, "error": failure.error}}
 
 
 class Observer(Protocol):
@@ -518,6 +526,7 @@ class Agent:
         engine: Engine,
     ) -> None:
         active = self._undoer.journal.active() if self._undoer else []
+        failing = self._undoer.journal.failures() if self._undoer else {}
         snapshot = AgentSnapshot(
             sensor=sensor.kind,
             counters=dict(counters),
@@ -531,10 +540,11 @@ class Agent:
             cpu_s=_cpu_seconds(),
             max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             throttles=len(active),
+            reverts_failing=sum(1 for r in active if r.id in failing),
             reloads=self.stats.reloads,
             reloads_failed=self.stats.reloads_failed,
         )
-        throttles = [r.to_json() for r in active]
+        throttles = [{**r.to_json(), **_failure_view(failing.get(r.id))} for r in active]
         silences = [silence_view(x) for x in engine.silences()]
         self._board.publish(status_from(snapshot, throttles, self._recent.items(), silences))
         for observer in self._observers:

@@ -111,6 +111,8 @@ class ThrottleView(TypedDict):
     pid: int | None
     cgroup: str | None
     expires: float  # wall-clock epoch seconds: reverted at the latest then
+    # {"attempts": n, "error": "..."} once a revert failed (still applied, being retried)
+    revert_failed: dict[str, Any] | None
 
 
 class DecisionView(TypedDict):
@@ -176,6 +178,7 @@ def status_from(
                 "pid": t.get("pid"),
                 "cgroup": t.get("cgroup"),
                 "expires": float(t.get("expires", 0.0)),
+                "revert_failed": t.get("revert_failed"),
             }
             for t in throttles
         ],

@@ -278,6 +278,11 @@ class Metrics:
                 "remedy_active_throttles",
                 "Reversible changes in force (undo journal entries not yet reverted).",
             )
+            failing = GaugeMetricFamily(
+                "remedy_reverts_failing",
+                "Reversible changes still in force because their revert failed (retried with "
+                "backoff): a throttle nobody could undo yet. Alert on > 0.",
+            )
             reloads = self._counter(
                 "remedy_reloads", "Policy reloads (SIGHUP), by result.", ("result",)
             )
@@ -293,9 +298,11 @@ class Metrics:
                     offenders.add_metric([state], n)
                 sensor.add_metric([snap.sensor], 1)
                 throttles.add_metric([], snap.throttles)
+                failing.add_metric([], snap.reverts_failing)
                 reloads.add_metric(["ok"], mono(("reloads",), snap.reloads))
                 reloads.add_metric(["refused"], mono(("reloads-failed",), snap.reloads_failed))
-            families += [received, drops, cpu, rss, offenders, sensor, throttles, reloads]
+            families += [received, drops, cpu, rss, offenders, sensor, throttles, failing]
+            families.append(reloads)
             families += self._bpf_families(mono)
         return families
 

@@ -10,7 +10,6 @@ import pytest
 from remedy.actions.params import (
     FreezeParams,
     KillParams,
-    LimitMemoryParams,
     LimitPidsParams,
     NotifyParams,
     QuarantineParams,
@@ -590,7 +589,6 @@ def test_degraded_data_is_refused_in_dry_run_too() -> None:
         pytest.param(Step("quarantine", QuarantineParams()), id="quarantine"),
         pytest.param(Step("stop", StopParams()), id="stop"),
         pytest.param(Step("freeze", FreezeParams(), scope="cgroup", scope_set=True), id="freeze"),
-        pytest.param(Step("limit_memory", LimitMemoryParams(high=1 << 30)), id="limit_memory"),
         pytest.param(Step("limit_pids", LimitPidsParams(max=16), scope="tree"), id="limit_pids"),
         pytest.param(Step("notify", NotifyParams()), id="notify"),
     ],

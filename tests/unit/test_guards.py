@@ -9,6 +9,7 @@ import pytest
 from remedy.actions.params import (
     PARAMS,
     KillParams,
+    LimitMemoryParams,
     NotifyParams,
     StopParams,
     TerminateParams,
@@ -38,6 +39,7 @@ def test_sliding_window() -> None:
         (Step("kill", KillParams(), kernel=True), "a kernel arm (kill at the next fork)"),
         (Step("stop", StopParams(), kernel=True), "a kernel arm (stop at the next fork)"),
         (Step("stop", StopParams()), None),
+        (Step("limit_memory", LimitMemoryParams(high=1 << 30)), "limit_memory"),
         (Step("notify", NotifyParams()), None),
     ],
 )
@@ -49,7 +51,8 @@ def test_an_action_nobody_classified_is_taken_to_end_processes() -> None:
     # A new action is refused on degraded data until it is listed as one that never ends one.
     assert ends_process(Step("reboot", NotifyParams())) == "reboot"
     assert PARAMS.keys() > NEVER_ENDS
-    assert PARAMS.keys() - NEVER_ENDS == {"kill", "terminate"}
+    # limit_memory sets a hard limit: below what the process uses, the kernel OOM-kills it.
+    assert PARAMS.keys() - NEVER_ENDS == {"kill", "terminate", "limit_memory"}
 
 
 def test_only_notify_changes_nothing() -> None:

@@ -213,3 +213,12 @@ def test_serve_exposes_the_registry_over_http(metrics: Metrics) -> None:
     finally:
         metrics.close()
     assert b'remedy_kernel_events_total{signal="fork_rate"} 10.0' in body
+
+
+def test_a_throttle_whose_revert_failed_is_a_gauge_to_alert_on(metrics: Metrics) -> None:
+    metrics.observe(snapshot(throttles=3, reverts_failing=1))
+    text = metrics.exposition()
+    got = samples(text)
+    assert got[("remedy_active_throttles", ())] == 3
+    assert got[("remedy_reverts_failing", ())] == 1
+    promtool_check(text)
