@@ -32,6 +32,7 @@ from remedy.actions.cgroups import detect
 from remedy.errors import RemedyError, SensorError
 from remedy.proc import ProcFS
 from remedy.sensors.bpf import tracefs_root
+from remedy.sensors.btf import task_offsets
 from remedy.sensors.catalog import CATALOGUE, Signal
 
 __all__ = [
@@ -64,7 +65,7 @@ Status = Literal["ok", "warn", "fail"]
 # Debian's python3-bpfcc installs here. PyPI's "bcc" is an unrelated project that shadows it.
 DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 # The checks whose failure stops any kernel program from loading.
-FUNNEL_CHECKS = ("headers", "tracefs", "bcc", "privileges", "ring buffer")
+FUNNEL_CHECKS = ("headers", "btf", "tracefs", "bcc", "privileges", "ring buffer")
 # include/uapi/linux/capability.h
 _CAPS = {
     "CAP_KILL": 5,
@@ -198,12 +199,26 @@ def check_headers(release: str, modules: Path, sys_root: Path) -> Check:
 
 
 def check_btf(sys_root: Path) -> Check:
-    """/sys/kernel/btf/vmlinux: the kernel's own type information."""
+    """/sys/kernel/btf/vmlinux: the kernel's own type information, where the kernel filter
+    learns task_struct's layout (a process's birth) whatever headers are installed."""
     btf = sys_root / "kernel" / "btf" / "vmlinux"
-    if _is_file(btf):
-        return Check("btf", "ok", str(btf))
-    # remedy compiles against headers, so this only loses bcc's BTF-based features.
-    return Check("btf", "warn", f"no {btf}: kernel built without CONFIG_DEBUG_INFO_BTF")
+    if not _is_file(btf):
+        return Check(
+            "btf",
+            "fail",
+            f"no {btf}: kernel built without CONFIG_DEBUG_INFO_BTF; the kernel filter cannot "
+            "name processes by (pid, birth), so it will not load (the /proc sampler runs)",
+        )
+    try:
+        offsets = task_offsets(btf)
+    except SensorError as err:
+        return Check("btf", "fail", f"{btf}: {err}")
+    return Check(
+        "btf",
+        "ok",
+        f"{btf}: task_struct start_boottime at {offsets.start_boottime}, "
+        f"group_leader at {offsets.group_leader}, real_parent at {offsets.real_parent}",
+    )
 
 
 def check_ringbuf(release: str) -> Check:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from btf_blob import blob
 
 from remedy.sensors.catalog import CATALOGUE
 from remedy.service.doctor import (
@@ -53,7 +54,9 @@ def _host(tmp_path: Path, **overrides: object) -> Host:
     _touch(proc / "self" / "status", f"Name:\tpython\nCapEff:\t{ALL_CAPS}\n")
     _touch(proc / "self" / "mounts", V1_MOUNTS)
     _touch(proc / "sys" / "kernel" / "bpf_stats_enabled", "0\n")
-    _touch(sys_root / "kernel" / "btf" / "vmlinux")
+    btf = sys_root / "kernel" / "btf" / "vmlinux"
+    btf.parent.mkdir(parents=True, exist_ok=True)
+    btf.write_bytes(blob())
     _touch(modules / RELEASE / "build" / "include" / "generated" / "utsrelease.h",
            f'#define UTS_RELEASE "{RELEASE}"\n')  # fmt: skip
     _touch(cgroup / "pids" / "tasks")
@@ -87,12 +90,15 @@ def test_a_healthy_host_runs_every_signal_in_the_kernel(tmp_path: Path) -> None:
     assert {s.where for s in report.signals} == {"kernel"}
 
 
-def test_missing_btf_warns_but_the_funnel_still_runs(tmp_path: Path) -> None:
+def test_missing_btf_fails_the_funnel_loudly(tmp_path: Path) -> None:
+    """Without BTF the kernel filter cannot learn where a task's birth is: it must not load
+    (and guess offsets from headers that may be another kernel's)."""
     host = _host(tmp_path)
     (host.sys / "kernel" / "btf" / "vmlinux").unlink()
     report = gather(host)
-    assert _by_name(report.checks)["btf"].status == "warn"
-    assert report.kernel_ok
+    check = _by_name(report.checks)["btf"]
+    assert check.status == "fail" and "birth" in check.detail
+    assert not report.kernel_ok
 
 
 def test_a_missing_tracepoint_sends_only_its_signals_to_the_sampler(tmp_path: Path) -> None:
@@ -283,9 +289,8 @@ def test_json_carries_checks_and_signals(tmp_path: Path) -> None:
     assert run_doctor(as_json=True, host=_host(tmp_path), out=out) == 0
     data = json.loads(out.getvalue())
     assert data["kernel_ok"] is True
-    assert {"name": "btf", "status": "ok", "detail": str(tmp_path / "sys/kernel/btf/vmlinux")} in (
-        data["checks"]
-    )
+    (btf,) = [c for c in data["checks"] if c["name"] == "btf"]
+    assert btf["status"] == "ok" and "start_boottime at 1560" in btf["detail"]
     assert [s["name"] for s in data["signals"]] == [s.name for s in CATALOGUE]
 
 
