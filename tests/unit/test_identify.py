@@ -15,7 +15,7 @@ import pytest
 
 from remedy.actions.cgroups import CgroupV1Driver, CgroupV2Driver
 from remedy.engine.offender import Subject
-from remedy.errors import ActionError, CgroupError
+from remedy.errors import ActionError, CgroupError, IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
 from remedy.sensors.records import SensorRecord
@@ -200,3 +200,23 @@ def test_the_v1_driver_proves_the_pids_reading_by_membership(proc: Path, tmp_pat
     reader_layout(proc, "8:pids:/\n0::/\n")
     write_proc(proc, ME, "8:pids:/user.slice\n0::/deleg/x\n0::/system.slice/victim.service\n")
     assert CgroupV1Driver(root, ProcFS(proc)).cgroup_of(ME) == "/user.slice"
+
+
+def test_a_record_counted_in_another_cgroup_is_refused(proc: Path, mount: Path) -> None:
+    """The kernel counted the task in one cgroup2 directory; /proc's path resolves to another
+    (a forged or racing path): what would be acted on is not what was counted."""
+    write_proc(proc, ME, "0::/system.slice/victim.service\n")
+    counted_in = (mount / "ns" / "app").stat().st_ino
+    before = open_fds()
+    with pytest.raises(IdentityUnverified, match="not the one the kernel counted"):
+        identifier(proc, mount).identify(record(counted_in))
+    assert open_fds() == before
+
+
+def test_a_record_counted_in_its_own_cgroup_is_bound_with_its_inode(
+    proc: Path, mount: Path, subjects: list[Subject]
+) -> None:
+    write_proc(proc, ME, "0::/system.slice/victim.service\n")
+    inode = (mount / "system.slice" / "victim.service").stat().st_ino
+    subjects.append(identifier(proc, mount).identify(record(inode)))
+    assert subjects[0].cgroup_inode == inode  # the reach gate compares with this
