@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from remedy.engine.decisions import Decision
 from remedy.sensors.catalog import SignalCounters
 from remedy.service.agent import AgentSnapshot, OffenderView
+from remedy.service.control import status_from
 from remedy.service.metrics import Metrics, bpf_program_stats, enable_bpf_stats, reason_class
 
 REQUIRE = os.environ.get("REMEDY_REQUIRE_BPF") == "1"
@@ -222,3 +223,18 @@ def test_a_throttle_whose_revert_failed_is_a_gauge_to_alert_on(metrics: Metrics)
     assert got[("remedy_active_throttles", ())] == 3
     assert got[("remedy_reverts_failing", ())] == 1
     promtool_check(text)
+
+
+def test_status_shows_which_throttle_could_not_be_reverted() -> None:
+    throttles = [
+        {"id": "a", "action": "quarantine", "policy": "p", "pid": 7, "cgroup": "/q", "expires": 1},
+        {
+            "id": "b", "action": "throttle_cpu", "policy": "p", "pid": 8, "cgroup": "/r",
+            "expires": 2.0, "revert_failed": {"attempts": 3, "error": "cannot move back"},
+        },
+    ]  # fmt: skip
+    payload = status_from(snapshot(throttles=2, reverts_failing=1), throttles, [], [])
+    assert [t["revert_failed"] for t in payload["throttles"]] == [
+        None,
+        {"attempts": 3, "error": "cannot move back"},
+    ]
