@@ -240,6 +240,11 @@ class Engine:
                 subject = known[0].subject
             offender = attach(self._machine, Offender(subject, policy.name, now, now))
             self._offenders[key] = offender
+        elif subject.is_cgroup:
+            # A cgroup offender is the same cgroup (same inode) window after window; what it
+            # holds now (members, the crossing process in its context) is this record's.
+            for other in self._offenders_of(subject):
+                other.subject = subject
         elif subject.handle is not None and subject.handle is not offender.subject.handle:
             subject.handle.close()  # the offender already holds a pidfd for this process
         offender.last_seen = now
@@ -332,8 +337,24 @@ class Engine:
     # -- consumes a token, so it runs last.
 
     def _protected(self, case: _Case, now: float) -> str | None:
-        why = self._protector.why_protected(case.offender.subject)
+        subject = case.offender.subject
+        if subject.is_cgroup:
+            return self._protected_cgroup(subject)
+        why = self._protector.why_protected(subject)
         return None if why is None else f"protected: {why}"
+
+    def _protected_cgroup(self, subject: Subject) -> str | None:
+        """A cgroup is no process the protector can judge: it is protected when it is a
+        hierarchy root, or when its subtree held pid 1, the agent or one of its ancestors when
+        it was identified (protected executables among its members are spared by the actions'
+        reach, member by member)."""
+        if subject.cgroup in ("", "/"):
+            return "protected: the hierarchy root"
+        for pid in subject.members:
+            why = self._protector.why(pid, False, None)
+            if why is not None:
+                return f"protected: its cgroup holds pid {pid}, {why}"
+        return None
 
     def _silenced(self, case: _Case, now: float) -> str | None:
         wall = self._clock.wall()
@@ -422,10 +443,16 @@ class Engine:
         subject = offender.subject
         what = record.describe(policy.threshold, SIGNALS[record.signal].noun)
         about = f" [{subject.context.summary()}]" if subject.context else ""
-        target = (
-            f"{case.step.action} pid {subject.pid} ({subject.comm}) "
-            f"in {subject.cgroup_display}{about}: {what}"
-        )
+        if subject.is_cgroup:
+            target = (
+                f"{case.step.action} cgroup {subject.cgroup_display} "
+                f"(inode {subject.cgroup_inode}){about}: {what}"
+            )
+        else:
+            target = (
+                f"{case.step.action} pid {subject.pid} ({subject.comm}) "
+                f"in {subject.cgroup_display}{about}: {what}"
+            )
         if outcome == WOULD_ACT:
             text = f"would {target}; {detail}"
         elif outcome == ACTED:
@@ -519,7 +546,12 @@ class Engine:
         playbook = self.policies.playbook_for(policy)
         index = min(offender.step, len(playbook.steps) - 1)
         step = playbook.steps[index]
-        if not step.scope_set and step.scope != policy.scope:
+        if offender.subject.is_cgroup:
+            # The offender is the cgroup: every step acts on it (the loader refuses a process
+            # scope here; a tree's reach is the cgroup's subtree, which cgroup scope acts on).
+            if step.scope != "cgroup":
+                step = dataclasses.replace(step, scope="cgroup")
+        elif not step.scope_set and step.scope != policy.scope:
             step = dataclasses.replace(step, scope=policy.scope)
         demoted = self._breakers.demoted(policy.name) is not None
         dry_run = self.dry_run or policy.dry_run or demoted

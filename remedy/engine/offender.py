@@ -1,8 +1,10 @@
 """The per-offender state machine (see docs/states.md).
 
 An offender is one process (pid + start time, so a reused pid is a different offender) under one
-policy. Its machine is built with ``transitions``; the engine drives it, and a transition that is
-not allowed from the current state raises, so an impossible sequence is a bug caught in tests.
+policy, or, for a cgroup signal, one cgroup (its inode, so a cgroup removed and created again
+under the same name is a different offender) under one policy. Its machine is built with
+``transitions``; the engine drives it, and a transition that is not allowed from the current
+state raises, so an impossible sequence is a bug caught in tests.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ class Handle(Protocol):
 
 @dataclass
 class Subject:
-    """Who the offender is, read once when its first record arrives."""
+    """Who the offender is, read once when its first record arrives.
+
+    A cgroup offender (``cgroup_inode`` set; records of cgroup-keyed signals) is no process:
+    ``pid`` is 0 and ``start_ticks`` is the cgroup's inode, so every table keyed by
+    :attr:`key` (offenders, the undo journal, quarantine names, breakers) tells one cgroup from
+    another and from any process; ``handle`` pins the cgroup (its inode), not a process, and
+    every step acts with scope cgroup. The process whose event crossed is context only.
+    """
 
     pid: int
     start_ticks: int
@@ -61,10 +70,17 @@ class Subject:
     context: Context | None = None  # container, exe, cmdline, parent chain: for humans
     stack: tuple[str, ...] = ()  # symbolized frames at the crossing, when captured
     birth_ns: int = 0  # task->start_boottime as the kernel recorded it; 0 when unknown
+    cgroup_inode: int = 0  # a cgroup offender: its directory's inode; 0 for a process
+    members: tuple[int, ...] = ()  # a cgroup offender: pids in its subtree when identified
 
     @property
     def key(self) -> tuple[int, int]:
+        """(pid, start ticks); (0, inode) for a cgroup offender."""
         return (self.pid, self.start_ticks)
+
+    @property
+    def is_cgroup(self) -> bool:
+        return self.cgroup_inode != 0
 
 
 @dataclass
