@@ -132,6 +132,10 @@ class ProcIdentifier:
             if info.pid != record.tgid:
                 about = replace(about, cgroup_id=0)
             context = self._enricher.enrich(about, info)
+            # Name the cgroup in the hierarchy acted on: on a hybrid host the record's cgroup2
+            # id is "/" for nearly every process, which names nothing.
+            container = parse_container(cgroup) or context.container
+            context = replace(context, cgroup_path=cgroup, container=container)
         # The chain the enricher built (with the kernel's lineage for exited parents).
         parents = tuple((a.pid, a.comm) for a in context.parents[:MAX_PARENTS]) if context else ()
         return Subject(

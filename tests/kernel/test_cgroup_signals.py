@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_helpers import STORM, Harness, start
+from kernel_helpers import STORM, Harness, cgroup_key, start
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import detect
@@ -53,13 +53,6 @@ def bystander() -> Iterator[CgroupSandbox]:
         yield box
     finally:
         box.cleanup()
-
-
-def key_of(sensor: KernelSensor, box: CgroupSandbox) -> int:
-    """The key the kernel should give the box: its directory's inode in the keyed hierarchy."""
-    if sensor.cgroup_keys == "cgroup2":
-        return box.cgroup_id
-    return (CGROUP_ROOT / sensor.cgroup_keys / box.name).stat().st_ino
 
 
 def spawn_v1(box: CgroupSandbox, *args: str, hierarchies: tuple[str, ...] = ()) -> int:
@@ -110,7 +103,7 @@ def test_a_fanout_storm_is_its_cgroup_and_a_slow_forker_elsewhere_is_never_named
     storm = spawn_v1(test_cgroup, "fanout", "--count", "100", "--seconds", "10")  # 200 forks
     wait(keyed, test_cgroup, bystander)
 
-    bomb, quiet = key_of(keyed.sensor, test_cgroup), key_of(keyed.sensor, bystander)
+    bomb, quiet = cgroup_key(keyed.sensor, test_cgroup), cgroup_key(keyed.sensor, bystander)
     assert bomb == os.stat(test_cgroup.pids_dir).st_ino  # kn->id is the directory's inode
     records = cgroup_records(keyed)
     assert [r.key for r in records].count(bomb) == 1, [(r.key, r.tgid) for r in records]
@@ -140,9 +133,11 @@ def test_exec_storms_are_counted_per_pids_cgroup(
     keyed.configure(exec_rate_cgroup=SignalSettings(window_s=5.0, threshold=60))
     spawn_v1(test_cgroup, "exec", "--count", "80", "--seconds", "10")
     wait(keyed, test_cgroup)
-    [rec] = [r for r in cgroup_records(keyed, "exec_rate_cgroup") if r.key == key_of(
-        keyed.sensor, test_cgroup
-    )]
+    [rec] = [
+        r
+        for r in cgroup_records(keyed, "exec_rate_cgroup")
+        if r.key == cgroup_key(keyed.sensor, test_cgroup)
+    ]
     assert rec.count == 60
     # The crossing child exec'd `true` and is gone: the cgroup is the offender all the same.
     assert identifier().identify(rec).cgroup == test_cgroup.rel
@@ -163,7 +158,7 @@ def test_the_hierarchy_root_is_never_a_key(bpf_ready: None, test_cgroup: CgroupS
         cpu_root = os.stat(CGROUP_ROOT / "cpu").st_ino
         assert cpu_root not in {r.key for r in cgroup_records(h)}
     finally:
-        gen.close()
+        next(gen, None)  # the harness closes the sensor
 
 
 def test_cgroup2_keys_are_the_cgroup2_id(bpf_ready: None, test_cgroup: CgroupSandbox) -> None:
@@ -179,4 +174,4 @@ def test_cgroup2_keys_are_the_cgroup2_id(bpf_ready: None, test_cgroup: CgroupSan
         assert rec.count == 100
         assert Path("/sys/fs/cgroup/unified").stat().st_ino not in {r.key for r in h.records}
     finally:
-        gen.close()
+        next(gen, None)  # the harness closes the sensor

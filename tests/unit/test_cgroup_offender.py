@@ -274,3 +274,40 @@ def test_each_window_judges_the_cgroup_as_it_is_now(proc: Path, root: Path) -> N
     assert [e.action for e in executor.ran] == ["quarantine"]
     assert (sink.decisions[1].outcome, sink.decisions[1].step) == ("skipped", 1)
     assert f"holds pid {AGENT}" in sink.decisions[1].reason
+
+
+def test_a_process_offender_context_names_the_hierarchy_acted_on(
+    proc: Path, root: Path, tmp_path: Path
+) -> None:
+    """On a hybrid host the record's cgroup2 id is "/" for nearly every process: the context
+    names the pids cgroup the driver acts on instead. (The pinned process is this test's own,
+    which pidfd_open needs alive; what /proc says about it is the fixture's.)"""
+    me = os.getpid()
+    (proc / "self").symlink_to(str(me))
+    (proc / str(me)).mkdir()
+    after = ["S", "1", str(me), str(me), "0", "-1", "4194304"]
+    after += [str(n) for n in range(10, 22)] + ["1", "12345", "67"]  # started at tick 1
+    (proc / str(me) / "stat").write_text(f"{me} (forker) {' '.join(after)}\n")
+    (proc / str(me) / "status").write_text("Name:\tforker\nUid:\t0\t0\t0\t0\n")
+    (proc / str(me) / "cmdline").write_bytes(b"forker\0")
+    (proc / str(me) / "cgroup").write_text("8:pids:/bomb\n0::/\n")
+    (root / "pids" / "bomb" / "cgroup.procs").write_text(f"{me}\n")
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    procfs = ProcFS(proc)
+    driver = CgroupV1Driver(root, procfs)
+    v2 = CgroupIndex(unified, min_rescan_s=0.0)
+    enricher = Enricher(procfs, v2, ParentChain(procfs), proc_cgroup=driver.cgroup_of)
+    ticks_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    rec = SensorRecord(
+        "fork_rate", me, me, 1, "forker", os.stat(unified).st_ino, 200, 1.0, 0.1, 2**62,
+        key=me, birth_ns=ticks_ns, key_birth_ns=ticks_ns,
+    )  # fmt: skip
+    assert enricher.enrich(rec).cgroup_path == "/"  # what the cgroup2 id alone says
+    subject = ProcIdentifier(procfs, driver, enricher).identify(rec)
+    try:
+        assert subject.cgroup == "/bomb"
+        assert subject.context is not None and subject.context.cgroup_path == "/bomb"
+    finally:
+        assert subject.handle is not None
+        subject.handle.close()
