@@ -88,10 +88,13 @@ def identifier() -> ProcIdentifier:
     return ProcIdentifier(procfs, cgroups, enricher)
 
 
-def test_this_host_keys_cgroups_by_the_pids_hierarchy(keyed: Harness) -> None:
-    # The precondition of this module: a hybrid host where cgroup2 has no controllers.
-    assert detect().version == 1
-    assert keyed.sensor.cgroup_keys == "pids"
+def test_keys_come_from_the_hierarchy_actions_act_through(keyed: Harness) -> None:
+    # Here (hybrid, cgroup2 without controllers) that is the pids hierarchy.
+    assert keyed.sensor.cgroup_keys == ("cgroup2" if detect().version == 2 else "pids")
+
+
+def keyed_root(sensor: KernelSensor) -> Path:
+    return CGROUP_ROOT if sensor.cgroup_keys == "cgroup2" else CGROUP_ROOT / sensor.cgroup_keys
 
 
 def test_a_fanout_storm_is_its_cgroup_and_a_slow_forker_elsewhere_is_never_named(
@@ -108,7 +111,7 @@ def test_a_fanout_storm_is_its_cgroup_and_a_slow_forker_elsewhere_is_never_named
     records = cgroup_records(keyed)
     assert [r.key for r in records].count(bomb) == 1, [(r.key, r.tgid) for r in records]
     assert quiet not in {r.key for r in records}
-    assert os.stat(CGROUP_ROOT / "pids").st_ino not in {r.key for r in records}
+    assert os.stat(keyed_root(keyed.sensor)).st_ino not in {r.key for r in records}
     [rec] = [r for r in records if r.key == bomb]
     assert rec.count == 150
     assert not [r for r in keyed.records if r.signal == "fork_rate" and r.tgid >= storm]
