@@ -10,7 +10,7 @@ engine keys the offender by (inode, policy), so its ladder escalates window afte
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
 from remedy.proc import ProcFS
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
 from remedy.sensors.records import SensorRecord
+from remedy.sensors.sampler import cgroup_key
 from remedy.service.identify import ProcIdentifier, RootCgroup
 
 GONE = 4_000_000  # above pid_max: the crossing process exists nowhere (it exited long ago)
@@ -134,6 +135,48 @@ def test_its_pin_exits_when_the_cgroup_is_removed(proc: Path, root: Path) -> Non
             (d / name).unlink()
         d.rmdir()
     assert subject.handle.has_exited()
+
+
+def write_me(proc: Path, cgroup: str) -> int:
+    """This test process in the fixture /proc (pidfd_open needs a live pid), started at tick 1
+    and in ``cgroup``; also the reader's own /proc/self."""
+    me = os.getpid()
+    (proc / "self").symlink_to(str(me))
+    (proc / str(me)).mkdir()
+    after = ["S", "1", str(me), str(me), "0", "-1", "4194304"]
+    after += [str(n) for n in range(10, 22)] + ["1", "12345", "67"]
+    (proc / str(me) / "stat").write_text(f"{me} (forker) {' '.join(after)}\n")
+    (proc / str(me) / "status").write_text("Name:\tforker\nUid:\t0\t0\t0\t0\n")
+    (proc / str(me) / "cmdline").write_bytes(b"forker\0")
+    (proc / str(me) / "cgroup").write_text(cgroup)
+    return me
+
+
+def sampled(key: int, tgid: int) -> SensorRecord:
+    return replace(record(key, tgid=tgid), sampled=True, cgroup_id=0)
+
+
+def test_a_sampled_record_names_the_cgroup_its_crossing_process_is_in(
+    proc: Path, root: Path
+) -> None:
+    me = write_me(proc, "8:pids:/bomb\n0::/\n")
+    (root / "pids" / "bomb" / "cgroup.procs").write_text(f"{me}\n")
+    subject = identifier(proc, root).identify(sampled(cgroup_key("/bomb"), me))
+    assert (subject.cgroup, subject.cgroup_inode) == ("/bomb", inode(root, "/bomb"))
+
+
+def test_a_sampled_record_of_another_cgroup_or_the_root_is_refused(proc: Path, root: Path) -> None:
+    me = write_me(proc, "8:pids:/bomb\n0::/\n")
+    (root / "pids" / "bomb" / "cgroup.procs").write_text(f"{me}\n")
+    ident = identifier(proc, root)
+    # The sampler keyed cgroup2's "/" (where a hybrid host has everyone); we are in /bomb.
+    with pytest.raises(IdentityUnverified, match="no longer in the cgroup counted"):
+        ident.identify(sampled(cgroup_key("/"), me))
+    (root / "pids" / "bomb" / "cgroup.procs").write_text("")
+    (root / "pids" / "cgroup.procs").write_text(f"{me}\n")
+    (proc / str(me) / "cgroup").write_text("8:pids:/\n0::/\n")
+    with pytest.raises(RootCgroup):
+        ident.identify(sampled(cgroup_key("/"), me))
 
 
 # -- the engine: one offender per (cgroup inode, policy), escalating ------------------------
@@ -282,15 +325,7 @@ def test_a_process_offender_context_names_the_hierarchy_acted_on(
     """On a hybrid host the record's cgroup2 id is "/" for nearly every process: the context
     names the pids cgroup the driver acts on instead. (The pinned process is this test's own,
     which pidfd_open needs alive; what /proc says about it is the fixture's.)"""
-    me = os.getpid()
-    (proc / "self").symlink_to(str(me))
-    (proc / str(me)).mkdir()
-    after = ["S", "1", str(me), str(me), "0", "-1", "4194304"]
-    after += [str(n) for n in range(10, 22)] + ["1", "12345", "67"]  # started at tick 1
-    (proc / str(me) / "stat").write_text(f"{me} (forker) {' '.join(after)}\n")
-    (proc / str(me) / "status").write_text("Name:\tforker\nUid:\t0\t0\t0\t0\n")
-    (proc / str(me) / "cmdline").write_bytes(b"forker\0")
-    (proc / str(me) / "cgroup").write_text("8:pids:/bomb\n0::/\n")
+    me = write_me(proc, "8:pids:/bomb\n0::/\n")
     (root / "pids" / "bomb" / "cgroup.procs").write_text(f"{me}\n")
     unified = tmp_path / "unified"
     unified.mkdir()
