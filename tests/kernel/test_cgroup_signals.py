@@ -10,6 +10,7 @@ own key, equal to the inode of its pids directory, and resolves to its path.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from remedy.sensors.context import Enricher, ParentChain
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
 from remedy.service.identify import ProcIdentifier
-from remedy.service.launcher import in_cgroups
+from remedy.service.launcher import AgentProcess, in_cgroups
 from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
@@ -178,3 +179,72 @@ def test_cgroup2_keys_are_the_cgroup2_id(bpf_ready: None, test_cgroup: CgroupSan
         assert Path("/sys/fs/cgroup/unified").stat().st_ino not in {r.key for r in h.records}
     finally:
         next(gen, None)  # the harness closes the sensor
+
+
+# -- end to end: the real agent ---------------------------------------------------------------
+
+POLICY = """\
+apiVersion: remedy/v1
+kind: Policy
+name: test-bomb-cgroup
+signal: fork_rate_cgroup
+threshold: 200
+window: 1s
+match:
+  cgroups: ["{storm}", "{bystander}"]
+playbook: test-cgroup-ladder
+cooldown: 500ms
+release_after: 10s
+rate_limit: {{max_actions: 20, per: 1m}}
+"""
+
+PLAYBOOK = """\
+apiVersion: remedy/v1
+kind: Playbook
+name: test-cgroup-ladder
+steps:
+  - action: notify
+    params: {message: "first window"}
+  - action: kill
+    params: {signal: SIGKILL}
+"""
+
+
+def test_the_agent_escalates_on_the_cgroup_and_never_names_a_bystander(
+    tmp_path: Path, test_cgroup: CgroupSandbox, bystander: CgroupSandbox, repo_root: Path
+) -> None:
+    """A fanout storm (no process crosses alone; a new crossing process every window) in one
+    cgroup, a slow forker in another, both selected by the policy: the storm's cgroup is the
+    offender, notified in one window and killed in the next; the bystander is never named."""
+    policies, playbooks = tmp_path / "policies", tmp_path / "playbooks"
+    policies.mkdir()
+    playbooks.mkdir()
+    (policies / "p.yaml").write_text(POLICY.format(storm=test_cgroup.rel, bystander=bystander.rel))
+    (playbooks / "b.yaml").write_text(PLAYBOOK)
+    audit = tmp_path / "audit.jsonl"
+    agent = AgentProcess(
+        [
+            *("--policies", str(policies), "--playbooks", str(playbooks)),
+            *("--audit", str(audit), "--quarantine-root", f"{test_cgroup.rel}/q"),
+            *("--duration", "60"),
+        ],
+        cwd=repo_root,
+        log_path=tmp_path / "agent.log",
+    )
+    agent.wait_ready()
+    try:
+        slow = spawn_v1(bystander, "fork", "--count", "60", "--seconds", "10", "--rate", "10")
+        spawn_v1(test_cgroup, "fanout", "--count", "1000000", "--seconds", "20")
+        storm_rc = test_cgroup.procs[-1].wait(30)
+        slow_rc = bystander.procs[-1].wait(30)
+    finally:
+        rc = agent.stop()
+    print(agent.output())
+    assert rc == 0
+    decisions = [json.loads(line) for line in audit.read_text().splitlines()]
+    acted = [d for d in decisions if d["outcome"] == "acted"]
+    assert [(d["action"], d["step"]) for d in acted][:2] == [("notify", 0), ("kill", 1)]
+    assert {d["cgroup"] for d in decisions} == {str(test_cgroup.pids_dir)}
+    assert {d["pid"] for d in decisions} == {0}  # the cgroup, never a process that crossed
+    assert storm_rc == -9, "the storm's cgroup should have been killed at the second step"
+    assert slow_rc == 0 and slow not in {d["pid"] for d in decisions}
