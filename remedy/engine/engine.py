@@ -231,7 +231,16 @@ class Engine:
     def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender:
         key = (subject.pid, subject.start_ticks, policy.name)
         offender = self._offenders.get(key)
-        if offender is None:
+        if subject.is_cgroup:
+            # The same cgroup (same inode) window after window, under every policy that tracks
+            # it; what it holds now (members, the crossing process in its context) is this
+            # record's. Its pin holds no descriptor, so nothing is shared or closed.
+            for other in self._offenders_of(subject):
+                other.subject = subject
+            if offender is None:
+                offender = attach(self._machine, Offender(subject, policy.name, now, now))
+                self._offenders[key] = offender
+        elif offender is None:
             # Another policy may already track this process: share its subject and pidfd.
             known = self._offenders_of(subject)
             if known:
@@ -240,11 +249,6 @@ class Engine:
                 subject = known[0].subject
             offender = attach(self._machine, Offender(subject, policy.name, now, now))
             self._offenders[key] = offender
-        elif subject.is_cgroup:
-            # A cgroup offender is the same cgroup (same inode) window after window; what it
-            # holds now (members, the crossing process in its context) is this record's.
-            for other in self._offenders_of(subject):
-                other.subject = subject
         elif subject.handle is not None and subject.handle is not offender.subject.handle:
             subject.handle.close()  # the offender already holds a pidfd for this process
         offender.last_seen = now
@@ -344,16 +348,16 @@ class Engine:
         return None if why is None else f"protected: {why}"
 
     def _protected_cgroup(self, subject: Subject) -> str | None:
-        """A cgroup is no process the protector can judge: it is protected when it is a
-        hierarchy root, or when its subtree held pid 1, the agent or one of its ancestors when
-        it was identified (protected executables among its members are spared by the actions'
-        reach, member by member)."""
+        """A cgroup is protected when it is a hierarchy root, or when its subtree held a
+        process the protector spares (pid 1, a kernel thread, the agent or one of its
+        ancestors, a protected executable) when this window's record was identified: every
+        action on it reaches the whole cgroup."""
         if subject.cgroup in ("", "/"):
             return "protected: the hierarchy root"
-        for pid in subject.members:
-            why = self._protector.why(pid, False, None)
+        for member in subject.members:
+            why = self._protector.why(member.pid, member.is_kernel_thread, member.exe)
             if why is not None:
-                return f"protected: its cgroup holds pid {pid}, {why}"
+                return f"protected: its cgroup holds pid {member.pid}, {why}"
         return None
 
     def _silenced(self, case: _Case, now: float) -> str | None:

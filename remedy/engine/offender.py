@@ -45,6 +45,15 @@ class Handle(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Member:
+    """A process in a cgroup offender's subtree when it was identified, for protection."""
+
+    pid: int
+    exe: str | None = None  # None when unreadable (gone, a kernel thread)
+    is_kernel_thread: bool = False
+
+
 @dataclass
 class Subject:
     """Who the offender is, read once when its first record arrives.
@@ -71,7 +80,7 @@ class Subject:
     stack: tuple[str, ...] = ()  # symbolized frames at the crossing, when captured
     birth_ns: int = 0  # task->start_boottime as the kernel recorded it; 0 when unknown
     cgroup_inode: int = 0  # a cgroup offender: its directory's inode; 0 for a process
-    members: tuple[int, ...] = ()  # a cgroup offender: pids in its subtree when identified
+    members: tuple[Member, ...] = ()  # a cgroup offender: its subtree when identified
 
     @property
     def key(self) -> tuple[int, int]:

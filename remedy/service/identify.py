@@ -9,8 +9,8 @@ from pathlib import Path
 
 from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.process import Birth, BirthRegistry, ProcessHandle
-from remedy.engine.offender import Subject
-from remedy.errors import CgroupError, IdentityUnverified
+from remedy.engine.offender import Member, Subject
+from remedy.errors import ActionError, CgroupError, IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS
 from remedy.sensors.context import CgroupIndex, Enricher, key_hierarchy, parse_container
@@ -270,8 +270,8 @@ class ProcIdentifier:
                 cgroup=rel,
             )
 
-    def _subtree_members(self, rel: str) -> tuple[int, ...]:
-        """Every pid in ``rel`` and below, for the engine's protection check."""
+    def _subtree_members(self, rel: str) -> tuple[Member, ...]:
+        """Every process in ``rel`` and below, with what protection judges it by."""
         top = Path(self._cgroups.display_path(rel))
         pids: set[int] = set()
         for dirpath, _dirs, _files in os.walk(top):
@@ -280,4 +280,11 @@ class ProcIdentifier:
                 pids.update(self._cgroups.members(rel if sub == "." else f"{rel}/{sub}"))
             except CgroupError:
                 continue  # removed while we walked
-        return tuple(sorted(pids))
+        return tuple(self._member(pid) for pid in sorted(pids))
+
+    def _member(self, pid: int) -> Member:
+        try:
+            info = self._procfs.read(pid)
+        except ActionError:
+            return Member(pid)  # gone (or unreadable): still judged by its pid
+        return Member(pid, info.exe, info.is_kernel_thread)

@@ -91,7 +91,7 @@ def test_the_offender_is_the_cgroup_named_by_its_pids_inode(proc: Path, root: Pa
     assert (subject.cgroup, subject.cgroup_inode) == ("/bomb", inode(root, "/bomb"))
     assert subject.cgroup_display == str(root / "pids" / "bomb")
     assert subject.key == (0, inode(root, "/bomb"))  # no process: never a process's key
-    assert subject.members == (3001, 3002, 3003)  # its whole subtree
+    assert [m.pid for m in subject.members] == [3001, 3002, 3003]  # its whole subtree
     assert subject.context is not None
     assert subject.context.cgroup_path == "/bomb"  # the hierarchy acted on, not cgroup2's "/"
     assert subject.context.summary().startswith("cgroup /bomb")
@@ -346,3 +346,18 @@ def test_a_process_offender_context_names_the_hierarchy_acted_on(
     finally:
         assert subject.handle is not None
         subject.handle.close()
+
+
+def test_a_cgroup_holding_a_protected_executable_is_protected(proc: Path, root: Path) -> None:
+    member = proc / "3002"
+    member.mkdir()
+    after = ["S", "1", "3002", "3002", "0", "-1", "4194304"]
+    after += [str(n) for n in range(10, 22)] + ["1", "12345", "67"]
+    (member / "stat").write_text(f"3002 (sshd) {' '.join(after)}\n")
+    (member / "status").write_text("Name:\tsshd\nUid:\t0\t0\t0\t0\n")
+    (member / "cmdline").write_bytes(b"sshd\0")
+    (member / "exe").symlink_to("/usr/sbin/sshd")
+    eng, _clock, executor, sink = engine(proc, root)
+    eng.on_record(record(inode(root, "/bomb")))
+    assert executor.ran == []
+    assert "holds pid 3002, protected executable /usr/sbin/sshd" in sink.decisions[0].reason
