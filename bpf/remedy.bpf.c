@@ -79,6 +79,71 @@ static __always_inline u32 current_parent(u64 *birth)
     return parent ? task_u32(parent, TASK_OFF_TGID) : 0;
 }
 
+// ===== Cgroup keys (issue 10, item 9). A cgroup signal counts per cgroup of the hierarchy
+// remedy acts on, named by the inode of that cgroup's directory (its kernfs node id), which
+// user space resolves in the same hierarchy (remedy/sensors/context.py CgroupIndex):
+//   - REMEDY_CGROUP_KEY_V1: the task's css in one v1 controller's hierarchy (pids, whose limit
+//     stops a fork storm): task->cgroups->subsys[REMEDY_CGROUP_SUBSYS_ID]->cgroup->kn->id, with
+//     offsets from BTF. On hybrid hosts cgroup2 has no controllers and every process sits in its
+//     root, so bpf_get_current_cgroup_id() would count the whole host as one cgroup;
+//   - otherwise (cgroup2 hosts): bpf_get_current_cgroup_id().
+// The hierarchy's root is never a key: it is every process not placed anywhere, not one
+// workload, and no cgroup action may act on it. Its events are counted here and not windowed.
+#ifndef REMEDY_CGROUP_KEY_V1
+#define REMEDY_CGROUP_KEY_V1 0
+#endif
+#if REMEDY_CGROUP_KEY_V1 && (!defined(REMEDY_CGROUP_SUBSYS_ID) || !defined(TASK_OFF_CGROUPS) || \
+    !defined(CSS_SET_OFF_SUBSYS) || !defined(CSS_OFF_CGROUP) || !defined(CSS_OFF_PARENT) ||      \
+    !defined(CGROUP_OFF_KN) || !defined(KERNFS_NODE_OFF_ID))
+#error "v1 cgroup keys need the css offsets from BTF (remedy/sensors/btf.py cgroup_offsets)"
+#endif
+
+// KEEP IN SYNC with CgroupKeyCounter in remedy/sensors/kernel.py.
+enum cgroup_key_counter {
+    CK_ROOT = 0,        // an event in the hierarchy's root: not counted against any cgroup
+    CK_UNREADABLE,      // the task's cgroup could not be read: not counted
+    CK_MAX,
+};
+BPF_PERCPU_ARRAY(cgroup_key_counters, u64, CK_MAX);
+
+static __always_inline void ck_bump(u32 idx)
+{
+    u64 *v = cgroup_key_counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+// The key of the current task's cgroup for cgroup signals; 0 (do not count) for the
+// hierarchy's root and for what cannot be read.
+static __always_inline u64 current_cgroup_key(void)
+{
+#if REMEDY_CGROUP_KEY_V1
+    u64 cset = task_ptr(bpf_get_current_task(), TASK_OFF_CGROUPS);
+    u64 css = cset ? task_ptr(cset, CSS_SET_OFF_SUBSYS + 8 * REMEDY_CGROUP_SUBSYS_ID) : 0;
+    if (!css) {
+        ck_bump(CK_UNREADABLE);
+        return 0;
+    }
+    if (!task_ptr(css, CSS_OFF_PARENT)) {  // only a hierarchy's root css has no parent
+        ck_bump(CK_ROOT);
+        return 0;
+    }
+    u64 cgrp = task_ptr(css, CSS_OFF_CGROUP);
+    u64 kn = cgrp ? task_ptr(cgrp, CGROUP_OFF_KN) : 0;
+    u64 id = kn ? task_ptr(kn, KERNFS_NODE_OFF_ID) : 0;
+    if (!id)
+        ck_bump(CK_UNREADABLE);
+    return id;
+#else
+    u64 id = bpf_get_current_cgroup_id();
+    if (id == bpf_get_current_ancestor_cgroup_id(0)) {  // ancestor level 0: the root
+        ck_bump(CK_ROOT);
+        return 0;
+    }
+    return id;
+#endif
+}
+
 enum remedy_signal {
     SIG_FORK = 0,
     SIG_FORK_CGROUP = 1,
@@ -125,7 +190,7 @@ struct signal_config {
 struct window_key {
     u32 signal;
     u32 _pad;
-    u64 id;          // tgid, parent tgid or cgroup id, per the catalogue
+    u64 id;          // tgid, parent tgid or cgroup key (current_cgroup_key), per the catalogue
     u64 birth;       // the birth of the process `id` names; 0 for cgroup keys
 };
 
@@ -316,6 +381,17 @@ static __always_inline void account(void *ctx, u32 sig, u64 id, u64 birth, s64 d
     }
 }
 
+// Count one event of a cgroup signal against the current task's cgroup (never the root).
+static __always_inline void account_cgroup(void *ctx, u32 sig)
+{
+    struct signal_config *cfg = signal_config.lookup(&sig);
+    if (!cfg || cfg->window_ns == 0)
+        return;  // not watched: no pointer chase, and no root events counted
+    u64 key = current_cgroup_key();
+    if (key)
+        account(ctx, sig, key, 0, 1);
+}
+
 #if REMEDY_SECTION_SCHED
 // ===== Fast path (issue 5): the kernel itself signals a forking offender, with no user-space
 // round trip. Two triggers, both checked only in sched_process_fork below:
@@ -454,7 +530,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 
     fastpath_armed_check(tgid, birth);  // fast path (issue 5): before the counting
     account(args, SIG_FORK, tgid, birth, 1);
-    account(args, SIG_FORK_CGROUP, bpf_get_current_cgroup_id(), 0, 1);
+    account_cgroup(args, SIG_FORK_CGROUP);
     fastpath_threshold_check(tgid, birth);  // fast path (issue 5): reads the window just counted
     return 0;
 }
@@ -484,7 +560,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 parent = current_parent(&parent_birth);
     if (parent)
         account(args, SIG_EXEC, parent, parent_birth, 1);
-    account(args, SIG_EXEC_CGROUP, bpf_get_current_cgroup_id(), 0, 1);
+    account_cgroup(args, SIG_EXEC_CGROUP);
 #endif
     return 0;
 }

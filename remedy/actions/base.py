@@ -180,6 +180,9 @@ def checked(pid: int, handle: Handle | None, what: str) -> int:
     """``pid`` for an operation that only takes a number (a cgroup move), right after checking
     through its pidfd that the process has not exited: until it is reaped nobody else can hold
     the pid. The residual race is the microseconds between this check and the write."""
+    if pid <= 0:
+        # Never a process: written to cgroup.procs, 0 would move the agent itself.
+        raise ActionError(f"refusing {what}: pid {pid} is not a process", pid=pid)
     if handle is not None and handle.has_exited():
         raise ProcessGone(f"exited before {what}", pid=pid)
     return pid

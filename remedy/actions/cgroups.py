@@ -426,6 +426,12 @@ def within(path: str, rel: str) -> bool:
     return path == rel or path.startswith(rel.rstrip("/") + "/")
 
 
+def _a_process(pid: int, rel: str) -> None:
+    """cgroup.procs takes 0 as "the writer": a move of pid 0 would move the agent itself."""
+    if pid <= 0:
+        raise CgroupError(f"refusing to move pid {pid}: not a process", pid=pid, cgroup=rel)
+
+
 def _subtree_pids(tops: list[Path], rel: str) -> list[int]:
     """Every pid in the cgroup.procs files under ``tops`` (missing tops skipped). Cgroups
     removed while we walk are skipped: their tasks were gone or moved."""
@@ -634,6 +640,7 @@ class CgroupV1Driver:
     def move(self, pid: int, rel: str) -> None:
         """Write ``pid`` to cgroup.procs in the pids and cpu hierarchies, and in the memory,
         freezer and blkio hierarchies where ``rel`` exists there (created for a limit)."""
+        _a_process(pid, rel)
         parts = _parts(rel)
         extra = [
             h for h in ("memory", "freezer", "blkio") if parts and self._dir(h, parts).is_dir()
@@ -728,6 +735,7 @@ class CgroupV1Driver:
     def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
         """One write to the origin's cgroup.procs per hierarchy where ``pid`` is in ``rel``;
         every hierarchy is tried even when one fails, so as much as possible goes home."""
+        _a_process(pid, rel)
         _parts(rel)
         failed: list[str] = []
         for hierarchy, where in self.origins(pid).items():
@@ -896,6 +904,7 @@ class CgroupV2Driver:
 
     def move(self, pid: int, rel: str) -> None:
         """Write ``pid`` to rel/cgroup.procs."""
+        _a_process(pid, rel)
         procs = self._dir(_parts(rel)) / "cgroup.procs"
         try:
             procs.write_text(str(pid))
@@ -972,6 +981,7 @@ class CgroupV2Driver:
 
     def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
         """Write ``pid`` to the origin's cgroup.procs if it is in ``rel``."""
+        _a_process(pid, rel)
         _parts(rel)
         if not within(self.origins(pid)[""], rel):
             return

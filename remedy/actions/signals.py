@@ -98,10 +98,11 @@ def _targets(subject: Subject, ctx: ActionContext) -> Iterator[list[_Target]]:
             "no pidfd for the offender; refusing to act on a bare pid", pid=subject.pid
         )
     with ctx.pinned_reach(subject, _now_ns()) as reached:
-        yield [
-            _Target(subject.pid, subject.start_ticks, subject.handle),
-            *(_Target(h.pid, h.start_ticks, h) for h in reached),
-        ]
+        # A cgroup offender is no process (pid 0): only its members are reached.
+        own = (
+            [] if subject.is_cgroup else [_Target(subject.pid, subject.start_ticks, subject.handle)]
+        )
+        yield [*own, *(_Target(h.pid, h.start_ticks, h) for h in reached)]
 
 
 def _threads(pid: int, ctx: ActionContext) -> list[int]:

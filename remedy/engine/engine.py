@@ -229,7 +229,16 @@ class Engine:
     def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender:
         key = (subject.pid, subject.start_ticks, policy.name)
         offender = self._offenders.get(key)
-        if offender is None:
+        if subject.is_cgroup:
+            # The same cgroup (same inode) window after window, under every policy that tracks
+            # it; what it holds now (members, the crossing process in its context) is this
+            # record's. Its pin holds no descriptor, so nothing is shared or closed.
+            for other in self._offenders_of(subject):
+                other.subject = subject
+            if offender is None:
+                offender = attach(self._machine, Offender(subject, policy.name, now, now))
+                self._offenders[key] = offender
+        elif offender is None:
             # Another policy may already track this process: share its subject and pidfd.
             known = self._offenders_of(subject)
             if known:
@@ -328,8 +337,24 @@ class Engine:
     # -- consumes a token, so it runs last.
 
     def _protected(self, case: _Case, now: float) -> str | None:
-        why = self._protector.why_protected(case.offender.subject)
+        subject = case.offender.subject
+        if subject.is_cgroup:
+            return self._protected_cgroup(subject)
+        why = self._protector.why_protected(subject)
         return None if why is None else f"protected: {why}"
+
+    def _protected_cgroup(self, subject: Subject) -> str | None:
+        """A cgroup is protected when it is a hierarchy root, or when its subtree held a
+        process the protector spares (pid 1, a kernel thread, the agent or one of its
+        ancestors, a protected executable) when this window's record was identified: every
+        action on it reaches the whole cgroup."""
+        if subject.cgroup in ("", "/"):
+            return "protected: the hierarchy root"
+        for member in subject.members:
+            why = self._protector.why_member(member)
+            if why is not None:
+                return f"protected: its cgroup holds pid {member.pid}, {why}"
+        return None
 
     def _silenced(self, case: _Case, now: float) -> str | None:
         wall = self._clock.wall()
@@ -418,10 +443,16 @@ class Engine:
         subject = offender.subject
         what = record.describe(policy.threshold, SIGNALS[record.signal].noun)
         about = f" [{subject.context.summary()}]" if subject.context else ""
-        target = (
-            f"{case.step.action} pid {subject.pid} ({subject.comm}) "
-            f"in {subject.cgroup_display}{about}: {what}"
-        )
+        if subject.is_cgroup:
+            target = (
+                f"{case.step.action} cgroup {subject.cgroup_display} "
+                f"(inode {subject.cgroup_inode}){about}: {what}"
+            )
+        else:
+            target = (
+                f"{case.step.action} pid {subject.pid} ({subject.comm}) "
+                f"in {subject.cgroup_display}{about}: {what}"
+            )
         if outcome == WOULD_ACT:
             text = f"would {target}; {detail}"
         elif outcome == ACTED:
@@ -517,7 +548,12 @@ class Engine:
         playbook = self.policies.playbook_for(policy)
         index = min(offender.step, len(playbook.steps) - 1)
         step = playbook.steps[index]
-        if not step.scope_set and step.scope != policy.scope:
+        if offender.subject.is_cgroup:
+            # The offender is the cgroup: every step acts on it (the loader refuses a process
+            # scope here; a tree's reach is the cgroup's subtree, which cgroup scope acts on).
+            if step.scope != "cgroup":
+                step = dataclasses.replace(step, scope="cgroup")
+        elif not step.scope_set and step.scope != policy.scope:
             step = dataclasses.replace(step, scope=policy.scope)
         demoted = self._breakers.demoted(policy.name) is not None
         dry_run = self.dry_run or policy.dry_run or demoted

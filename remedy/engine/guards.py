@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from remedy.engine.offender import Subject
+from remedy.engine.offender import Member, Subject
 from remedy.errors import RemedyError
 from remedy.policy.model import Policy, PolicySet, Step
 from remedy.proc import ProcessInfo, ProcFS
@@ -169,6 +169,12 @@ class Protector:
         """A reason when ``subject`` must not be acted on, else None."""
         return self._why(
             subject.pid, subject.start_ticks, subject.is_kernel_thread, subject.exe, subject.uid
+        )
+
+    def why_member(self, member: Member) -> str | None:
+        """The same test on a cgroup offender's member, as identification read it."""
+        return self._why(
+            member.pid, member.start_ticks, member.is_kernel_thread, member.exe, member.uid
         )
 
     def why(self, info: ProcessInfo) -> str | None:

@@ -1,8 +1,10 @@
 """The per-offender state machine (see docs/states.md).
 
 An offender is one process (pid + start time, so a reused pid is a different offender) under one
-policy. Its machine is built with ``transitions``; the engine drives it, and a transition that is
-not allowed from the current state raises, so an impossible sequence is a bug caught in tests.
+policy, or, for a cgroup signal, one cgroup (its inode, so a cgroup removed and created again
+under the same name is a different offender) under one policy. Its machine is built with
+``transitions``; the engine drives it, and a transition that is not allowed from the current
+state raises, so an impossible sequence is a bug caught in tests.
 """
 
 from __future__ import annotations
@@ -43,9 +45,28 @@ class Handle(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Member:
+    """A process in a cgroup offender's subtree when it was identified, for protection."""
+
+    pid: int
+    exe: str | None = None  # None when unreadable (gone, a kernel thread)
+    is_kernel_thread: bool = False
+    start_ticks: int = 0  # with uid: what the protector checks the rest of its identity by
+    uid: int = -1
+
+
 @dataclass
 class Subject:
-    """Who the offender is, read once when its first record arrives."""
+    """Who the offender is, read once when its first record arrives.
+
+    A cgroup offender (pid 0 and ``cgroup_inode`` set; records of cgroup-keyed signals) is no
+    process:
+    ``pid`` is 0 and ``start_ticks`` is the cgroup's inode, so every table keyed by
+    :attr:`key` (offenders, the undo journal, quarantine names, breakers) tells one cgroup from
+    another and from any process; ``handle`` pins the cgroup (its inode), not a process, and
+    every step acts with scope cgroup. The process whose event crossed is context only.
+    """
 
     pid: int
     start_ticks: int
@@ -61,11 +82,20 @@ class Subject:
     context: Context | None = None  # container, exe, cmdline, parent chain: for humans
     stack: tuple[str, ...] = ()  # symbolized frames at the crossing, when captured
     birth_ns: int = 0  # task->start_boottime as the kernel recorded it; 0 when unknown
-    cgroup_inode: int = 0  # of ``cgroup``'s directory at identification; 0 when unknown
+    # ``cgroup``'s directory inode at identification (0: unknown); the reach gate refuses a
+    # cgroup whose inode has changed since. For a cgroup offender it is also its identity.
+    cgroup_inode: int = 0
+    members: tuple[Member, ...] = ()  # a cgroup offender: its subtree when identified
 
     @property
     def key(self) -> tuple[int, int]:
+        """(pid, start ticks); (0, inode) for a cgroup offender."""
         return (self.pid, self.start_ticks)
+
+    @property
+    def is_cgroup(self) -> bool:
+        """A cgroup offender, not a process (pid 0 is never a process remedy can act on)."""
+        return self.pid == 0 and self.cgroup_inode != 0
 
 
 @dataclass

@@ -46,6 +46,7 @@ from remedy.policy.schema import (
     SilenceDoc,
 )
 from remedy.policy.source import Document, dotted, read_documents
+from remedy.sensors.catalog import SIGNALS
 
 __all__ = ["YAML_SUFFIXES", "check_paths", "insecure", "load_policy_set"]
 
@@ -398,6 +399,9 @@ class _Loader:
         spec: PolicyDoc | None = self._validate(doc, PolicyDoc, data)
         if spec is None or both:
             return
+        per_cgroup = SIGNALS[spec.signal].key == "cgroup"
+        if per_cgroup and not self._fits_cgroup_signal(doc, spec, data):
+            return
         policy = Policy(
             name=spec.name,
             file=doc.file,
@@ -416,11 +420,36 @@ class _Loader:
             sustain=spec.for_ if "for" in data else spec.sustain,
             lifetime_s=spec.lifetime,
             severity=spec.severity,
-            scope=spec.scope,
+            # The offender of a cgroup signal is the cgroup: its scope is the cgroup.
+            scope="cgroup" if per_cgroup else spec.scope,
             exclude=_selector(spec.exclude),
             breaker=Breaker(max_offenders=spec.breaker.max_offenders, per_s=spec.breaker.per),
         )
         self.policies.append((policy, doc))
+
+    def _fits_cgroup_signal(self, doc: Document, spec: PolicyDoc, data: dict[Any, Any]) -> bool:
+        """A cgroup signal counts a cgroup, so its offender is the cgroup (issue 10, item 9):
+        it has no process to act on alone and no comm, exe, command line or uid to select by."""
+        ok = True
+        if "scope" in data and spec.scope != "cgroup":
+            self.error(
+                doc,
+                "scope",
+                f"{spec.signal} counts per cgroup, so its offender is the cgroup: "
+                f"scope must be cgroup (or left out), not {spec.scope}",
+            )
+            ok = False
+        for key, selector in (("match", spec.match), ("exclude", spec.exclude)):
+            for field_name in ("comms", "exes", "cmdlines", "uids"):
+                if getattr(selector, field_name):
+                    self.error(
+                        doc,
+                        f"{key}.{field_name}",
+                        f"{spec.signal} counts per cgroup: a cgroup has no {field_name[:-1]}; "
+                        "select it by cgroups, containers or pods",
+                    )
+                    ok = False
+        return ok
 
     def _load_playbook(self, doc: Document, data: dict[Any, Any]) -> None:
         before = len(self.errors)
@@ -517,6 +546,26 @@ class _Loader:
                 self.error(doc, "name", f"duplicate {kind.lower()} name {name!r}; also in {where}")
         return set(first)
 
+    def _check_cgroup_playbook(self, doc: Document, policy: Policy, playbook: Playbook) -> None:
+        """Steps a cgroup offender cannot take: one process's scope, and the kernel fast path
+        (it signals one forking process)."""
+        for index, step in enumerate(playbook.steps):
+            if step.scope_set and step.scope == "process":
+                self.error(
+                    doc,
+                    "playbook",
+                    f"{policy.signal} counts per cgroup, but step {index + 1} ({step.action}) "
+                    f"of playbook {playbook.name!r} in {playbook.file} has scope process",
+                )
+            if step.kernel:
+                self.error(
+                    doc,
+                    "playbook",
+                    f"{policy.signal} counts per cgroup, but step {index + 1} ({step.action}) "
+                    f"of playbook {playbook.name!r} in {playbook.file} arms the kernel fast "
+                    "path, which signals one process",
+                )
+
     def finish(self, searched: Sequence[Path]) -> PolicySet:
         """Cross-check everything loaded; return the set or raise ConfigErrors with all errors."""
         playbooks: dict[str, Playbook] = {}
@@ -540,6 +589,8 @@ class _Loader:
                     "only one policy per signal is supported, unless both have the same "
                     "threshold, window, for and lifetime",
                 )
+            if SIGNALS[policy.signal].key == "cgroup" and policy.playbook in playbooks:
+                self._check_cgroup_playbook(doc, policy, playbooks[policy.playbook])
             if policy.playbook not in playbooks and policy.playbook not in self.broken["Playbook"]:
                 known = ", ".join(sorted(playbooks)) or "none"
                 self.error(

@@ -21,14 +21,40 @@ from remedy.sensors.records import SensorRecord
 
 __all__ = [
     "CMDLINE_MAX",
+    "KEY_CONTROLLER",
     "Ancestor",
     "CgroupIndex",
     "ContainerRef",
     "Context",
     "Enricher",
     "ParentChain",
+    "key_hierarchy",
     "parse_container",
 ]
+
+KEY_CONTROLLER = "pids"
+"""The v1 controller whose hierarchy keys cgroup signals where cgroup2 has no controllers: the
+one remedy's v1 driver names cgroups by (membership, inode, display) and whose limit stops a
+fork storm (remedy/actions/cgroups.py)."""
+
+
+def key_hierarchy(cgroup_root: Path = Path("/sys/fs/cgroup")) -> str:
+    """Which hierarchy cgroup signals are keyed by on this host: "cgroup2" when ``cgroup_root``
+    is a cgroup2 mount with the pids controller (remedy acts through cgroup2 there), else
+    :data:`KEY_CONTROLLER` when that controller has a v1 hierarchy (hybrid and v1 hosts; on a
+    hybrid host every process is in cgroup2's root, which would count the whole host as one
+    cgroup), else "cgroup2". The same rule as the driver's detection, so the kernel counts by
+    the hierarchy actions act on."""
+    try:
+        controllers = (cgroup_root / "cgroup.controllers").read_text().split()
+    except OSError:
+        controllers = None
+    if controllers is not None and KEY_CONTROLLER in controllers:
+        return "cgroup2"
+    if (cgroup_root / KEY_CONTROLLER / "tasks").exists():
+        return KEY_CONTROLLER
+    return "cgroup2"
+
 
 # Longest command line kept, ellipsis included: argv can be megabytes (ARG_MAX), audit lines not.
 CMDLINE_MAX = 256
@@ -188,11 +214,14 @@ def _truncate(text: str, limit: int = CMDLINE_MAX) -> str:
 
 
 class CgroupIndex:
-    """cgroup id -> cgroup path.
+    """cgroup id -> cgroup path, in one hierarchy.
 
     On cgroup v2 the id ``bpf_get_current_cgroup_id()`` returns is the inode number of the
     cgroup's directory in the cgroup2 mount (both are the kernfs node id, ``kernfs_ino`` in
-    fs/kernfs). The mount is walked once and cached, and walked again (at most once per
+    fs/kernfs). A v1 hierarchy is a kernfs of its own, and the kernel filter's v1 cgroup keys
+    (``css->cgroup->kn->id``) are the inodes of its directories in the same way. Every hierarchy
+    numbers its own nodes, so an id means nothing without the mount it came from. The mount is
+    walked once and cached, and walked again (at most once per
     ``min_rescan_s``) on a miss, because new cgroups appear all the time; the rate limit keeps
     a stream of records from an unknown id (a v1-only cgroup, a cgroup already removed) from
     turning into a stream of tree walks.
@@ -229,6 +258,19 @@ class CgroupIndex:
             if (mount / "cgroup.controllers").is_file():
                 return cls(mount, clock=clock, min_rescan_s=min_rescan_s)
         return None
+
+    @classmethod
+    def for_keys(
+        cls,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_rescan_s: float = 1.0,
+    ) -> CgroupIndex:
+        """The index of the hierarchy cgroup signals are keyed by (:func:`key_hierarchy`)."""
+        hierarchy = key_hierarchy(cgroup_root)
+        mount = cgroup_root if hierarchy == "cgroup2" else cgroup_root / hierarchy
+        return cls(mount, clock=clock, min_rescan_s=min_rescan_s)
 
     def path_of(self, cgroup_id: int) -> str | None:
         """The cgroup's path relative to the mount ("/a/b", "/" for the root), or None."""

@@ -7,11 +7,13 @@ import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from remedy.errors import SensorError
 from remedy.sensors import bpf, btf
 from remedy.sensors.catalog import BY_ID, SIGNALS, SignalCounters, SignalSettings, sections_for
+from remedy.sensors.context import key_hierarchy
 from remedy.sensors.records import SensorRecord
 
 PROGRAM = "remedy"
@@ -129,6 +131,13 @@ class IdentityCounter(enum.IntEnum):
     BIRTH_UNREADABLE = 1
 
 
+class CgroupKeyCounter(enum.IntEnum):
+    """Indexes of ``cgroup_key_counters``; KEEP IN SYNC with enum cgroup_key_counter."""
+
+    ROOT = 0  # events in the keyed hierarchy's root: never counted against a cgroup
+    UNREADABLE = 1
+
+
 class KernelSensor:
     """Owns the loaded program. Not thread-safe: poll() belongs to the reader thread, except
     :meth:`birth`, a single map lookup the worker makes while identifying."""
@@ -142,6 +151,8 @@ class KernelSensor:
         naive: bool = False,
         stacks: bool = True,
         offsets: btf.TaskOffsets | None = None,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        cgroup_keys: str | None = None,
     ):
         self.sizes = sizes or Sizes()
         self.naive = naive
@@ -149,6 +160,8 @@ class KernelSensor:
         self.sections: tuple[str, ...] = ()
         self.settings: dict[str, SignalSettings] = {}
         self._offsets = offsets
+        # Which hierarchy cgroup signals are keyed by: "cgroup2" or a v1 controller ("pids").
+        self.cgroup_keys = cgroup_keys or key_hierarchy(cgroup_root)
         self._bpf: Any = None
         # CLOCK_BOOTTIME once every probe was attached: a process born later has its birth in
         # the births map (or a counted insert failure), one born earlier may not.
@@ -170,9 +183,15 @@ class KernelSensor:
                 bpf.tracepoint_has_field("sched", "sched_process_exit", "group_dead")
             ),
             **self.offsets().defines(),
+            **self._cgroup_key_defines(),
         }
         defines.update({f"REMEDY_SECTION_{s.upper()}": 1 for s in sections})
         return defines
+
+    def _cgroup_key_defines(self) -> dict[str, int]:
+        if self.cgroup_keys == "cgroup2":
+            return {"REMEDY_CGROUP_KEY_V1": 0}
+        return {"REMEDY_CGROUP_KEY_V1": 1, **btf.cgroup_offsets(self.cgroup_keys).defines()}
 
     def source(self, settings: Mapping[str, SignalSettings]) -> str:
         """The program as bcc compiles it, with the configuration user space will write
@@ -300,6 +319,12 @@ class KernelSensor:
         """Summed per-CPU identity counters by name (birth_insert_failed, birth_unreadable)."""
         sums = bpf.percpu_sums(self._table("identity_counters"), len(IdentityCounter))
         return {c.name.lower(): sums[c] for c in IdentityCounter}
+
+    def cgroup_key_counters(self) -> dict[str, int]:
+        """Summed per-CPU cgroup key counters by name (root, unreadable): events of cgroup
+        signals that were counted against no cgroup."""
+        sums = bpf.percpu_sums(self._table("cgroup_key_counters"), len(CgroupKeyCounter))
+        return {c.name.lower(): sums[c] for c in CgroupKeyCounter}
 
     def lineage(self, tgid: int) -> tuple[int, str] | None:
         """(parent tgid, comm) the kernel remembers for ``tgid``: exited processes included."""

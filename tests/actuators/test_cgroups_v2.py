@@ -279,3 +279,14 @@ def test_restore_refuses_to_call_done_while_it_is_still_there(
     with pytest.raises(CgroupError, match="still in the quarantine"):
         driver.restore(CHILD_PID, "/remedy/q-1-2", {"": "/user.slice/app"})
     assert (cg_root / "user.slice" / "app" / "cgroup.procs").read_text() == str(CHILD_PID)
+
+
+@pytest.mark.parametrize("pid", [0, -1])
+def test_a_move_of_no_process_is_refused(driver: CgroupV2Driver, cg_root: Path, pid: int) -> None:
+    """cgroup.procs reads "0" as "the writing process": a cgroup offender's pid 0 reaching a
+    move would put the agent itself into the quarantine."""
+    (cg_root / "q").mkdir()
+    (cg_root / "q" / "cgroup.procs").write_text("")
+    with pytest.raises(CgroupError, match="not a process"):
+        driver.move(pid, "/q")
+    assert (cg_root / "q" / "cgroup.procs").read_text() == ""

@@ -234,7 +234,8 @@ def test_a_forged_cgroup_name_reads_as_the_truth(forger: Forger, name: str) -> N
     try:
         facts = facts_of(subject)
         assert (facts.cgroup, facts.uid) == (truth, NOBODY)
-        assert subject.context is not None and subject.context.cgroup_path == true_v2
+        # The context names the cgroup of the hierarchy acted on (issue 10 item 9).
+        assert subject.context is not None and subject.context.cgroup_path == truth
         assert SPARE_SYSTEM.applies_to(facts) is None  # not a system service: it applies
         assert ONLY_SYSTEM.applies_to(facts) is not None
     finally:

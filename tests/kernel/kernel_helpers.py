@@ -11,7 +11,7 @@ from pathlib import Path
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
-from remedy.service.sandbox import CgroupSandbox
+from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
 
 STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"
 
@@ -55,6 +55,14 @@ class Harness:
             and r.key == key
             and (not self.cgroup_ids or r.cgroup_id in self.cgroup_ids)
         ]
+
+
+def cgroup_key(sensor: KernelSensor, box: CgroupSandbox) -> int:
+    """The key cgroup signals give ``box``: its directory's inode in the hierarchy the sensor
+    keys by (cgroup2, or a v1 controller's: pids on hybrid hosts)."""
+    if sensor.cgroup_keys == "cgroup2":
+        return box.cgroup_id
+    return (CGROUP_ROOT / sensor.cgroup_keys / box.name).stat().st_ino
 
 
 def start(sensor: KernelSensor, settings: dict[str, SignalSettings]) -> Iterator[Harness]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_helpers import Harness, start
+from kernel_helpers import Harness, cgroup_key, start
 
 from remedy.sensors.catalog import CATALOGUE, SignalSettings
 from remedy.sensors.context import CgroupIndex
@@ -73,13 +73,13 @@ def test_fork_rate_per_cgroup_sees_a_bomb_spread_over_many_pids(
     per_pid = SignalSettings(window_s=5.0, threshold=200)
     _only(h, fork_rate=per_pid, fork_rate_cgroup=SignalSettings(window_s=5.0, threshold=200))
     h.run(test_cgroup, "fanout", "--count", "50", "--seconds", "10")  # 100 forks: below
-    assert h.of("fork_rate_cgroup", test_cgroup.cgroup_id) == []
+    assert h.of("fork_rate_cgroup", cgroup_key(h.sensor, test_cgroup)) == []
     h.configure(fork_rate=per_pid, fork_rate_cgroup=SignalSettings(window_s=5.0, threshold=200))
     storm = h.run(test_cgroup, "fanout", "--count", "150", "--seconds", "10")  # 300 forks
     assert [r.signal for r in h.records if r.signal.startswith("fork") and r.tgid >= storm] == [
         "fork_rate_cgroup"
     ], "no single process crossed 200; the cgroup did"
-    [rec] = h.of("fork_rate_cgroup", test_cgroup.cgroup_id)
+    [rec] = h.of("fork_rate_cgroup", cgroup_key(h.sensor, test_cgroup))
     assert rec.count == 200
 
 
@@ -99,10 +99,10 @@ def test_exec_rate_counts_execs_against_the_parent(h: Harness, test_cgroup: Cgro
 def test_exec_rate_per_cgroup(h: Harness, test_cgroup: CgroupSandbox) -> None:
     _only(h, exec_rate_cgroup=SignalSettings(window_s=5.0, threshold=100))
     h.run(test_cgroup, "exec", "--count", "30", "--seconds", "10")
-    assert h.of("exec_rate_cgroup", test_cgroup.cgroup_id) == []
+    assert h.of("exec_rate_cgroup", cgroup_key(h.sensor, test_cgroup)) == []
     h.configure(exec_rate_cgroup=SignalSettings(window_s=5.0, threshold=100))
     h.run(test_cgroup, "exec", "--count", "150", "--seconds", "10")
-    [rec] = h.of("exec_rate_cgroup", test_cgroup.cgroup_id)
+    [rec] = h.of("exec_rate_cgroup", cgroup_key(h.sensor, test_cgroup))
     assert rec.count == 100
 
 
