@@ -240,7 +240,30 @@ BPF_TABLE("lru_hash", u32, struct lineage, lineage, REMEDY_MAP_ENTRIES);
 // tgid -> birth of every process forked since the program was attached; deleted when the process
 // dies. Not LRU: an entry that vanished while its process lives would let a stranger pass as it.
 // User space compares the birth of the process its pidfd pins with this, at full resolution.
-BPF_HASH(births, u32, u64, REMEDY_BIRTH_ENTRIES);
+// It also keeps the parent that forked it (real_parent then, with its birth): once that parent
+// dies the kernel reparents the child to a reaper (init, a subreaper such as systemd --user or a
+// container's init) which spawned nothing, so parent-keyed signals must not charge it.
+struct birth {
+    u64 birth_ns;
+    u64 parent_birth_ns;
+    u32 parent;
+    u32 _pad;
+};
+BPF_HASH(births, u32, struct birth, REMEDY_BIRTH_ENTRIES);
+
+// The parent that forked the current process, if the kernel still names it as the parent:
+// 0 once the current process was reparented (orphaned), or when its parent is unknown.
+// Processes born before the program was attached have no entry: their parent now is used.
+static __always_inline u32 current_spawner(u64 *birth)
+{
+    u32 parent = current_parent(birth);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct birth *b = births.lookup(&tgid);
+    if (b && b->birth_ns == current_birth() &&
+        (b->parent != parent || b->parent_birth_ns != *birth))
+        return 0;  // orphaned: its reaper is not its spawner
+    return parent;
+}
 
 enum identity_counter {
     ID_BIRTH_INSERT_FAILED = 0,  // births full: that process cannot be verified (refused)
@@ -502,12 +525,15 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     u32 tgid = task_u32(child, TASK_OFF_TGID);
     if (pid != tgid)
         return 0;  // a new thread: its process already has a birth
-    u64 birth = task_ptr(child, TASK_OFF_START_BOOTTIME);
-    if (birth == 0) {
+    struct birth b = {.birth_ns = task_ptr(child, TASK_OFF_START_BOOTTIME)};
+    if (b.birth_ns == 0) {
         id_bump(ID_BIRTH_UNREADABLE);
         return 0;
     }
-    if (births.update(&tgid, &birth) != 0)
+    u64 parent = task_ptr(child, TASK_OFF_REAL_PARENT);  // CLONE_PARENT: the forker's parent
+    b.parent = parent ? task_u32(parent, TASK_OFF_TGID) : 0;
+    b.parent_birth_ns = birth_of(parent);
+    if (births.update(&tgid, &b) != 0)
         id_bump(ID_BIRTH_INSERT_FAILED);
     return 0;
 }
@@ -557,7 +583,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     // supervisor, a shell loop): the parent the kernel knows now, with its birth. An orphan's
     // parent is its reaper, never the number its dead parent had.
     u64 parent_birth = 0;
-    u32 parent = current_parent(&parent_birth);
+    u32 parent = current_spawner(&parent_birth);
     if (parent)
         account(args, SIG_EXEC, parent, parent_birth, 1);
     account_cgroup(args, SIG_EXEC_CGROUP);
@@ -572,8 +598,29 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 tgid = pid_tgid >> 32;
 #if REMEDY_EXIT_HAS_GROUP_DEAD
     u32 process_dies = args->group_dead;  // the last thread of the process (Linux 6.13+)
+#elif defined(TASK_OFF_SIGNAL) && defined(SIGNAL_OFF_LIVE)
+    // Before 6.13: do_exit() decrements signal->live before this tracepoint, so 0 means every
+    // thread is exiting. Not the leader's exit: a leader that leaves by pthread_exit() (or
+    // dies in a non-leader exec's de_thread()) would take the births entry and the arm of a
+    // process that lives on, which would then be unverifiable, so never acted on.
+    u64 sigs = task_ptr(bpf_get_current_task(), TASK_OFF_SIGNAL);
+    u32 process_dies = sigs && task_u32(sigs, SIGNAL_OFF_LIVE) == 0;
 #else
-    u32 process_dies = (u32)pid_tgid == tgid;  // the leader: its threads may outlive it briefly
+#error "sched_process_exit has no group_dead and BTF gave no task->signal->live offsets"
+#endif
+#if REMEDY_SECTION_SCHED
+    // Churn first: it reads the births entry (who spawned this process) deleted below.
+    if ((u32)pid_tgid == tgid) {
+        u32 sig = SIG_CHURN;
+        struct signal_config *cfg = signal_config.lookup(&sig);
+        u64 birth = current_birth();
+        if (cfg && cfg->window_ns != 0 && birth != 0) {
+            u64 parent_birth = 0;
+            u32 parent = current_spawner(&parent_birth);
+            if (parent && bpf_ktime_get_boot_ns() - birth < cfg->lifetime_ns)
+                account(args, SIG_CHURN, parent, parent_birth, 1);
+        }
+    }
 #endif
     if (process_dies) {
         births.delete(&tgid);
@@ -584,21 +631,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         }
 #endif
     }
-#if REMEDY_SECTION_SCHED
-    if ((u32)pid_tgid != tgid)
-        return 0;  // a thread, not the process
-    u32 sig = SIG_CHURN;
-    struct signal_config *cfg = signal_config.lookup(&sig);
-    if (!cfg || cfg->window_ns == 0)
-        return 0;
-    u64 birth = current_birth();
-    if (birth == 0)
-        return 0;
-    u64 parent_birth = 0;
-    u32 parent = current_parent(&parent_birth);
-    if (parent && bpf_ktime_get_boot_ns() - birth < cfg->lifetime_ns)
-        account(args, SIG_CHURN, parent, parent_birth, 1);
-#endif
     return 0;
 }
 

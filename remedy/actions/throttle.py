@@ -382,7 +382,7 @@ class CgroupAction:
     def revert(self, record: UndoRecord, ctx: ActionContext) -> str:
         """Restore the previous raw values; for a quarantine made by this step, thaw it, move
         its members back to their origins (those that exited are skipped) and remove it.
-        A cgroup that is gone has nothing left to restore; one that was replaced is refused."""
+        A cgroup that is gone or was replaced has nothing of ours left: never written to."""
         rel = record.cgroup
         previous = dict(record.previous)
         inode = previous.pop(INODE_KEY, None)
@@ -391,7 +391,10 @@ class CgroupAction:
         if not ctx.cgroups.exists(rel):
             return f"{rel} is gone: nothing to restore"
         if inode is not None and ctx.cgroups.inode(rel) != int(inode):
-            raise CgroupError("cgroup was replaced", cgroup=rel)
+            # Our writes went with the cgroup they were made to; the new one is not ours to
+            # touch. Nothing is left to restore (as Quarantine.revert), so the record closes
+            # instead of being retried for ever.
+            return f"{rel} was replaced since: nothing of ours to restore"
         if previous:
             ctx.cgroups.write_knobs(rel, previous)
         restored = ", ".join(f"{k}={v}" for k, v in previous.items()) or "nothing"

@@ -1,9 +1,10 @@
 """Applies reversible steps through the undo journal, and takes them back.
 
 Every reversible change is journaled (fsync'd) *before* it is applied; a failed apply is
-abandoned; a revert is journaled after it succeeds (reverts are idempotent, so a crash between
-the two only repeats a harmless revert). This is what the engine's ``Undo`` hooks call on
-recovery, TTL expiry, policy removal and shutdown, and what the agent reconciles on start.
+taken back like any revert, since it may have failed half way; a revert is journaled after it
+succeeds (reverts are idempotent, so a crash between the two only repeats a harmless revert).
+This is what the engine's ``Undo`` hooks call on recovery, TTL expiry, policy removal and
+shutdown, and what the agent reconciles on start.
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ class Undoer:
         try:
             detail = action.run(params, subject, ctx)
         except ActionError as err:
-            self.journal.abandon(record.id, f"apply failed: {err}")
+            # A run that failed may have failed half way: the offender moved and a tree member
+            # refused, a freeze written that did not settle within its wait (a task in D
+            # state). Take it back like any revert (reverts are idempotent and harmless where
+            # nothing changed); if that fails too, the record stays open and is retried.
+            self.revert(record, f"apply failed: {err}")
             raise
         return f"{detail} (undo {record.id[:8]}, ttl {ttl_s:g} s)"
 

@@ -140,6 +140,10 @@ class Protector:
     # Where the uids, login uid and environment are read. None only where the processes are
     # not on this host (replay): then the recorded exe and real uid are all there is.
     procfs: ProcFS | None = None
+    # The start time of each ancestor when the agent started: an ancestor that exits (the
+    # shell or sudo a manually started agent came from) frees its pid, and the next holder of
+    # that number is a stranger, not an ancestor. An ancestor missing here: by pid alone.
+    ancestor_ticks: Mapping[int, int] = field(default_factory=dict)
 
     @classmethod
     def for_this_agent(
@@ -147,10 +151,17 @@ class Protector:
     ) -> Protector:
         """Protect this agent, its ancestors (whoever started it) and the well-known daemons."""
         try:
-            ancestors = frozenset(p.pid for p in procfs.ancestors(agent_pid))
+            chain = procfs.ancestors(agent_pid)
         except RemedyError:
-            ancestors = frozenset({1})
-        return cls(agent_pid, ancestors, PROTECTED_EXES | frozenset(extra_exes), procfs=procfs)
+            chain = []
+        ancestors = frozenset(p.pid for p in chain) or frozenset({1})
+        return cls(
+            agent_pid,
+            ancestors,
+            PROTECTED_EXES | frozenset(extra_exes),
+            procfs=procfs,
+            ancestor_ticks={p.pid: p.start_ticks for p in chain},
+        )
 
     def extended(self, policies: PolicySet) -> Protector:
         """This protector with the configuration's Protection documents added (never removed):
@@ -191,7 +202,7 @@ class Protector:
             return "kernel thread"
         if pid == self.agent_pid:
             return "the agent itself"
-        if pid in self.agent_ancestors:
+        if pid in self.agent_ancestors and self.ancestor_ticks.get(pid, start_ticks) == start_ticks:
             return "an ancestor of the agent"
         path = self._protected_path(exe)
         if path is None:

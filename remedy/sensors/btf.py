@@ -82,10 +82,19 @@ class TaskOffsets:
     group_leader: int
     real_parent: int
     source: str  # "btf:/sys/kernel/btf/vmlinux"
+    # task->signal->live (the threads not yet exited): on kernels whose sched_process_exit has
+    # no group_dead (before 6.13) it is how the filter tells the process's death from its
+    # leader thread's. None where the BTF does not describe them.
+    signal: int | None = None
+    signal_live: int | None = None
 
     def defines(self) -> dict[str, int]:
-        """As -D flags for bpf/remedy.bpf.c (TASK_OFF_<FIELD>)."""
-        return {f"TASK_OFF_{name.upper()}": getattr(self, name) for name in TASK_FIELDS}
+        """As -D flags for bpf/remedy.bpf.c (TASK_OFF_<FIELD>, SIGNAL_OFF_LIVE)."""
+        out = {f"TASK_OFF_{name.upper()}": getattr(self, name) for name in TASK_FIELDS}
+        if self.signal is not None and self.signal_live is not None:
+            out["TASK_OFF_SIGNAL"] = self.signal
+            out["SIGNAL_OFF_LIVE"] = self.signal_live
+        return out
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,19 @@ def member_offsets(data: bytes, struct_name: str, fields: Iterable[str]) -> dict
 def task_offsets(path: Path = VMLINUX) -> TaskOffsets:
     """The running kernel's task_struct offsets; SensorError when it has no BTF."""
     btf = Btf.read(path)
-    return TaskOffsets(**btf.offsets("task_struct", TASK_FIELDS), source=btf.source)
+    signal: int | None
+    live: int | None
+    try:
+        signal = btf.offsets("task_struct", ["signal"])["signal"]
+        live = btf.offsets("signal_struct", ["live"])["live"]
+    except SensorError:
+        signal = live = None
+    return TaskOffsets(
+        **btf.offsets("task_struct", TASK_FIELDS),
+        source=btf.source,
+        signal=signal,
+        signal_live=live,
+    )
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,7 @@ class KernelSensor:
         """The birth (CLOCK_BOOTTIME ns) the kernel recorded when ``tgid``'s current holder was
         forked, or None when it was born before :attr:`started_ns` or the map was full."""
         try:
-            return int(self._table("births")[ctypes.c_uint32(tgid)].value)
+            return int(self._table("births")[ctypes.c_uint32(tgid)].birth_ns)
         except KeyError:
             return None
 
