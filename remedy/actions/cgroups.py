@@ -287,12 +287,22 @@ class CgroupDriver(Protocol):
         ...} from /proc/pid/cgroup (the lines may all differ); v2 {"": "/a"}. For undo."""
         ...
 
-    def inherited(self, origins: dict[str, str]) -> Limits:
-        """The limits a process with these :meth:`origins` is under, from its cgroups and every
-        ancestor up to (not including) the root: the smallest pids.max and CPU quota, frozen
-        if any is, and for memory the smallest *room left* (limit minus usage), because the
-        pages it already has stay charged where they are when it moves (v1 cannot move
-        charges on Linux 6.x, v2 never does). A move that applies these keeps every cap."""
+    def carried(self, wanted: Limits) -> tuple[str, ...]:
+        """The knobs (of :data:`INHERITED`) a move into a quarantine made for ``wanted`` takes
+        the process out from under, so the quarantine must carry them: v2 moves a process in
+        its one hierarchy (all of them); v1 only in pids, cpu and the hierarchies ``wanted``
+        sets a knob of (elsewhere it stays where it was, under exactly what it had)."""
+        ...
+
+    def inherited(self, origins: dict[str, str], knobs: Iterable[str] = INHERITED) -> Limits:
+        """The limits (of ``knobs``) a process with these :meth:`origins` is under, from its
+        cgroups and every ancestor up to (not including) the root: the smallest pids.max and
+        CPU quota, frozen if any is, and for memory the smallest *room left*: the limit minus
+        what is charged there and cannot be reclaimed (page cache, active and inactive file
+        pages, is reclaimed before anything is OOM-killed, so it is not counted as used),
+        because the pages it already has stay charged where they are when it moves (v1
+        cannot move charges on Linux 6.x, v2 never does). A move that applies these keeps
+        every cap."""
         ...
 
     def restore(self, pid: int, rel: str, origins: dict[str, str]) -> None:
@@ -424,6 +434,22 @@ def _deepest_first(top: Path) -> Iterator[Path]:
 def within(path: str, rel: str) -> bool:
     """Whether cgroup path ``path`` is ``rel`` or below it."""
     return path == rel or path.startswith(rel.rstrip("/") + "/")
+
+
+def _file_pages(stat: Path, prefix: str = "") -> int:
+    """Bytes of page cache (active + inactive file) memory.stat reports: reclaimable before
+    any OOM kill. 0 when the file is not there (a fixture tree, an old kernel)."""
+    try:
+        text = stat.read_text()
+    except FileNotFoundError:
+        return 0
+    wanted = {f"{prefix}active_file", f"{prefix}inactive_file"}
+    total = 0
+    for line in text.split("\n"):
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            total += int(value)
+    return total
 
 
 def _a_process(pid: int, rel: str) -> None:
@@ -705,10 +731,18 @@ class CgroupV1Driver:
         cgroups = self._procfs.cgroups(pid)
         return {h: cgroups[h] for h in V1_HIERARCHIES if h in cgroups and (self.root / h).is_dir()}
 
-    def inherited(self, origins: dict[str, str]) -> Limits:
+    def carried(self, wanted: Limits) -> tuple[str, ...]:
+        """pids and cpu (a quarantine always moves there), and what ``wanted`` itself sets:
+        memory and freezer are separate hierarchies here, so a step that sets no memory
+        limit leaves the process in its own memory cgroup, under its limit exactly (a copy,
+        computed from usage, could only be worse)."""
+        moved = {*self._HIERARCHIES, *(_V1_HIERARCHY[k] for k in wanted.knobs())}
+        return tuple(k for k in INHERITED if _V1_HIERARCHY[k] in moved)
+
+    def inherited(self, origins: dict[str, str], knobs: Iterable[str] = INHERITED) -> Limits:
         """Each knob is read in its own hierarchy's origin and that path's ancestors."""
         result = Limits()
-        for knob in INHERITED:
+        for knob in knobs:
             hierarchy = _V1_HIERARCHY[knob]
             origin = origins.get(hierarchy)
             if origin is None or not (self.root / hierarchy).is_dir():
@@ -725,7 +759,8 @@ class CgroupV1Driver:
             value = _parse_raw(1, knob, raw)
             if value is not None and knob.startswith("memory_"):
                 usage = int((files[0].parent / "memory.usage_in_bytes").read_text())
-                value = max(0, int(value) - usage)
+                cache = _file_pages(files[0].parent / "memory.stat", "total_")
+                value = max(0, int(value) - max(0, usage - cache))
         except FileNotFoundError:
             return Limits()  # no such file at this level (e.g. freezer.state of the root)
         except (OSError, ValueError) as err:
@@ -953,9 +988,14 @@ class CgroupV2Driver:
             raise CgroupError("no cgroup v2 line in /proc/pid/cgroup", pid=pid)
         return {"": cgroups[""]}
 
-    def inherited(self, origins: dict[str, str]) -> Limits:
-        """pids.max, cpu.max, memory.max/high (minus memory.current) and cgroup.freeze of the
-        origin and its ancestors; a file that is not there (controller off) caps nothing."""
+    def carried(self, wanted: Limits) -> tuple[str, ...]:
+        """One hierarchy: a move takes the process out from under every limit."""
+        return INHERITED
+
+    def inherited(self, origins: dict[str, str], knobs: Iterable[str] = INHERITED) -> Limits:
+        """pids.max, cpu.max, memory.max/high (minus what memory.current holds beyond file
+        pages) and cgroup.freeze of the origin and its ancestors; a file that is not there
+        (controller off) caps nothing."""
         origin = origins.get("")
         if origin is None:
             return Limits()
@@ -963,7 +1003,7 @@ class CgroupV2Driver:
         result = Limits()
         for depth in range(len(parts), 0, -1):  # the root cgroup has no limits
             d = self._dir(parts[:depth])
-            for knob in INHERITED:
+            for knob in knobs:
                 result = result.tightened(self._limit_at(d, knob, origin))
         return result
 
@@ -972,7 +1012,8 @@ class CgroupV2Driver:
         try:
             value = _parse_raw(2, knob, (d / _V2_FILE[knob]).read_text().strip())
             if value is not None and knob.startswith("memory_"):
-                value = max(0, int(value) - int((d / "memory.current").read_text()))
+                used = int((d / "memory.current").read_text()) - _file_pages(d / "memory.stat")
+                value = max(0, int(value) - max(0, used))
         except FileNotFoundError:
             return Limits()
         except (OSError, ValueError) as err:

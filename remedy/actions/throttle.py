@@ -168,7 +168,8 @@ def into_quarantine(
             # A hierarchy where it is in the quarantine already (an earlier step moved it) has
             # nothing to carry: the quarantine's own values are kept below, as they are.
             outside = {h: path for h, path in origins.items() if not within(path, rel)}
-            limits = limits.tightened(ctx.cgroups.inherited(outside).without(*may_loosen))
+            inherited = ctx.cgroups.inherited(outside, ctx.cgroups.carried(wanted))
+            limits = limits.tightened(inherited.without(*may_loosen))
         if ctx.cgroups.exists(rel):  # an earlier step's caps stay
             held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)
             limits = limits.tightened(held)

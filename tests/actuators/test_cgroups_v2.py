@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from remedy.actions.cgroups import CgroupV2Driver, Limits, detect
+from remedy.actions.cgroups import INHERITED, CgroupV1Driver, CgroupV2Driver, Limits, detect
 from remedy.errors import CgroupError, ProcessGone
 from remedy.proc import ProcFS
 
@@ -290,3 +290,25 @@ def test_a_move_of_no_process_is_refused(driver: CgroupV2Driver, cg_root: Path, 
     with pytest.raises(CgroupError, match="not a process"):
         driver.move(pid, "/q")
     assert (cg_root / "q" / "cgroup.procs").read_text() == ""
+
+
+def test_inherited_room_leaves_out_page_cache(driver: CgroupV2Driver, cg_root: Path) -> None:
+    """A memory limit full of page cache is not full: the kernel reclaims file pages before it
+    OOM-kills anything, so counting them as used would make a quarantine an OOM kill."""
+    _limits_file(
+        cg_root / "app", memory_max=str(64 << 20), memory_current=str(63 << 20), memory_high="max"
+    )
+    (cg_root / "app" / "memory.stat").write_text(
+        f"anon {8 << 20}\nfile {55 << 20}\nactive_file {20 << 20}\ninactive_file {35 << 20}\n"
+    )
+    assert driver.inherited({"": "/app"}).memory_max == 56 << 20  # 64 - (63 - 55)
+    assert driver.inherited({"": "/app"}, ("pids_max",)).memory_max is None  # not carried
+
+
+def test_a_v2_move_carries_every_limit_a_v1_one_only_its_hierarchies() -> None:
+    assert CgroupV2Driver(Path("/x"), ProcFS()).carried(Limits(cpu_cores=0.5)) == INHERITED
+    v1 = CgroupV1Driver(Path("/x"), ProcFS())
+    assert v1.carried(Limits(cpu_cores=0.5)) == ("pids_max", "cpu_cores")
+    assert set(v1.carried(Limits(memory_max=1 << 20))) == {
+        "pids_max", "cpu_cores", "memory_max", "memory_high"
+    }  # fmt: skip

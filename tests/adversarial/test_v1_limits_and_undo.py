@@ -263,6 +263,10 @@ TWO_STEPS = textwrap.dedent(
 
 
 def test_a_later_step_keeps_the_quarantine_caps_an_earlier_one_set(box: Box) -> None:
+    """quarantine leaves the process under its own memory limit (v1: it is not moved in the
+    memory hierarchy at all); limit_memory then moves it into the quarantine's memory cgroup
+    with the room its origin had left, and a later step keeps that cap: neither looser (1 GiB)
+    nor cut by what it has charged in the quarantine itself."""
     app = box.mkdir("memory", "app")
     (ROOT / "memory" / app[1:] / "memory.limit_in_bytes").write_text(str(LIMIT))
     where = {h: box.top for h in HIERARCHIES[:4]} | {"memory": app}
@@ -275,20 +279,23 @@ def test_a_later_step_keeps_the_quarantine_caps_an_earlier_one_set(box: Box) -> 
     ctx = box.ctx()
     first = Quarantine().undo(QuarantineParams(), subject, ctx, policy="p", ttl_s=60, now_wall=1)
     Quarantine().run(QuarantineParams(), subject, ctx)
+    assert _where(subject.pid)["memory"] == app  # still under exactly its own limit
     q = ctx.quarantine_of(subject)
     limit_file = ROOT / "memory" / q[1:] / "memory.limit_in_bytes"
-    room = int(limit_file.read_text())
-    assert room < LIMIT
-    child.stdin.write(b"go\n")
-    child.stdin.flush()
-    assert child.stdout.readline() == b"b\n"  # 8 MiB charged to the quarantine now
     params = LimitMemoryParams.model_validate({"high": "1Gi"})
     second = LimitMemory().undo(params, subject, ctx, policy="p", ttl_s=60, now_wall=1)
     LimitMemory().run(params, subject, ctx)
-    # Neither looser (1 GiB) nor cut by what it has in the quarantine itself.
+    room = int(limit_file.read_text())
+    assert room < LIMIT  # what app had left, not 1 GiB
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == b"b\n"  # 8 MiB charged to the quarantine now
+    third = LimitMemory().undo(params, subject, ctx, policy="p", ttl_s=60, now_wall=1)
+    LimitMemory().run(params, subject, ctx)
+    assert int(limit_file.read_text()) == room
+    LimitMemory().revert(third, ctx)
     assert int(limit_file.read_text()) == room
     LimitMemory().revert(second, ctx)
-    assert int(limit_file.read_text()) == room
     Quarantine().revert(first, ctx)
     assert _where(subject.pid)["memory"] == app
 
@@ -452,3 +459,75 @@ def test_a_revert_that_cannot_restore_stays_open_until_it_can(box: Box, tmp_path
         assert not any((ROOT / h / q[1:]).exists() for h in HIERARCHIES)
     finally:
         undoer.journal.close()
+
+
+# Allocates and touches 16 MiB once told to, then reports and waits to be killed.
+ALLOC_16 = textwrap.dedent(
+    """
+    import sys, time
+    sys.stdin.readline()
+    block = bytearray(16 << 20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    print("allocated", flush=True)
+    time.sleep(30)
+    """
+)
+
+
+def _fill_page_cache(box: Box, where: dict[str, str], tmp: Path) -> None:
+    """Write a 96 MiB file from inside ``where``: its page cache is charged there, up to the
+    limit (older pages reclaimed), and stays after the writer exits."""
+    argv = ["dd", "if=/dev/zero", f"of={tmp / 'big'}", "bs=1M", "count=96", "status=none"]
+    box.spawn(argv, where)
+    assert box.children[-1].wait(30) == 0
+    app = ROOT / "memory" / where["memory"][1:]
+    used = int((app / "memory.usage_in_bytes").read_text())
+    assert used > LIMIT - (8 << 20), f"the page cache did not fill the cgroup ({used >> 20} MiB)"
+
+
+@pytest.mark.parametrize(
+    ("action", "params"),
+    [
+        (Quarantine(), QuarantineParams(pids_max=16, cpu=0.5)),
+        (ThrottleCpu(), ThrottleCpuParams(cpu=0.5)),
+    ],
+    ids=["quarantine", "throttle_cpu"],
+)
+def test_page_cache_in_the_origin_never_makes_a_move_an_oom_kill(
+    box: Box, action: Quarantine | CgroupAction, params: ActionParams, tmp_path: Path
+) -> None:
+    """The origin's memory limit is full of page cache (reclaimable). A step that sets no
+    memory limit leaves the process in its own memory cgroup on v1, under exactly its limit:
+    it must still be able to allocate what it could at home (16 MiB of 64)."""
+    app = box.mkdir("memory", "app")
+    (ROOT / "memory" / app[1:] / "memory.limit_in_bytes").write_text(str(LIMIT))
+    where = {h: box.top for h in HIERARCHIES[:4]} | {"memory": app}
+    _fill_page_cache(box, where, tmp_path)
+    subject = box.spawn(
+        [sys.executable, "-c", ALLOC_16], where, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    child = box.children[-1]
+    assert child.stdin is not None and child.stdout is not None
+    ctx = box.ctx()
+    record = action.undo(params, subject, ctx, policy="p", ttl_s=60.0, now_wall=1000.0)
+    action.run(params, subject, ctx)
+    assert _where(subject.pid)["memory"] == app, "moved out from under its own memory limit"
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == b"allocated\n", "OOM-killed by remedy's move"
+    assert child.poll() is None
+    action.revert(record, ctx)
+
+
+def test_the_room_a_limit_memory_quarantine_inherits_leaves_out_page_cache(
+    box: Box, tmp_path: Path
+) -> None:
+    app = box.mkdir("memory", "app")
+    (ROOT / "memory" / app[1:] / "memory.limit_in_bytes").write_text(str(LIMIT))
+    where = {h: box.top for h in HIERARCHIES[:4]} | {"memory": app}
+    _fill_page_cache(box, where, tmp_path)
+    got = box.driver.inherited(where)
+    assert got.memory_max is not None
+    # Cache is reclaimed before an OOM kill: nearly the whole limit is room (was ~1 MiB).
+    assert got.memory_max > LIMIT - (8 << 20), got.memory_max >> 20
