@@ -59,6 +59,7 @@ class ActionContext:
                 pid=subject.pid,
                 cgroup=rel,
             )
+        self._same_cgroup_everywhere(subject, rel, what)
         agent = os.getpid()
         for pid in self.cgroups.subtree_members(rel):
             why = "pid 1 (init)" if pid == 1 else "the agent itself" if pid == agent else None
@@ -76,6 +77,29 @@ class ActionContext:
                     cgroup=rel,
                 )
         return rel
+
+    def _same_cgroup_everywhere(self, subject: Subject, rel: str, what: str) -> None:
+        """v1 names a process's cgroup by its pids path, but an action in place writes at that
+        path in other hierarchies too (cpu, memory, freezer). Where the process's own cgroup
+        there has another path, the directory of that name is somebody else's: refused."""
+        if self.cgroups.version != 1 or subject.pid <= 0:
+            # v2: one hierarchy, the path is the cgroup. A cgroup offender: named by its pids
+            # directory, with no process to ask.
+            return
+        try:
+            origins = self.cgroups.origins(subject.pid)
+        except ActionError as err:
+            raise CgroupError(
+                f"refusing to {what}: cannot read where it is", pid=subject.pid, cgroup=rel
+            ) from err
+        for hierarchy in self.cgroups.hierarchies_with(rel):
+            if hierarchy in origins and origins[hierarchy] != rel:
+                raise CgroupError(
+                    f"refusing to {what}: in the {hierarchy} hierarchy its cgroup is "
+                    f"{origins[hierarchy]}, and {rel} there is another cgroup",
+                    pid=subject.pid,
+                    cgroup=rel,
+                )
 
     @contextlib.contextmanager
     def pinned_reach(

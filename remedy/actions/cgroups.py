@@ -272,6 +272,11 @@ class CgroupDriver(Protocol):
         """The pids in ``rel`` itself (not its children); [] if it does not exist."""
         ...
 
+    def hierarchies_with(self, rel: str) -> list[str]:
+        """The hierarchies (names as :meth:`origins` keys them) where a cgroup ``rel``
+        exists: an action in place on ``rel`` writes there."""
+        ...
+
     def members_anywhere(self, rel: str) -> list[int]:
         """The pids in ``rel`` in *any* hierarchy (v1: a process half moved back sits in the
         quarantine of one hierarchy only); [] if it exists nowhere. v2: :meth:`members`."""
@@ -705,6 +710,11 @@ class CgroupV1Driver:
         parts = _parts(rel)
         return _subtree_pids([self._dir(h, parts) for h in V1_HIERARCHIES], rel)
 
+    def hierarchies_with(self, rel: str) -> list[str]:
+        """Each mounted v1 hierarchy with a directory at ``rel``."""
+        parts = _parts(rel)
+        return [h for h in V1_HIERARCHIES if self._dir(h, parts).is_dir()]
+
     def members_anywhere(self, rel: str) -> list[int]:
         """cgroup.procs of ``rel`` in every hierarchy where it exists, merged."""
         parts = _parts(rel)
@@ -972,6 +982,10 @@ class CgroupV2Driver:
     def subtree_members(self, rel: str) -> list[int]:
         """cgroup.procs of ``rel`` and of every cgroup below it."""
         return _subtree_pids([self._dir(_parts(rel))], rel)
+
+    def hierarchies_with(self, rel: str) -> list[str]:
+        """The one hierarchy, where ``rel`` exists."""
+        return [""] if self.exists(rel) else []
 
     def members_anywhere(self, rel: str) -> list[int]:
         """v2 has one hierarchy: :meth:`members`."""

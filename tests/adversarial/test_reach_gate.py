@@ -244,3 +244,24 @@ def test_quarantine_in_place_never_recreates_a_removed_cgroup(box: Box) -> None:
     with pytest.raises(ActionError):
         ACTIONS["quarantine"].run(PARAMS["quarantine"], subject, _ctx(driver))
     assert not any(p.parent.exists() for p in box.procs(rel))
+
+
+def test_on_v1_a_same_named_cgroup_of_another_hierarchy_is_refused(box: Box) -> None:
+    """The offender's pids cgroup is …/app, its cpu cgroup …/elsewhere; …/app in the cpu
+    hierarchy holds a bystander. A CPU cap in place would land on the bystander's cgroup."""
+    driver = detect()
+    if driver.version != 1:
+        pytest.skip("v1 only: v2 has one hierarchy")
+    rel = box.mkdir("app")
+    bystander = box.spawn_into(rel)
+    offender = box.spawn_into(rel)
+    cpu_top = next(d for d in box.sandbox.dirs if d.parent.name == "cpu")
+    elsewhere = cpu_top / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "cgroup.procs").write_text(str(offender.pid))
+    subject = _subject(offender.pid, rel, driver)
+    quota = (cpu_top / "app" / "cpu.cfs_quota_us").read_text()
+    with pytest.raises(ActionError, match="in the cpu hierarchy its cgroup is"):
+        ACTIONS["throttle_cpu"].run(PARAMS["throttle_cpu"], subject, _ctx(driver))
+    assert (cpu_top / "app" / "cpu.cfs_quota_us").read_text() == quota
+    assert bystander.poll() is None
