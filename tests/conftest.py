@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from remedy.actions.cgroups import CgroupDriver
+from remedy.actions.process import ProcessHandle
+from remedy.engine.offender import Subject
+from remedy.proc import ProcFS
 from remedy.service.sandbox import CgroupSandbox
 
 __all__ = ["CgroupSandbox"]
@@ -55,3 +59,23 @@ def test_cgroup() -> Iterator[CgroupSandbox]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pin() -> Iterator[Callable[..., Subject]]:
+    """``pin(pid, driver, cgroup=None)``: a Subject for the test's own child, pinned through a
+    pidfd as identification pins it (its cgroup and that cgroup's inode read from ``driver``);
+    every pidfd is closed at teardown."""
+    handles: list[ProcessHandle] = []
+
+    def _pin(pid: int, driver: CgroupDriver, cgroup: str | None = None) -> Subject:
+        handle = ProcessHandle.bind(pid, ProcFS())
+        handles.append(handle)
+        rel = driver.cgroup_of(pid) if cgroup is None else cgroup
+        return Subject.pinned(
+            handle.info, handle, rel, driver.display_path(rel), cgroup_inode=driver.inode(rel)
+        )
+
+    yield _pin
+    for handle in handles:
+        handle.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,7 +105,9 @@ class ActionContext:
     def pinned_reach(
         self, subject: Subject, started_before_ns: int
     ) -> Iterator[list[ProcessHandle]]:
-        """What :meth:`reach` finds, each process pinned by a pidfd *before* it is judged: the
+        """Every process the action reaches beyond the offender (scope tree: its descendants;
+        scope cgroup: the other members of its cgroup, behind the reach gate), each pinned by a
+        pidfd *before* it is judged: the
         protection test, the start-time test and the scope test (still a member of the cgroup,
         still a descendant) all read the pinned process, so whatever is then signalled, moved
         or reniced through the handle is the process that was judged, never a pid reused in
@@ -119,27 +121,15 @@ class ActionContext:
             if self.scope == "tree"
             else []
         )
-        handles: list[ProcessHandle] = []
-        try:
-            for pid in candidates:
-                if pid == subject.pid:
-                    continue
-                try:
-                    handle = ProcessHandle.bind(
-                        pid, self.procfs, started_before_ns=started_before_ns
-                    )
-                except ActionError:
-                    continue  # gone, or started after the decision: not one we judged
-                handles.append(handle)
-            kept = self._still_in_scope(subject, handles)
-            for handle in handles:
-                if handle not in kept:
-                    handle.close()
-            handles = kept
+
+        def bind(pid: int) -> ProcessHandle | None:
+            if pid == subject.pid:
+                return None
+            # Gone, or started after the decision: not one we judged.
+            return ProcessHandle.bind(pid, self.procfs, started_before_ns=started_before_ns)
+
+        with _pinned(candidates, bind, lambda hs: self._still_in_scope(subject, hs)) as handles:
             yield handles
-        finally:
-            for handle in handles:
-                handle.close()
 
     def _still_in_scope(
         self, subject: Subject, handles: list[ProcessHandle]
@@ -169,21 +159,15 @@ class ActionContext:
         then checked to still be a member (a pid read from cgroup.procs may belong to someone
         else by the time it is pinned)."""
         read = self.cgroups.members_anywhere if anywhere else self.cgroups.members
-        handles: list[ProcessHandle] = []
-        try:
-            for pid in read(rel):
-                with contextlib.suppress(ActionError):
-                    handles.append(ProcessHandle.bind(pid, self.procfs))
+
+        def still_members(handles: list[ProcessHandle]) -> list[ProcessHandle]:
             members = set(read(rel))
-            kept = [h for h in handles if h.pid in members and not h.has_exited()]
-            for handle in handles:
-                if handle not in kept:
-                    handle.close()
-            handles = kept
+            return [h for h in handles if h.pid in members and not h.has_exited()]
+
+        with _pinned(
+            read(rel), lambda pid: ProcessHandle.bind(pid, self.procfs), still_members
+        ) as handles:
             yield handles
-        finally:
-            for handle in handles:
-                handle.close()
 
     def _descendants(self, root: int) -> list[int]:
         children: dict[int, list[int]] = {}
@@ -198,6 +182,33 @@ class ActionContext:
                 found.append(child)
                 todo.append(child)
         return found
+
+
+@contextlib.contextmanager
+def _pinned(
+    pids: Iterable[int],
+    bind: Callable[[int], ProcessHandle | None],
+    judge: Callable[[list[ProcessHandle]], list[ProcessHandle]],
+) -> Iterator[list[ProcessHandle]]:
+    """Pin each of ``pids`` (``bind``; None or an ActionError skips it), *then* judge the
+    pinned processes (``judge`` keeps those still meant): a pid reused between the listing and
+    the pin is judged as what it is now. Every handle is closed on exit."""
+    handles: list[ProcessHandle] = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ActionError):
+                handle = bind(pid)
+                if handle is not None:
+                    handles.append(handle)
+        kept = judge(handles)
+        for handle in handles:
+            if handle not in kept:
+                handle.close()
+        handles = kept
+        yield handles
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def checked(pid: int, handle: Handle | None, what: str) -> int:

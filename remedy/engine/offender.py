@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from transitions import Machine
 
+from remedy.proc import ProcessInfo
 from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
 
@@ -86,6 +87,33 @@ class Subject:
     # cgroup whose inode has changed since. For a cgroup offender it is also its identity.
     cgroup_inode: int = 0
     members: tuple[Member, ...] = ()  # a cgroup offender: its subtree when identified
+
+    @classmethod
+    def pinned(
+        cls,
+        info: ProcessInfo,
+        handle: Handle,
+        cgroup: str,
+        cgroup_display: str,
+        *,
+        cgroup_inode: int = 0,
+        birth_ns: int = 0,
+    ) -> Subject:
+        """A process offender from what was read through its pidfd (``info``, ``handle``)."""
+        return cls(
+            pid=info.pid,
+            start_ticks=info.start_ticks,
+            comm=info.comm,
+            ppid=info.ppid,
+            exe=info.exe,
+            uid=info.uid,
+            is_kernel_thread=info.is_kernel_thread,
+            cgroup=cgroup,
+            cgroup_display=cgroup_display,
+            handle=handle,
+            birth_ns=birth_ns,
+            cgroup_inode=cgroup_inode,
+        )
 
     @property
     def key(self) -> tuple[int, int]:

@@ -143,23 +143,18 @@ class ProcIdentifier:
             context = replace(context, cgroup_path=cgroup, container=container)
         # The chain the enricher built (with the kernel's lineage for exited parents).
         parents = tuple((a.pid, a.comm) for a in context.parents[:MAX_PARENTS]) if context else ()
-        return Subject(
-            pid=info.pid,
-            start_ticks=info.start_ticks,
-            comm=info.comm,
-            ppid=info.ppid,
-            exe=info.exe,
-            uid=info.uid,
-            is_kernel_thread=info.is_kernel_thread,
-            cgroup=cgroup,
-            cgroup_display=display,
-            handle=handle,
-            parents=parents,
-            context=context,
-            stack=self._stack_of(record) if self._stack_of else (),
-            birth_ns=birth.ns if birth is not None else 0,
+        subject = Subject.pinned(
+            info,
+            handle,
+            cgroup,
+            display,
             cgroup_inode=cgroup_inode,
+            birth_ns=birth.ns if birth is not None else 0,
         )
+        subject.parents = parents
+        subject.context = context
+        subject.stack = self._stack_of(record) if self._stack_of else ()
+        return subject
 
     def _check_cgroup_id(self, record: SensorRecord, pid: int, cgroup: str) -> None:
         """The record's cgroup id is the inode of the task's cgroup2 directory when the kernel

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupV2Driver, Limits
 from remedy.actions.kill import Kill
 from remedy.actions.params import KillParams
-from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.errors import ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
@@ -105,28 +104,20 @@ def test_cgroup_kill_kills_the_whole_subtree(v2: tuple[CgroupV2Driver, str, Cgro
     assert not driver.exists(rel)
 
 
-def _subject(pid: int, driver: CgroupV2Driver, rel: str) -> Subject:
-    handle = ProcessHandle.bind(pid, ProcFS())
-    info = handle.info
-    return Subject(
-        pid=pid, start_ticks=info.start_ticks, comm=info.comm, ppid=info.ppid, exe=info.exe,
-        uid=info.uid, is_kernel_thread=False, cgroup=rel, cgroup_display=driver.display_path(rel),
-        handle=handle, cgroup_inode=driver.inode(rel),
-    )  # fmt: skip
-
-
 def test_a_cgroup_scope_kill_uses_cgroup_kill_through_the_reach_gate(
+    pin: Callable[..., Subject],
     v2: tuple[CgroupV2Driver, str, CgroupSandbox],
 ) -> None:
     driver, rel, box = v2
     offender, other = _spawn_into(box, driver, rel), _spawn_into(box, driver, rel)
     ctx = ActionContext(driver, ProcFS(), scope="cgroup")
-    detail = Kill().run(KillParams(quarantine=False), _subject(offender.pid, driver, rel), ctx)
+    detail = Kill().run(KillParams(quarantine=False), pin(offender.pid, driver, rel), ctx)
     assert "cgroup.kill" in detail
     assert offender.wait(5) == -signal.SIGKILL and other.wait(5) == -signal.SIGKILL
 
 
 def test_the_reach_gate_refuses_cgroup_kill_over_a_protected_process_below(
+    pin: Callable[..., Subject],
     v2: tuple[CgroupV2Driver, str, CgroupSandbox],
 ) -> None:
     driver, rel, box = v2
@@ -139,5 +130,5 @@ def test_the_reach_gate_refuses_cgroup_kill_over_a_protected_process_below(
 
     ctx = ActionContext(driver, ProcFS(), scope="cgroup", spare=spare)
     with pytest.raises(ProtectedProcess):
-        Kill().run(KillParams(quarantine=False), _subject(offender.pid, driver, rel), ctx)
+        Kill().run(KillParams(quarantine=False), pin(offender.pid, driver, rel), ctx)
     assert offender.poll() is None and protected.poll() is None

@@ -11,11 +11,38 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from remedy.actions.params import (
+    ActionParams,
+    ContinueParams,
+    FreezeParams,
+    IoniceParams,
+    KillParams,
+    LimitPidsParams,
+    QuarantineParams,
+    ReniceParams,
+    StopParams,
+    TerminateParams,
+    ThrottleCpuParams,
+)
 from remedy.service.sandbox import CgroupSandbox
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+# One step of every action that can reach a process, with parameters that would show.
+PARAMS: dict[str, ActionParams] = {
+    "quarantine": QuarantineParams(pids_max=16, cpu=0.2),
+    "throttle_cpu": ThrottleCpuParams(cpu=0.1),
+    "limit_pids": LimitPidsParams(max=4),
+    "freeze": FreezeParams(),
+    "renice": ReniceParams(nice=19),
+    "ionice": IoniceParams.model_validate({"class": "idle"}),
+    "stop": StopParams(),
+    "continue": ContinueParams(),
+    "kill": KillParams(signal="SIGKILL"),
+    "terminate": TerminateParams(grace_s=0.1),
+}
 
 
 def spawn_at(

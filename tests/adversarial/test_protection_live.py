@@ -61,12 +61,14 @@ def _spawn(
     preexec: Callable[[], None] | None = None,
 ) -> int:
     """Start ``argv`` in the sandbox and wait until it runs ``exe`` (the cgroup wrapper and
-    setpriv exec first)."""
+    setpriv exec first) with its new environment in place: the exe link changes early in
+    execve, before the new stack (and so /proc/PID/environ) is set up."""
     proc = box.spawn(argv, env=env or ENV, preexec_fn=preexec)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            if os.readlink(f"/proc/{proc.pid}/exe").startswith(str(exe)):
+            running = os.readlink(f"/proc/{proc.pid}/exe").startswith(str(exe))
+            if running and b"PATH=" in Path(f"/proc/{proc.pid}/environ").read_bytes():
                 return proc.pid
         except OSError:
             pass

@@ -8,25 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from reuse_helpers import SLEEPER
+from reuse_helpers import PARAMS, SLEEPER
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupDriver, detect
-from remedy.actions.params import (
-    FreezeParams,
-    KillParams,
-    LimitPidsParams,
-    QuarantineParams,
-    ReniceParams,
-    StopParams,
-    TerminateParams,
-    ThrottleCpuParams,
-)
-from remedy.actions.process import ProcessHandle
 from remedy.actions.registry import ACTIONS
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
@@ -35,17 +24,18 @@ from remedy.service.launcher import in_cgroups
 from remedy.service.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
+Pin = Callable[..., Subject]  # the conftest fixture: pin(pid, driver, cgroup)
 
-PARAMS = {
-    "quarantine": QuarantineParams(pids_max=16, cpu=0.2),
-    "throttle_cpu": ThrottleCpuParams(cpu=0.1),
-    "limit_pids": LimitPidsParams(max=4),
-    "freeze": FreezeParams(),
-    "renice": ReniceParams(nice=19),
-    "stop": StopParams(),
-    "kill": KillParams(signal="SIGKILL"),
-    "terminate": TerminateParams(grace_s=0.1),
-}
+GATED = (
+    "quarantine",
+    "throttle_cpu",
+    "limit_pids",
+    "freeze",
+    "renice",
+    "stop",
+    "kill",
+    "terminate",
+)
 
 
 class Box:
@@ -87,24 +77,6 @@ def box(test_cgroup: CgroupSandbox) -> Iterator[Box]:
         yield b
     finally:
         b.close()
-
-
-def _subject(pid: int, cgroup: str, driver: CgroupDriver) -> Subject:
-    handle = ProcessHandle.bind(pid, ProcFS())
-    info = handle.info
-    return Subject(
-        pid=info.pid,
-        start_ticks=info.start_ticks,
-        comm=info.comm,
-        ppid=info.ppid,
-        exe=info.exe,
-        uid=info.uid,
-        is_kernel_thread=False,
-        cgroup=cgroup,
-        cgroup_display=driver.display_path(cgroup),
-        handle=handle,
-        cgroup_inode=driver.inode(cgroup),
-    )
 
 
 def _ctx(driver: CgroupDriver, spare: set[int] = frozenset()) -> ActionContext:  # type: ignore[assignment]
@@ -153,25 +125,25 @@ class _Confined:
         return getattr(self._real, name)
 
 
-@pytest.mark.parametrize("action", sorted(PARAMS))
-def test_cgroup_scope_on_the_root_cgroup_is_refused(action: str, box: Box) -> None:
+@pytest.mark.parametrize("action", GATED)
+def test_cgroup_scope_on_the_root_cgroup_is_refused(pin: Pin, action: str, box: Box) -> None:
     child = box.spawn_into(box.mkdir("app"))
     real = detect()
     driver = _Confined(real, [child.pid])
-    subject = _subject(child.pid, "/", real)
+    subject = pin(child.pid, real, "/")
     before = _state(child.pid)
     with pytest.raises(ActionError, match="root cgroup"):
         ACTIONS[action].run(PARAMS[action], subject, _ctx(driver))  # type: ignore[arg-type]
     assert child.poll() is None and _state(child.pid) == before
 
 
-@pytest.mark.parametrize("action", sorted(PARAMS))
-def test_cgroup_scope_on_the_agents_own_cgroup_is_refused(action: str, box: Box) -> None:
+@pytest.mark.parametrize("action", GATED)
+def test_cgroup_scope_on_the_agents_own_cgroup_is_refused(pin: Pin, action: str, box: Box) -> None:
     """The agent (this test process) shares the offender's cgroup."""
     rel = box.mkdir("app")
     child = box.spawn_into(rel)
     driver = detect()
-    subject = _subject(child.pid, rel, driver)
+    subject = pin(child.pid, driver, rel)
     home = {f: f.parent for f in box.procs(rel)}
     origins = Path("/proc/self/cgroup").read_text()
     for procs in home:
@@ -199,15 +171,17 @@ def _go_home(cgroup_file: str) -> None:
                 procs.write_text(str(os.getpid()))
 
 
-@pytest.mark.parametrize("action", sorted(PARAMS))
-def test_cgroup_scope_on_a_parent_of_a_protected_process_is_refused(action: str, box: Box) -> None:
+@pytest.mark.parametrize("action", GATED)
+def test_cgroup_scope_on_a_parent_of_a_protected_process_is_refused(
+    pin: Pin, action: str, box: Box
+) -> None:
     """A limit, a freeze or cgroup.kill on a cgroup reaches every cgroup below it: a
     protected process one level down must stop the action, not only a direct member."""
     rel = box.mkdir("app")
     child = box.spawn_into(rel)
     protected = box.spawn_into(box.mkdir("app", "inner"))
     driver = detect()
-    subject = _subject(child.pid, rel, driver)
+    subject = pin(child.pid, driver, rel)
     knobs = _knobs(rel, driver)
     before = _state(protected.pid), _state(child.pid)
     with pytest.raises(ActionError, match=f"protected pid {protected.pid}"):
@@ -217,11 +191,11 @@ def test_cgroup_scope_on_a_parent_of_a_protected_process_is_refused(action: str,
     assert (_state(protected.pid), _state(child.pid)) == before
 
 
-def test_a_cgroup_replaced_since_identification_is_refused(box: Box) -> None:
+def test_a_cgroup_replaced_since_identification_is_refused(pin: Pin, box: Box) -> None:
     rel = box.mkdir("app")
     driver = detect()
     child = box.spawn_into(rel)
-    subject = _subject(child.pid, rel, driver)
+    subject = pin(child.pid, driver, rel)
     # Same name, new directory: remove it (after moving the child out) and make it again.
     for procs in box.procs(rel):
         procs.parent.parent.joinpath("cgroup.procs").write_text(str(child.pid))
@@ -233,11 +207,11 @@ def test_a_cgroup_replaced_since_identification_is_refused(box: Box) -> None:
         ACTIONS["throttle_cpu"].run(PARAMS["throttle_cpu"], subject, _ctx(driver))
 
 
-def test_quarantine_in_place_never_recreates_a_removed_cgroup(box: Box) -> None:
+def test_quarantine_in_place_never_recreates_a_removed_cgroup(pin: Pin, box: Box) -> None:
     rel = box.mkdir("app")
     driver = detect()
     child = box.spawn_into(rel)
-    subject = _subject(child.pid, rel, driver)
+    subject = pin(child.pid, driver, rel)
     for procs in box.procs(rel):
         procs.parent.parent.joinpath("cgroup.procs").write_text(str(child.pid))
         procs.parent.rmdir()
@@ -246,7 +220,7 @@ def test_quarantine_in_place_never_recreates_a_removed_cgroup(box: Box) -> None:
     assert not any(p.parent.exists() for p in box.procs(rel))
 
 
-def test_on_v1_a_same_named_cgroup_of_another_hierarchy_is_refused(box: Box) -> None:
+def test_on_v1_a_same_named_cgroup_of_another_hierarchy_is_refused(pin: Pin, box: Box) -> None:
     """The offender's pids cgroup is …/app, its cpu cgroup …/elsewhere; …/app in the cpu
     hierarchy holds a bystander. A CPU cap in place would land on the bystander's cgroup."""
     driver = detect()
@@ -259,7 +233,7 @@ def test_on_v1_a_same_named_cgroup_of_another_hierarchy_is_refused(box: Box) -> 
     elsewhere = cpu_top / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "cgroup.procs").write_text(str(offender.pid))
-    subject = _subject(offender.pid, rel, driver)
+    subject = pin(offender.pid, driver, rel)
     quota = (cpu_top / "app" / "cpu.cfs_quota_us").read_text()
     with pytest.raises(ActionError, match="in the cpu hierarchy its cgroup is"):
         ACTIONS["throttle_cpu"].run(PARAMS["throttle_cpu"], subject, _ctx(driver))

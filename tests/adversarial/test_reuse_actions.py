@@ -15,22 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reuse_helpers import SLEEPER, spawn_at, wait_gone
+from reuse_helpers import PARAMS, SLEEPER, spawn_at, wait_gone
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import detect
-from remedy.actions.params import (
-    ContinueParams,
-    FreezeParams,
-    IoniceParams,
-    KillParams,
-    LimitPidsParams,
-    QuarantineParams,
-    ReniceParams,
-    StopParams,
-    TerminateParams,
-    ThrottleCpuParams,
-)
 from remedy.actions.process import ProcessHandle
 from remedy.actions.registry import ACTIONS
 from remedy.actions.signals import ioprio_get
@@ -41,18 +29,6 @@ from remedy.service.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
 
-PARAMS = {
-    "quarantine": QuarantineParams(pids_max=16, cpu=0.2),
-    "throttle_cpu": ThrottleCpuParams(cpu=0.1),
-    "limit_pids": LimitPidsParams(max=4),
-    "freeze": FreezeParams(),
-    "renice": ReniceParams(nice=19),
-    "ionice": IoniceParams.model_validate({"class": "idle"}),
-    "stop": StopParams(),
-    "continue": ContinueParams(),
-    "kill": KillParams(signal="SIGKILL"),
-    "terminate": TerminateParams(grace_s=0.1),
-}
 SCOPES = ("process", "tree")
 
 
@@ -70,21 +46,9 @@ def ctx(tmp_path: Path) -> Iterator[ActionContext]:
 
 def _subject(pid: int, ctx: ActionContext) -> Subject:
     handle = ProcessHandle.bind(pid, ctx.procfs)
-    info = handle.info
     cgroup = ctx.cgroups.cgroup_of(pid)
-    return Subject(
-        pid=info.pid,
-        start_ticks=info.start_ticks,
-        comm=info.comm,
-        ppid=info.ppid,
-        exe=info.exe,
-        uid=info.uid,
-        is_kernel_thread=False,
-        cgroup=cgroup,
-        cgroup_display=ctx.cgroups.display_path(cgroup),
-        handle=handle,
-        cgroup_inode=ctx.cgroups.inode(cgroup),  # as identification reads it
-    )
+    display, inode = ctx.cgroups.display_path(cgroup), ctx.cgroups.inode(cgroup)
+    return Subject.pinned(handle.info, handle, cgroup, display, cgroup_inode=inode)
 
 
 def _state(pid: int) -> str:
