@@ -12,6 +12,9 @@ from remedy.actions.kill import Kill
 from remedy.actions.quarantine import Quarantine
 from remedy.actions.signals import Continue, Ionice, Notify, Renice, Stop, Terminate
 from remedy.actions.throttle import Freeze, IoWeight, LimitMemory, LimitPids, Thaw, ThrottleCpu
+from remedy.actions.timers import Timers
+from remedy.clock import Clock, SystemClock
+from remedy.engine.decisions import Decision
 from remedy.engine.offender import Subject
 
 if TYPE_CHECKING:
@@ -50,14 +53,24 @@ def _signal_of(step: Step) -> signal.Signals:
 
 
 class ActionExecutor:
-    """Looks up each step's action and runs it with the injected context."""
+    """Looks up each step's action and runs it with the injected context. A terminate's grace
+    period is a timer (:class:`Timers`) the engine advances with :meth:`tick` and settles with
+    :meth:`close`: the worker never sleeps it out."""
 
     def __init__(
-        self, ctx: ActionContext, undoer: Undoer | None = None, fastpath: FastPath | None = None
+        self,
+        ctx: ActionContext,
+        undoer: Undoer | None = None,
+        fastpath: FastPath | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.ctx = ctx
         self.undoer = undoer  # journals reversible steps before they are applied
         self.fastpath = fastpath  # the in-kernel fork fast path, when the sched section runs
+        # Monotonic: grace periods are real seconds of the processes signalled.
+        self._clock = clock or SystemClock()
+        self.timers = Timers(self._clock)
 
     def describe(self, step: Step, subject: Subject) -> str:
         if step.kernel:
@@ -69,6 +82,13 @@ class ActionExecutor:
             return self._arm(step, subject, policy)
         action, ctx = ACTIONS[step.action], self._ctx(step)
         try:
+            if isinstance(action, Terminate):
+                detail, escalation = action.start(
+                    step.params, subject, ctx, self._clock.monotonic()
+                )
+                if escalation.count:  # none left to wait for: nothing is held
+                    self.timers.add(escalation, policy, subject, step)
+                return detail
             if self.undoer is None:
                 return action.run(step.params, subject, ctx)
             return self.undoer.apply(
@@ -78,6 +98,15 @@ class ActionExecutor:
             if err.policy is None:
                 err.policy = policy.name
             raise
+
+    def tick(self) -> list[Decision]:
+        """Advance the timers (on the worker thread, from the engine's tick): the audit lines
+        of escalations that settled (SIGKILL sent, or every target exited in time)."""
+        return self.timers.tick()
+
+    def close(self) -> list[Decision]:
+        """The agent stops: settle every pending escalation (see remedy/actions/timers.py)."""
+        return self.timers.close()
 
     def _arm(self, step: Step, subject: Subject, policy: Policy) -> str:
         """A fork bomb forks again within microseconds: the kernel signals it right there,

@@ -33,6 +33,7 @@ from remedy.actions.params import (
 )
 from remedy.actions.process import Birth, ProcessHandle
 from remedy.actions.throttle import new_record
+from remedy.actions.timers import Escalation, Held, close_all, hold
 from remedy.actions.undo import UndoRecord
 from remedy.engine.offender import Handle, Subject
 from remedy.errors import ActionError, PermissionDenied, ProcessGone
@@ -352,19 +353,11 @@ class Continue:
         return f"continued {len(_signal_all(signal.SIGCONT, subject, ctx))} process(es)"
 
 
-def _wait_exit(handle: Handle, timeout_s: float) -> bool:
-    if isinstance(handle, ProcessHandle):
-        return handle.wait_exit(timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while not handle.has_exited():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 class Terminate:
-    """SIGTERM, up to ``grace_s`` for each target to exit, then SIGKILL to those still alive."""
+    """SIGTERM (and SIGCONT) to each target, then SIGKILL to those still alive after
+    ``grace_s``. The executor calls :meth:`start`, which returns at once with an
+    :class:`Escalation` the worker's tick settles (remedy/actions/timers.py); :meth:`run` waits
+    the grace out and is for callers that are not the worker (tests, tools)."""
 
     name = "terminate"
 
@@ -372,28 +365,54 @@ class Terminate:
         assert isinstance(params, TerminateParams)
         return f"SIGTERM the offender{_scope_words(ctx)}, SIGKILL after {params.grace_s:g} s"
 
-    def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
+    def start(
+        self, params: ActionParams, subject: Subject, ctx: ActionContext, now: float
+    ) -> tuple[str, Escalation]:
+        """SIGTERM every target and return the escalation due at ``now + grace_s`` (monotonic
+        seconds). Each target's pidfd is duplicated *before* the signal, so the SIGKILL goes
+        through the same pidfd whatever the engine closes meanwhile; when that cannot be done
+        (EMFILE) nothing is signalled."""
         assert isinstance(params, TerminateParams)
         if subject.handle is None:
             raise ActionError(
                 "no pidfd for the offender; refusing to signal a bare pid", pid=subject.pid
             )
-        with _targets(subject, ctx) as targets:
-            termed = []
-            for target in targets:
-                handle = target.handle
-                with contextlib.suppress(ProcessGone):
-                    handle.send_signal(signal.SIGTERM)
-                    # A stopped process (an earlier `stop` step) cannot act on SIGTERM until
-                    # it runs again: let it, so the grace period means something.
-                    handle.send_signal(signal.SIGCONT)
-                    termed.append(handle)
-            deadline = time.monotonic() + params.grace_s
-            killed = 0
-            for handle in termed:
-                if _wait_exit(handle, max(0.0, deadline - time.monotonic())):
-                    continue
-                with contextlib.suppress(ProcessGone):
-                    handle.send_signal(signal.SIGKILL)
-                    killed += 1
-        return f"SIGTERM to {len(termed)} process(es), SIGKILL to {killed} after the grace"
+        held: list[Held] = []
+        try:
+            with _targets(subject, ctx) as targets:
+                for target in targets:
+                    held.append(hold(target.pid, target.handle))
+            termed = [t for t in held if _term(t.handle)]
+        except BaseException:
+            close_all(held)
+            raise
+        close_all([t for t in held if t not in termed])  # gone before SIGTERM: nothing to hold
+        escalation = Escalation(termed, due=now + params.grace_s, grace_s=params.grace_s)
+        return (
+            f"SIGTERM to {len(termed)} process(es); SIGKILL to those still running when "
+            "the grace ends",
+            escalation,
+        )
+
+    def run(self, params: ActionParams, subject: Subject, ctx: ActionContext) -> str:
+        """:meth:`start`, then wait out the grace on this thread (never the worker's)."""
+        assert isinstance(params, TerminateParams)
+        _, escalation = self.start(params, subject, ctx, time.monotonic())
+        while (settled := escalation.poll(time.monotonic())) is None:
+            time.sleep(min(0.01, max(0.0, escalation.due - time.monotonic())))
+        return (
+            f"SIGTERM to {escalation.count} process(es), "
+            f"SIGKILL to {settled.killed} after the grace"
+        )
+
+
+def _term(handle: Handle) -> bool:
+    """SIGTERM through ``handle``; False when the process was already gone."""
+    try:
+        handle.send_signal(signal.SIGTERM)
+        # A stopped process (an earlier `stop` step) cannot act on SIGTERM until it runs
+        # again: let it, so the grace period means something.
+        handle.send_signal(signal.SIGCONT)
+    except ProcessGone:
+        return False
+    return True

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from remedy.clock import Clock
 from remedy.engine.decisions import (
@@ -60,6 +60,16 @@ class Executor(Protocol):
     def execute(self, step: Step, subject: Subject, policy: Policy) -> str: ...
 
     def release(self, subject: Subject) -> None: ...
+
+
+@runtime_checkable
+class Timed(Protocol):
+    """An executor with timers of its own (a terminate's grace period): advanced on every
+    tick, settled on close; each returns the audit lines of what it did."""
+
+    def tick(self) -> list[Decision]: ...
+
+    def close(self) -> list[Decision]: ...
 
 
 def _context_json(context: Context | None) -> dict[str, Any] | None:
@@ -489,6 +499,8 @@ class Engine:
         """Advance time: judge settled steps, end cooldowns, undo expired changes, release
         offenders that exited or went quiet."""
         now = self._clock.monotonic()
+        if isinstance(self._executor, Timed):
+            self._follow_up(self._executor.tick())
         if self._undo is not None:
             for detail in self._undo.expire():
                 # expire() also retries failed reverts; a retry that failed again is no revert.
@@ -508,6 +520,11 @@ class Engine:
             quiet = now - offender.last_seen >= policy.release_after_s
             if offender.state == "observed" and (quiet or exited):
                 self._release(key, offender)
+
+    def _follow_up(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            self.stats[f"decision-{decision.outcome}"] += 1
+            self._sink.record(decision)
 
     def _judge(self, offender: Offender, policy: Policy, now: float) -> None:
         """The step's settle time is over: re-measure the signal. Recovered → take back what
@@ -582,6 +599,8 @@ class Engine:
     def close(self) -> None:
         """Release every offender (closes pidfds); take back every change unless told to keep
         them (they stay in the journal, with their TTLs, for the next start to honour)."""
+        if isinstance(self._executor, Timed):
+            self._follow_up(self._executor.close())
         if self._undo is not None and not self._keep_on_close:
             for detail in self._undo.revert_all("agent shutdown"):
                 log.info("reverted on shutdown: %s", detail)

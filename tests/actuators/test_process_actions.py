@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,11 @@ from remedy.actions.params import (
     TerminateParams,
 )
 from remedy.actions.process import ProcessHandle
+from remedy.actions.registry import ActionExecutor
 from remedy.actions.signals import Continue, Ionice, Notify, Renice, Stop, Terminate, ioprio_get
+from remedy.engine.decisions import Decision
 from remedy.engine.offender import Subject
+from remedy.policy import Policy, RateLimit, Selector, Step
 from remedy.proc import ProcFS
 
 IGNORES_TERM = (
@@ -146,3 +150,82 @@ def test_terminate_spares_sigkill_when_sigterm_works(spawn: list[subprocess.Pope
     out = Terminate().run(TerminateParams(grace_s=5), subject, _ctx())
     assert child.wait(5) == -signal.SIGTERM
     assert "SIGKILL to 0" in out
+
+
+POLICY = Policy(
+    name="hogs",
+    file=Path("policies/hogs.yaml"),
+    signal="fork_rate",
+    threshold=1,
+    window_s=1.0,
+    playbook="end",
+    dry_run=False,
+    cooldown_s=0.0,
+    release_after_s=10.0,
+    rate_limit=RateLimit(max_actions=10, per_s=60.0),
+    match=Selector(),
+)
+
+
+def _pidfds() -> int:
+    """How many pidfds this test process holds open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        except FileNotFoundError:
+            continue  # the fd listdir itself used
+    return count
+
+
+def test_terminate_through_the_executor_returns_at_once_and_the_tick_kills_after_the_grace(
+    spawn: list[subprocess.Popen[bytes]],
+) -> None:
+    stubborn = subprocess.Popen([sys.executable, "-c", IGNORES_TERM], stdout=subprocess.PIPE)
+    spawn.append(stubborn)
+    assert stubborn.stdout is not None
+    stubborn.stdout.readline()  # SIGTERM is ignored from here on
+    executor = ActionExecutor(_ctx())
+    subject = _subject(stubborn)
+    step = Step("terminate", TerminateParams(grace_s=0.5))
+    start = time.monotonic()
+    detail = executor.execute(step, subject, POLICY)
+    assert time.monotonic() - start < 0.25, "the grace was waited out on the caller's thread"
+    assert "SIGTERM to 1 process(es)" in detail
+    # The engine lets go of its pidfd (the offender was released): the escalation's is its own.
+    assert subject.handle is not None
+    subject.handle.close()
+    other = subprocess.Popen(["sleep", "30"])  # meanwhile another record is decided and acted on
+    spawn.append(other)
+    assert executor.execute(Step("stop", StopParams()), _subject(other), POLICY)
+    assert _wait_state(other.pid, "T") == "T"
+    assert executor.tick() == []
+    assert stubborn.poll() is None
+    decisions: list[Decision] = []
+    deadline = time.monotonic() + 5
+    while not decisions and time.monotonic() < deadline:
+        time.sleep(0.05)
+        decisions = list(executor.tick())
+    assert time.monotonic() - start >= 0.5
+    assert stubborn.wait(5) == -signal.SIGKILL
+    (line,) = decisions
+    assert line.outcome == "acted"
+    assert "SIGKILL to 1 process(es)" in line.message
+
+
+def test_terminate_spares_sigkill_when_the_child_exits_and_closes_its_pidfd(
+    spawn: list[subprocess.Popen[bytes]],
+) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    spawn.append(child)
+    executor = ActionExecutor(_ctx())
+    before = _pidfds()
+    subject = _subject(child)
+    executor.execute(Step("terminate", TerminateParams(grace_s=5)), subject, POLICY)
+    assert _pidfds() == before + 2  # the subject's and the escalation's own
+    assert child.wait(5) == -signal.SIGTERM  # a zombie no more: reaped by the test
+    (line,) = executor.tick()
+    assert line.outcome == "skipped"
+    assert line.reason == "exited within the 5 s grace: no SIGKILL"
+    assert _pidfds() == before + 1  # only the subject's is left: the escalation closed its own
+    assert len(executor.timers) == 0
