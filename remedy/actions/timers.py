@@ -178,18 +178,11 @@ class Timers:
         now = self._clock.monotonic()
         decisions, still = [], []
         for pending in self._pending:
-            try:
-                settled = pending.escalation.poll(now)
-            except ActionError as err:
-                # Signalling failed (EPERM): its pins are closed, it is over; say so.
-                pending.escalation.cancel()
-                decisions.append(self._decision(pending, err.outcome, str(err), "no SIGKILL"))
-                log.warning("terminate of pid %d: SIGKILL failed: %s", pending.subject.pid, err)
-                continue
-            if settled is None:
+            decision = self._poll(pending, now)
+            if decision is None:
                 still.append(pending)
             else:
-                decisions.append(self._settled(pending, settled, now))
+                decisions.append(decision)
         self._pending = still
         return decisions
 
@@ -202,13 +195,9 @@ class Timers:
         for item in pending:
             escalation = item.escalation
             if now >= escalation.due:
-                try:
-                    decisions.append(
-                        self._settled(item, escalation.poll(now) or escalation.kill(), now)
-                    )
-                except ActionError as err:
-                    escalation.cancel()
-                    decisions.append(self._decision(item, err.outcome, str(err), "no SIGKILL"))
+                decision = self._poll(item, now)  # due: it settles now
+                if decision is not None:
+                    decisions.append(decision)
                 continue
             settled = escalation.cancel()
             left = escalation.due - now
@@ -221,6 +210,16 @@ class Timers:
             log.warning("terminate of pid %d: %s; %s", item.subject.pid, reason, detail)
             decisions.append(self._decision(item, SKIPPED, reason, detail))
         return decisions
+
+    def _poll(self, pending: _Pending, now: float) -> Decision | None:
+        try:
+            settled = pending.escalation.poll(now)
+        except ActionError as err:
+            # Signalling failed (EPERM): its pins are closed, it is over; say so.
+            pending.escalation.cancel()
+            log.warning("terminate of pid %d: SIGKILL failed: %s", pending.subject.pid, err)
+            return self._decision(pending, err.outcome, str(err), "no SIGKILL")
+        return None if settled is None else self._settled(pending, settled, now)
 
     def _settled(self, pending: _Pending, settled: Settled, now: float) -> Decision:
         grace = pending.escalation.grace_s
@@ -240,7 +239,8 @@ class Timers:
 
     def _decision(self, pending: _Pending, outcome: str, reason: str, detail: str) -> Decision:
         """The audit line of an escalation. It follows the ``acted`` line of its terminate
-        (same policy, pid, start time and action) and has no record of its own: count 0."""
+        (same policy, pid, start time and action) and has no record of its own: count 0, and
+        step -1 (the executor is not told the step's index; the acted line has it)."""
         policy, subject = pending.policy, pending.subject
         if subject.is_cgroup:
             target = f"cgroup {subject.cgroup_display} (inode {subject.cgroup_inode})"

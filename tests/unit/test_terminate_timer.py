@@ -17,7 +17,7 @@ from remedy.engine.decisions import Decision
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Handle, Subject
-from remedy.errors import ActionError, ProcessGone
+from remedy.errors import ActionError, PermissionDenied, ProcessGone
 from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
 from remedy.proc import ProcFS
 from remedy.sensors.records import SensorRecord
@@ -30,6 +30,7 @@ class FakeProcess:
     """A process as its pins see it: SIGTERM ends it only when it does not ignore it."""
 
     ignores_term: bool
+    denies_kill: bool = False  # SIGKILL refused (EPERM: it changed its credentials)
     signals: list[int] = field(default_factory=list)
     exited: bool = False
     open_pins: int = 0
@@ -54,6 +55,8 @@ class FakePin:
     def send_signal(self, sig: int) -> None:
         if self.closed:
             raise ActionError("process handle is closed")
+        if sig == signal.SIGKILL and self.proc.denies_kill:
+            raise PermissionDenied("signal 9: Operation not permitted")
         # A zombie can still be signalled (ESRCH only once it is reaped): the kernel's way.
         self.proc.signals.append(sig)
         if sig == signal.SIGKILL or (sig == signal.SIGTERM and not self.proc.ignores_term):
@@ -245,3 +248,17 @@ def test_a_notify_step_starts_no_timer(tmp_path: Path) -> None:
     subject = Subject(7, 1, "x", 1, None, 0, False, "/a", "/a", handle=FakeProcess(True).pin())
     assert r.executor.execute(step, subject, _policy("hogs", "end")) == "hi"
     assert len(r.executor.timers) == 0
+
+
+def test_a_refused_sigkill_is_audited_and_lets_go_of_its_pins(tmp_path: Path) -> None:
+    refuses = FakeProcess(ignores_term=True, denies_kill=True)
+    r = _rig(tmp_path, {42: refuses})
+    r.engine.on_record(_record(42))
+    r.clock.advance(GRACE_S)
+    r.engine.tick()
+    line = r.sink.decisions[-1]
+    assert (line.outcome, line.action) == ("denied", "terminate")
+    assert "no SIGKILL" in line.message
+    assert len(r.executor.timers) == 0
+    r.engine.close()
+    assert refuses.open_pins == 0
