@@ -258,7 +258,7 @@ def silence_from_request(data: Mapping[str, Any], *, now: float | None = None) -
         spec = SilenceDoc.model_validate(doc)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'silence'}: {e['msg']}" for e in err.errors()
+            f"{'.'.join(map(str, e['loc'])) or 'silence'}: {_problem(e)}" for e in err.errors()
         )
         raise ControlError(f"invalid silence: {problems}") from None
     if spec.expires <= (time.time() if now is None else now):
@@ -281,6 +281,13 @@ def silence_from_request(data: Mapping[str, Any], *, now: float | None = None) -
         expires=spec.expires,
         policies=tuple(spec.policies),
     )
+
+
+def _problem(error: Any) -> str:
+    # Our validators raise ValueError with a finished sentence; pydantic prefixes "Value error".
+    if error.get("type") == "value_error" and "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
 
 
 # -- helpers for the agent's side ------------------------------------------------------------
