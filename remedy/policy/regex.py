@@ -70,11 +70,14 @@ def _options() -> Any:
 
 
 def _hint(message: str) -> str:
+    escape = message.removeprefix("invalid escape sequence: \\")
+    if escape != message and escape[:1].isdigit():
+        return f"backreferences (\\{escape[:1]}) are not supported: {_WHY}"
     for prefix, hint in _HINTS:
         if message.startswith(prefix):
             return f"{hint}: {_WHY}"
     if message.startswith(("invalid perl operator", "invalid escape sequence: \\")):
-        # \1-\9 (backreferences), \Z, (?x)...: features RE2 does not have at all.
+        # (?x), (?u), \C...: features RE2 does not have at all.
         return _WHY
     return ""
 
