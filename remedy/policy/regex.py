@@ -36,6 +36,10 @@ _HINTS: tuple[tuple[str, str], ...] = (
     ("bad repetition operator: ?+", "possessive repeats are not supported"),
     ("invalid escape sequence: \\Z", "write \\z for the end of the text (RE2 has no \\Z)"),
 )
+_TOO_LARGE = (
+    "it needs more than RE2's memory budget (8 MiB per pattern): use fewer or smaller counted "
+    "repeats, e.g. [^ ]+ instead of \\pL{1,500}"
+)
 
 
 class RegexError(ValueError):
@@ -76,13 +80,15 @@ def _hint(message: str) -> str:
     for prefix, hint in _HINTS:
         if message.startswith(prefix):
             return f"{hint}: {_WHY}"
+    if message.startswith("pattern too large"):
+        return _TOO_LARGE
     if message.startswith(("invalid perl operator", "invalid escape sequence: \\")):
-        # (?x), (?u), \C...: features RE2 does not have at all.
+        # (?x), (?u)...: features RE2 does not have at all.
         return _WHY
     return ""
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def compile_cmdline(pattern: str) -> CmdlinePattern:
     """``pattern`` compiled for RE2, or RegexError saying what is wrong and why.
 

@@ -102,6 +102,7 @@ def test_a_silence_from_the_control_socket_is_linear_too() -> None:
         ("(?>a+)b", "atomic groups"),
         ("a++", "possessive"),
         (r"worker\Z", r"write \z"),
+        (r"\pL{1000}", "memory budget"),
     ],
 )
 def test_backtracking_features_are_refused_at_load(
