@@ -21,6 +21,7 @@ from remedy.policy.model import (
     Silence,
     Step,
 )
+from remedy.policy.regex import RegexError, compile_cmdline
 
 __all__ = [
     "SEVERITIES",
@@ -31,10 +32,12 @@ __all__ = [
     "Policy",
     "PolicySet",
     "RateLimit",
+    "RegexError",
     "Selector",
     "Silence",
     "Step",
     "check_paths",
+    "compile_cmdline",
     "load_policy_set",
     "parse_duration",
 ]

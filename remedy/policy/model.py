@@ -6,13 +6,13 @@ everything downstream can trust every field (see the invariants noted on each fi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from remedy.actions.params import ActionParams
+from remedy.policy.regex import CmdlinePattern, compile_cmdline
 from remedy.sensors.catalog import CATALOGUE
 
 __all__ = [
@@ -76,10 +76,16 @@ class Selector:
     cgroups: tuple[str, ...] = ()  # fnmatch globs on the cgroup path, e.g. "/system.slice/*"
     comms: tuple[str, ...] = ()  # exact comm names (at most 15 bytes, as the kernel truncates)
     exes: tuple[str, ...] = ()  # exact executable paths
-    cmdlines: tuple[str, ...] = ()  # regexes searched in the command line (validated at load)
+    cmdlines: tuple[str, ...] = ()  # RE2 regexes searched in the command line (see regex.py)
     uids: tuple[int, ...] = ()  # numeric uids (user names are resolved at load)
     containers: tuple[str, ...] = ()  # container ids, full or the 12-character short id
     pods: tuple[str, ...] = ()  # Kubernetes pod uids
+    # ``cmdlines`` compiled once, here: a selector that exists can match in linear time, and a
+    # pattern RE2 refuses can never reach a decision (RegexError, a ValueError, at build).
+    _patterns: tuple[CmdlinePattern, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_patterns", tuple(compile_cmdline(r) for r in self.cmdlines))
 
     @property
     def empty(self) -> bool:
@@ -103,7 +109,7 @@ class Selector:
             return f"comm {facts.comm!r} not in {list(self.comms)}"
         if self.exes and facts.exe not in self.exes:
             return f"exe {facts.exe!r} not in {list(self.exes)}"
-        if self.cmdlines and not any(re.search(r, facts.cmdline) for r in self.cmdlines):
+        if self._patterns and not any(p.search(facts.cmdline) for p in self._patterns):
             return f"command line matches none of {list(self.cmdlines)}"
         if self.uids and facts.uid not in self.uids:
             return f"uid {facts.uid} not in {list(self.uids)}"

@@ -31,6 +31,7 @@ from pydantic import (
 from remedy.actions.params import PARAMS
 from remedy.policy.durations import UNITS, parse_duration
 from remedy.policy.model import SIGNALS, Breaker
+from remedy.policy.regex import compile_cmdline
 
 __all__ = [
     "API_VERSION",
@@ -115,13 +116,7 @@ def _absolute_exe(value: str) -> str:
 
 
 def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as err:
-        raise ValueError(f"invalid regular expression {value!r}: {err}") from None
-    except (RecursionError, OverflowError) as err:
-        # sre_parse recurses per group and limits repetition counts: "((((...))))", "a{10**12}".
-        raise ValueError(f"invalid regular expression {value!r}: {err}") from None
+    compile_cmdline(value)  # RegexError is a ValueError with a finished sentence
     return value
 
 

@@ -74,8 +74,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = Path("/run/remedy/control.sock")
 MAX_REQUEST = 64 * 1024  # one request line, newline included
-CONNECTION_TIMEOUT_S = 10.0  # a client idle this long is dropped
-MAX_CONNECTIONS = 16  # beyond this, new connections are told the agent is busy
+# A client gets this long to deliver each whole request line (not per recv: one byte a second
+# would keep a per-recv timeout waiting forever), and this long to read each answer.
+CONNECTION_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 16  # connection threads; see ControlServer for who gets a slot when full
 OPS: frozenset[str] = frozenset(
     {"status", "silence-add", "silence-list", "silence-expire", "release"}
 )
@@ -258,7 +260,7 @@ def silence_from_request(data: Mapping[str, Any], *, now: float | None = None) -
         spec = SilenceDoc.model_validate(doc)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'silence'}: {e['msg']}" for e in err.errors()
+            f"{'.'.join(map(str, e['loc'])) or 'silence'}: {_problem(e)}" for e in err.errors()
         )
         raise ControlError(f"invalid silence: {problems}") from None
     if spec.expires <= (time.time() if now is None else now):
@@ -281,6 +283,13 @@ def silence_from_request(data: Mapping[str, Any], *, now: float | None = None) -
         expires=spec.expires,
         policies=tuple(spec.policies),
     )
+
+
+def _problem(error: Any) -> str:
+    # Our validators raise ValueError with a finished sentence; pydantic prefixes "Value error".
+    if error.get("type") == "value_error" and "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
 
 
 # -- helpers for the agent's side ------------------------------------------------------------
@@ -329,19 +338,24 @@ class _Call:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     error: BaseException | None = None
-    abandoned: bool = False
+    # queued -> running -> done, or queued -> abandoned (never runs); changed under the lock.
+    state: str = "queued"
 
 
 class WorkerInbox:
     """Runs control requests on the worker thread, the only one that may touch the engine.
 
     A connection thread calls :meth:`call`, which waits (at most ``timeout_s``) until the worker
-    runs the function in :meth:`drain`, between records. A call the worker reaches only after
-    its caller gave up is skipped, so a timed-out ``release`` never happens behind the
-    operator's back."""
+    takes the function in :meth:`drain`, between records. A call still queued when its caller
+    gives up is abandoned and never runs, so "nothing was done" is then true: a timed-out
+    ``release`` never happens behind the operator's back. A call the worker has already started
+    cannot be taken back; its caller waits up to ``finish_s`` more for the final outcome and
+    otherwise says that the change may have been made. Both bounds together stay under the
+    client's default timeout (5 s), so the answer reaches ``remedy`` before it gives up."""
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(self, timeout_s: float = 3.0, finish_s: float = 1.5) -> None:
         self.timeout_s = timeout_s
+        self.finish_s = finish_s
         self._lock = threading.Lock()
         self._calls: deque[_Call] = deque()
 
@@ -351,12 +365,19 @@ class WorkerInbox:
             self._calls.append(item)
         if not item.done.wait(self.timeout_s):
             with self._lock:
-                if not item.done.is_set():
-                    item.abandoned = True
+                if item.state == "queued":
+                    item.state = "abandoned"
                     raise ControlError(
                         f"the agent's worker did not take the request within {self.timeout_s:g} s"
                         " (busy or stuck); nothing was done"
                     )
+            # Running (or finished just now): its outcome is the truth, whatever it is.
+            if not item.done.wait(self.finish_s):
+                raise ControlError(
+                    "the agent's worker started the request but did not finish it within "
+                    f"{self.timeout_s + self.finish_s:g} s; it may have been carried out: check "
+                    "`remedy status` (the audit log records what was done)"
+                )
         if item.error is not None:
             raise item.error
         assert item.result is not None
@@ -370,18 +391,29 @@ class WorkerInbox:
                 if not self._calls:
                     return ran
                 item = self._calls.popleft()
-                if item.abandoned:
+                if item.state == "abandoned":
                     continue
+                item.state = "running"  # from here on its caller waits for the outcome
             try:
                 item.result = item.fn()
             except Exception as err:  # reported to the caller, never kills the worker
                 item.error = err
             ran += 1
             with self._lock:
+                item.state = "done"
                 item.done.set()
 
 
 # -- the server ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A connection whose thread is reading a request line (see ControlServer)."""
+
+    conn: socket.socket
+    since: float  # time.monotonic() when the server started waiting for the line
+    evicted: bool = False  # its slot went to a newer connection: it must not be answered
 
 
 class ControlServer:
@@ -390,8 +422,15 @@ class ControlServer:
     ``start()`` prepares the directory (created 0700; an existing one must already be private),
     removes a stale socket left by a dead agent (refusing if a live one answers), binds with mode
     0600 and starts accepting. Each connection is checked with SO_PEERCRED, then served one JSON
-    request per line (at most :data:`MAX_REQUEST` bytes) until the client closes or idles for
-    ``timeout_s``. ``stop()`` closes and removes the socket file.
+    request per line (at most :data:`MAX_REQUEST` bytes) until the client closes. Each request
+    line must arrive whole within ``timeout_s`` of the server starting to wait for it, however
+    the client spreads its bytes; then the connection is dropped. ``stop()`` closes and removes
+    the socket file.
+
+    When every slot is taken, a new connection takes the slot of the connection that has waited
+    longest for its request line (it is told so and closed, and no request of it runs), so
+    clients that trickle bytes cannot lock out one that sends its request at once. Only
+    connections still waiting are ever dropped this way: a request being answered keeps its slot.
     """
 
     def __init__(
@@ -410,6 +449,8 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, _Waiting] = {}  # connections reading a request line
 
     def start(self) -> None:
         if self._sock is not None:
@@ -504,12 +545,26 @@ class ControlServer:
                 log.warning("control socket accept failed: %s", err)
                 time.sleep(0.1)
                 continue
-            if not self._slots.acquire(blocking=False):
+            if not self._slots.acquire(blocking=False) and not self._take_a_slot():
                 self._refuse(conn, "busy: too many control connections")
                 continue
             threading.Thread(
                 target=self._serve_then_release, args=(conn,), name="remedy-control-conn"
             ).start()
+
+    def _take_a_slot(self) -> bool:
+        """Every slot is taken: drop the connection that has waited longest for its request
+        line and take its slot. False when every slot is answering a request."""
+        with self._lock:
+            if not self._waiting:
+                return False
+            victim = min(self._waiting.values(), key=lambda w: w.since)
+            victim.evicted = True
+            del self._waiting[victim.conn]
+            # Wakes its recv() with end of file; its thread tells it why and frees the slot.
+            with contextlib.suppress(OSError):
+                victim.conn.shutdown(socket.SHUT_RD)
+        return self._slots.acquire(timeout=1.0)
 
     def _refuse(self, conn: socket.socket, error: str) -> None:
         with conn, contextlib.suppress(OSError):
@@ -537,24 +592,60 @@ class ControlServer:
             return
         buffer = b""
         while not self._stopping.is_set():
-            newline = buffer.find(b"\n")
-            if newline < 0:
+            line, buffer, error = self._read_request(conn, buffer)
+            if line is None:
+                if error is not None:
+                    with contextlib.suppress(OSError):
+                        conn.settimeout(1.0)
+                        conn.sendall(_line({"ok": False, "error": error}))
+                return
+            if line.strip():
+                conn.settimeout(self.timeout_s)  # sendall: the whole answer within timeout_s
+                conn.sendall(_line(self._answer(line)))
+
+    def _read_request(
+        self, conn: socket.socket, buffer: bytes
+    ) -> tuple[bytes | None, bytes, str | None]:
+        """The next request line, the bytes after it, and None; or None, the rest, and why
+        the connection ends (None when the client simply closed)."""
+        waiting = _Waiting(conn, time.monotonic())
+        deadline = waiting.since + self.timeout_s
+        with self._lock:
+            self._waiting[conn] = waiting
+        try:
+            while True:
+                newline = buffer.find(b"\n")
+                if newline >= 0:
+                    with self._lock:
+                        if waiting.evicted:  # lost its slot at this very moment: never answer
+                            return None, b"", None
+                        self._waiting.pop(conn, None)
+                    return buffer[:newline], buffer[newline + 1 :], None
                 if len(buffer) >= MAX_REQUEST:
-                    conn.sendall(
-                        _line({"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
-                    )
-                    return
+                    return None, b"", f"request larger than {MAX_REQUEST} bytes"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, b"", f"no complete request line within {self.timeout_s:g} s"
+                conn.settimeout(left)
                 try:
                     chunk = conn.recv(MAX_REQUEST - len(buffer))
                 except TimeoutError:
-                    return
-                if not chunk:
-                    return
+                    continue  # the deadline check above says why
+                if waiting.evicted:
+                    return (
+                        None,
+                        b"",
+                        (
+                            "dropped: every control connection was taken and this one had waited "
+                            "longest for its request"
+                        ),
+                    )
+                if not chunk or self._stopping.is_set():
+                    return None, b"", None
                 buffer += chunk
-                continue
-            line, buffer = buffer[:newline], buffer[newline + 1 :]
-            if line.strip():
-                conn.sendall(_line(self._answer(line)))
+        finally:
+            with self._lock:
+                self._waiting.pop(conn, None)
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -593,6 +684,7 @@ def request(path: Path, payload: dict[str, Any], timeout_s: float = 5.0) -> dict
     """Send one request to the agent at ``path`` and return its response (``ok`` may be false:
     the caller decides). ControlError when no agent listens, access is denied, or the agent does
     not answer within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout_s)
     try:
@@ -610,9 +702,14 @@ def request(path: Path, payload: dict[str, Any], timeout_s: float = 5.0) -> dict
         except OSError as err:
             raise ControlError(f"cannot reach the agent on {path}: {err}") from err
         try:
-            sock.sendall(_line(payload))
+            # The agent may answer and hang up before reading (permission denied, busy): that
+            # answer is still ours to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(_line(payload))
             data = b""
             while not data.endswith(b"\n"):
+                # One deadline for the whole answer, as on the server side.
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
@@ -621,7 +718,8 @@ def request(path: Path, payload: dict[str, Any], timeout_s: float = 5.0) -> dict
                     raise ControlError(f"the agent on {path} sent more than {MAX_RESPONSE} bytes")
         except TimeoutError:
             raise ControlError(
-                f"the agent on {path} did not answer within {timeout_s:g} s"
+                f"the agent on {path} did not answer within {timeout_s:g} s; a request that "
+                "changes something may still have been carried out: check `remedy status`"
             ) from None
         except OSError as err:
             raise ControlError(f"lost the agent on {path}: {err}") from err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 
 from remedy.service.control import (
+    MAX_CONNECTIONS,
     MAX_REQUEST,
     ControlError,
     ControlServer,
@@ -148,8 +152,6 @@ def test_client_error_when_nobody_listens(tmp_path: Path) -> None:
 
 
 def test_worker_inbox_runs_on_drain_and_skips_abandoned_calls() -> None:
-    import threading  # noqa: PLC0415
-
     inbox = WorkerInbox(timeout_s=5.0)
     results: list[dict[str, Any]] = []
     caller = threading.Thread(target=lambda: results.append(inbox.call(lambda: {"ok": True})))
@@ -204,3 +206,185 @@ def test_silence_from_request_validates_like_a_file() -> None:
                 "match": {},
             }
         )
+
+
+# --- deadlines (issue 11, item 7) ---------------------------------------------------------------
+
+
+def _trickle(path: Path, stop: threading.Event, every_s: float, closed: list[float]) -> None:
+    """A client sending one byte of a request every ``every_s`` until the server hangs up or
+    ``stop`` is set; appends the time it was cut off to ``closed``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.settimeout(every_s)
+        payload = b'{"op": "status", "pad": "' + b"x" * 1000
+        for byte in payload:
+            if stop.is_set():
+                return
+            try:
+                s.sendall(bytes([byte]))
+                if s.recv(4096) == b"":
+                    break
+            except TimeoutError:
+                continue  # the server said nothing: it is still waiting for the line
+            except OSError:
+                break
+            else:
+                break  # the server answered (an error line): it is done with us
+        closed.append(time.monotonic())
+
+
+@pytest.fixture
+def quick_server(sock_path: Path) -> Iterator[ControlServer]:
+    srv = ControlServer(sock_path, _echo, allowed_uids=frozenset({os.geteuid()}), timeout_s=1.0)
+    srv.start()
+    yield srv
+    srv.stop()
+    sock_path.parent.rmdir()
+
+
+def _start_tricklers(
+    path: Path, count: int, stop: threading.Event, closed: list[float]
+) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(target=_trickle, args=(path, stop, 0.25, closed)) for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_a_request_has_one_deadline_however_slowly_its_bytes_arrive(
+    quick_server: ControlServer,
+) -> None:
+    # Four bytes a second would reset a per-recv timeout of 1 s forever.
+    stop, closed = threading.Event(), list[float]()
+    start = time.monotonic()
+    (thread,) = _start_tricklers(quick_server.path, 1, stop, closed)
+    thread.join(timeout=6.0)
+    stop.set()
+    thread.join()
+    assert closed, "the slow client was never cut off"
+    assert closed[0] - start < 3.0
+
+
+def test_slow_clients_do_not_lock_out_a_fast_one(quick_server: ControlServer) -> None:
+    stop, closed = threading.Event(), list[float]()
+    tricklers = _start_tricklers(quick_server.path, MAX_CONNECTIONS, stop, closed)
+    try:
+        time.sleep(0.5)  # every slot is now held by a client that has sent a few bytes
+        for _ in range(3):  # the fast client's request is served, at once, every time
+            start = time.monotonic()
+            assert request(quick_server.path, {"op": "status"}, timeout_s=2.0)["ok"] is True
+            assert time.monotonic() - start < 0.9  # not waiting out the slow ones (1 s)
+    finally:
+        stop.set()
+        for thread in tricklers:
+            thread.join()
+
+
+def test_a_dropped_slow_client_is_told_why_and_never_answered(quick_server: ControlServer) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def recording(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        return {"ok": True}
+
+    quick_server.handler = recording
+    slow = socket.socket(socket.AF_UNIX)
+    slow.connect(str(quick_server.path))
+    slow.sendall(b'{"op": "release", "pid": 1')  # no newline yet
+    time.sleep(0.1)  # slow is now the connection waiting longest
+    holders = [socket.socket(socket.AF_UNIX) for _ in range(MAX_CONNECTIONS - 1)]
+    try:
+        for holder in holders:
+            holder.connect(str(quick_server.path))
+        time.sleep(0.2)
+        assert request(quick_server.path, {"op": "status"})["ok"] is True  # took slow's slot
+        slow.settimeout(2.0)
+        answer = slow.recv(4096)
+        assert b"waited longest" in answer
+        with contextlib.suppress(OSError):
+            slow.sendall(b"}\n")  # too late: that request must never run
+        time.sleep(0.2)
+        assert [r["op"] for r in seen] == ["status"]
+    finally:
+        slow.close()
+        for holder in holders:
+            holder.close()
+
+
+# --- a timed-out call says whether it ran -------------------------------------------------------
+
+
+def _worker(inbox: WorkerInbox, stop: threading.Event) -> threading.Thread:
+    def loop() -> None:
+        while not stop.is_set():
+            inbox.drain()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread
+
+
+def test_a_call_the_worker_started_reports_its_outcome_not_nothing_done() -> None:
+    inbox = WorkerInbox(timeout_s=0.1, finish_s=2.0)
+    made: list[int] = []
+
+    def slow_release() -> dict[str, Any]:
+        time.sleep(0.4)  # the caller's 0.1 s to take the call pass while this runs
+        made.append(1)
+        return {"ok": True, "reverted": 1}
+
+    stop = threading.Event()
+    worker = _worker(inbox, stop)
+    try:
+        assert inbox.call(slow_release) == {"ok": True, "reverted": 1}
+    finally:
+        stop.set()
+        worker.join()
+    assert made == [1]
+
+
+def test_a_call_still_running_after_the_grace_may_have_run() -> None:
+    inbox = WorkerInbox(timeout_s=0.05, finish_s=0.1)
+    release = threading.Event()
+
+    def stuck() -> dict[str, Any]:
+        release.wait(5.0)
+        return {"ok": True}
+
+    stop = threading.Event()
+    worker = _worker(inbox, stop)
+    try:
+        with pytest.raises(ControlError) as info:
+            inbox.call(stuck)
+        assert "may have been carried out" in str(info.value)
+        assert "nothing was done" not in str(info.value)
+    finally:
+        release.set()
+        stop.set()
+        worker.join()
+
+
+def test_a_late_failure_is_the_answer() -> None:
+    inbox = WorkerInbox(timeout_s=0.05, finish_s=2.0)
+
+    def fails() -> dict[str, Any]:
+        time.sleep(0.2)
+        raise ControlError("no offender with pid 7")
+
+    stop = threading.Event()
+    worker = _worker(inbox, stop)
+    try:
+        with pytest.raises(ControlError, match="no offender with pid 7"):
+            inbox.call(fails)
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_the_inbox_answers_before_the_client_gives_up() -> None:
+    inbox = WorkerInbox()
+    assert inbox.timeout_s + inbox.finish_s < 5.0  # request()'s default timeout
