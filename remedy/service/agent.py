@@ -451,7 +451,7 @@ class Agent:
             engine = self._engine(policies, FanOut(sinks), sensor)
             if self._journal is not None:
                 stack.callback(self._journal.close)
-            stack.callback(engine.close)
+            stack.callback(self._close_engine, engine)
             if opts.control_socket is not None:
                 control = ControlServer(opts.control_socket, self._control_handler(engine))
                 control.start()
@@ -480,6 +480,19 @@ class Agent:
         self.stats.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self._report()
         return self.stats
+
+    def _close_engine(self, engine: Engine) -> None:
+        """Shutdown reverts through the engine; a failure there is said plainly, with what it
+        leaves behind, and the run ends non-zero."""
+        try:
+            engine.close()
+        except Exception as err:
+            log.exception("shutdown: closing the engine failed")
+            raise RemedyError(
+                f"shutdown could not take back every change ({type(err).__name__}: {err}); "
+                f"what is left stays in the undo journal {self.options.journal_path} for the "
+                "next start"
+            ) from err
 
     def _start_worker(
         self,

@@ -23,7 +23,13 @@ from remedy.errors import RemedyError
 from remedy.sensors.catalog import SignalCounters
 from remedy.sensors.records import SensorRecord
 from remedy.service.agent import Agent, AgentOptions
-from remedy.service.health import EXIT_WORKER_FAILED, Health, WorkerDied, supervise
+from remedy.service.health import (
+    EXIT_WORKER_FAILED,
+    FAULT_LOG_EVERY_S,
+    Health,
+    WorkerDied,
+    supervise,
+)
 from remedy.service.metrics import Metrics
 
 BOUND_S = 5.0  # every wait in this file ends within this, pass or fail
@@ -211,9 +217,24 @@ def test_a_tick_that_always_fails_is_contained_and_logged_once(
     harness.records.put(record(103))
     wait_until("a record after the failing ticks", lambda: 103 in harness.engine.decided)
     assert harness.agent.health.faults()[("tick", "KeyError")] >= 5
-    tracebacks = [r for r in caplog.records if r.exc_info is not None]
-    assert len(tracebacks) == 1, "a fault repeating every tick logs its traceback once"
+    logged = [r for r in caplog.records if r.name == "remedy.service.health"]
+    assert len(logged) == 1, "a fault repeating every tick is logged once, then now and then"
+    assert logged[0].exc_info is not None, "with its traceback"
     assert "frobnicate" in caplog.text
+
+
+def test_a_repeating_fault_is_logged_again_after_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    health = Health(clock.monotonic)
+    caplog.set_level(logging.ERROR, logger="remedy.service.health")
+    for _ in range(4):
+        health.fault("tick", KeyError("frobnicate"))
+    clock.advance(FAULT_LOG_EVERY_S)
+    health.fault("tick", KeyError("frobnicate"))
+    logged = [r.getMessage() for r in caplog.records if r.name == "remedy.service.health"]
+    assert len(logged) == 2
+    assert "tick failed 4 more time(s) with KeyError" in logged[1]
+    assert health.faults() == {("tick", "KeyError"): 5}
 
 
 # -- a worker that cannot go on ends the agent ------------------------------------------------
