@@ -292,6 +292,24 @@ def test_a_worker_stuck_while_records_wait_ends_the_process(harness: Harness) ->
     assert harness.agent.health.liveness().ok is False
 
 
+def test_shutdown_never_waits_on_a_stuck_worker(harness: Harness) -> None:
+    clock = harness.agent._clock
+    assert isinstance(clock, FakeClock)
+    harness.engine.block[101] = threading.Event()
+    harness.records.put(record(101))
+    harness.records.put(record(102))
+    worker = harness.start()
+    wait_until("the worker takes the first record", lambda: harness.records.qsize() == 1)
+    harness.agent.request_stop()
+    harness.agent.health.stopping()
+    clock.advance(harness.agent.health.stall_s + 1)
+    started = time.monotonic()
+    with pytest.raises(Aborted) as aborted:
+        harness.agent._join(worker)
+    assert aborted.value.code == EXIT_WORKER_FAILED
+    assert time.monotonic() - started < BOUND_S
+
+
 def test_a_slow_step_with_nothing_waiting_is_not_stuck_yet(harness: Harness) -> None:
     clock = harness.agent._clock
     assert isinstance(clock, FakeClock)
