@@ -609,17 +609,15 @@ class Agent:
         losses.update(counters, reader.queue_full, now)
         self._observe(sensor, counters, reader, engine)
 
-    def _contained(self, site: str, call: Callable[[], object]) -> bool:
+    def _contained(self, site: str, call: Callable[[], object]) -> None:
         """Run one unit of the worker's work; a failure is counted and logged, and the worker
-        goes on (an exception here must never end the thread that enforces). True if it ran."""
+        goes on (an exception here must never end the thread that enforces)."""
         try:
             call()
         except Exception as err:
             if site == "reload":
                 self.stats.reloads_failed += 1
             self.health.fault(site, err)
-            return False
-        return True
 
     def _decide(self, engine: Engine, record: SensorRecord) -> None:
         """Decide one record; a failure is that record's alone: audited as ``error``."""

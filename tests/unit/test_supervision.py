@@ -4,6 +4,8 @@ non-zero, within a bounded time; /healthz and /readyz say so over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import queue
 import threading
@@ -22,7 +24,9 @@ from remedy.engine.decisions import Decision
 from remedy.errors import RemedyError
 from remedy.sensors.catalog import SignalCounters
 from remedy.sensors.records import SensorRecord
+from remedy.service import auditquery
 from remedy.service.agent import Agent, AgentOptions
+from remedy.service.audit import AuditLog
 from remedy.service.health import (
     EXIT_WORKER_FAILED,
     FAULT_LOG_EVERY_S,
@@ -189,6 +193,21 @@ def test_a_record_whose_decision_fails_is_audited_as_error_and_the_next_is_decid
     )
     assert type(err).__name__ in error.reason and str(err) in error.reason
     assert harness.agent.health.faults() == {("record", type(err).__name__): 1}
+
+
+def test_an_error_decision_is_a_valid_audit_line(harness: Harness, tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with contextlib.closing(AuditLog(path)) as audit:
+        harness.agent._sinks = (audit,)
+        harness.engine.fail[101] = KeyError("frobnicate")
+        harness.records.put(record(101))
+        harness.records.put(record(102))
+        harness.start()
+        wait_until("the next record is decided", lambda: 102 in harness.engine.decided)
+    out = io.StringIO()
+    assert auditquery.main(path, outcome="error", out=out) == 0
+    assert "frobnicate" in out.getvalue() and "101" in out.getvalue()
+    assert auditquery.main(path, check=True, out=io.StringIO(), err=io.StringIO()) == 0
 
 
 def test_a_sink_that_fails_does_not_keep_the_error_from_the_others(harness: Harness) -> None:
