@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, Literal, NoReturn, Protocol, TextIO
 
 from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupDriver, detect
@@ -24,7 +24,7 @@ from remedy.actions.journal import Journal, RevertFailure
 from remedy.actions.registry import ACTIONS, ActionExecutor
 from remedy.actions.undoer import Undoer
 from remedy.clock import Clock, SystemClock
-from remedy.engine.decisions import DecisionSink
+from remedy.engine.decisions import Decision, DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.errors import ConfigErrors, RemedyError, SensorError
@@ -46,6 +46,7 @@ from remedy.service.control import (
     silence_view,
     status_from,
 )
+from remedy.service.health import EXIT_WORKER_FAILED, Health, HealthWatcher, supervise
 from remedy.service.identify import ProcIdentifier
 from remedy.service.sdnotify import Notifier
 from remedy.service.selftest import enforcement_problems, enforcing
@@ -80,6 +81,7 @@ class AgentOptions:
     journal_path: Path = Path("/var/lib/remedy/undo.jsonl")
     control_socket: Path | None = None  # remedy status/top/silence/release talk to it
     keep_throttles: bool = False  # on shutdown leave reversible changes for their TTL
+    supervise_poll_s: float = 0.5  # how often the main thread checks the worker
 
 
 @dataclass
@@ -226,6 +228,36 @@ class AgentSnapshot:
     reloads_failed: int = 0
 
 
+def _error_decision(
+    when: float, policy: str, record: SensorRecord, why: str, dry_run: bool
+) -> Decision:
+    """The audit line of a record whose decision failed: what the record said, and why."""
+    return Decision(
+        time=when,
+        policy=policy,
+        signal=record.signal,
+        pid=record.tgid,
+        start_ticks=0,  # not identified: the failure may have come first
+        comm=record.comm,
+        ppid=record.ppid,
+        exe=None,
+        cgroup="",
+        count=record.count,
+        window_s=record.window_s,
+        action=None,
+        step=0,
+        dry_run=dry_run,
+        outcome="error",
+        reason=why,
+        message=(
+            f"error ({why}): deciding a {record.signal} record for pid {record.tgid} "
+            f"({record.comm}) failed; the agent goes on with the next record"
+        ),
+        state="error",
+        degraded=record.degraded,
+    )
+
+
 def _failure_view(failure: RevertFailure | None) -> dict[str, object]:
     """A throttle's revert trouble for status: nothing when its reverts never failed."""
     if failure is None:
@@ -279,18 +311,27 @@ class Agent:
         out: TextIO = sys.stdout,
         sinks: Sequence[DecisionSink] = (),
         observers: Sequence[Observer] = (),
+        health: Health | None = None,
+        abort: Callable[[int], NoReturn] = os._exit,
     ) -> None:
         self.options = options
         self._clock = clock or SystemClock()
+        self.health = health or Health(self._clock.monotonic)
+        self._abort = abort  # a stuck worker ends the process at once (see health.supervise)
         self._out = out
         self._extra_sinks = tuple(sinks)  # alerts, metrics: every decision reaches them
         self._observers = tuple(observers)  # metrics, status: a snapshot once a second
+        for observer in self._observers:
+            if isinstance(observer, HealthWatcher):  # the metrics server's /healthz, /readyz
+                observer.watch_health(self.health)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._journal: Journal | None = None
         self._notifier = Notifier()
         self._board = StatusBoard()  # status for the control socket, published once a second
         self._recent = RecentDecisions()
+        # Every sink, for error decisions; run() adds the console and the audit log.
+        self._sinks: tuple[DecisionSink, ...] = (self._recent, *self._extra_sinks)
         self._inbox = WorkerInbox()  # control requests that must run on the worker thread
         self._undoer: Undoer | None = None
         mode = "naive" if options.naive else "funnel"
@@ -316,9 +357,16 @@ class Agent:
             self._say(f"reload refused, keeping the running policies:\n{err}")
             return
         self._notifier.reloading()
-        engine.reload(policies)
-        losses.reconfigure(settings)
+        try:
+            engine.reload(policies)
+        except Exception:
+            # Failed half way (the worker contains it): systemd must not be left believing a
+            # reload is still under way.
+            self._notifier.ready("reload failed, see the log")
+            raise
         self._notifier.ready(f"reloaded: {len(policies.policies)} policy(ies)")
+        losses.reconfigure(settings)
+        self.health.policies_loaded(len(policies.policies))
         self.stats.reloads += 1
         self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
 
@@ -394,13 +442,16 @@ class Agent:
                     opts.audit_path, max_bytes=opts.audit_max_bytes, keep=opts.audit_keep
                 )
                 sinks.append(stack.enter_context(contextlib.closing(audit)))
+            self._sinks = tuple(sinks)
+            self.health.policies_loaded(len(policies.policies))
+            self.health.audit_at(opts.audit_path)
             sensor = self._start_sensor(settings)
             stack.callback(sensor.close)
             self.stats.sensor = sensor.kind
             engine = self._engine(policies, FanOut(sinks), sensor)
             if self._journal is not None:
                 stack.callback(self._journal.close)
-            stack.callback(engine.close)
+            stack.callback(self._close_engine, engine)
             if opts.control_socket is not None:
                 control = ControlServer(opts.control_socket, self._control_handler(engine))
                 control.start()
@@ -408,21 +459,18 @@ class Agent:
             reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
             reader.start()
             stack.callback(reader.stop)
-            worker = threading.Thread(
-                target=self._work,
-                args=(engine, records, reader, sensor, settings),
-                name="remedy-worker",
-            )
-            worker.start()
+            self.health.sensor_up(sensor.kind, lambda: reader.alive and reader.error is None)
+            worker = self._start_worker(engine, records, reader, sensor, settings)
             self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
             ready = self._ready_line(sensor, settings, policies)
             self._say(ready)
             self._notifier.ready(ready.removeprefix("ready: "))
-            self._stop.wait(opts.duration_s)
+            self._supervise()
             self._stop.set()
+            self.health.stopping()
             self._notifier.stopping()
             reader.stop()
-            worker.join()
+            self._join(worker)
             if reader.error is not None:
                 raise SensorError(f"ring buffer reader failed: {reader.error}") from reader.error
             self._fill_stats(sensor, reader, engine)
@@ -432,6 +480,63 @@ class Agent:
         self.stats.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self._report()
         return self.stats
+
+    def _close_engine(self, engine: Engine) -> None:
+        """Shutdown reverts through the engine; a failure there is said plainly, with what it
+        leaves behind, and the run ends non-zero."""
+        try:
+            engine.close()
+        except Exception as err:
+            log.exception("shutdown: closing the engine failed")
+            raise RemedyError(
+                f"shutdown could not take back every change ({type(err).__name__}: {err}); "
+                f"what is left stays in the undo journal {self.options.journal_path} for the "
+                "next start"
+            ) from err
+
+    def _start_worker(
+        self,
+        engine: Engine,
+        records: queue.Queue[SensorRecord],
+        reader: RingBufferReader,
+        sensor: Sensor,
+        settings: Mapping[str, SignalSettings],
+    ) -> threading.Thread:
+        """Start the worker thread, supervised: what ends it is kept for the fatal report."""
+
+        def run() -> None:
+            try:
+                self._work(engine, records, reader, sensor, settings)
+            except BaseException as err:
+                self.health.worker_died(err)
+                raise  # threading's excepthook prints the traceback: loud, on stderr
+
+        # A daemon thread: a stuck worker must never keep the process from exiting.
+        worker = threading.Thread(target=run, name="remedy-worker", daemon=True)
+        self.health.worker_started(worker, records.qsize)
+        worker.start()
+        return worker
+
+    def _supervise(self) -> None:
+        """Wait for a stop or the end of the run; a dead worker raises WorkerDied, a stuck one
+        ends the process (health.supervise)."""
+        supervise(
+            self.health,
+            self._stop,
+            duration_s=self.options.duration_s,
+            poll_s=self.options.supervise_poll_s,
+            abort=self._abort,
+        )
+
+    def _join(self, worker: threading.Thread) -> None:
+        """Wait for the worker to drain its queue and stop, but never on a stuck one: it still
+        owns the engine, so the process ends at once, as in :meth:`_supervise`."""
+        while worker.is_alive():
+            worker.join(self.options.supervise_poll_s)
+            problem = self.health.problem()
+            if problem is not None and worker.is_alive():
+                print(f"remedy: FATAL: at shutdown, {problem}", file=sys.stderr, flush=True)
+                self._abort(EXIT_WORKER_FAILED)
 
     def _ready_line(
         self, sensor: Sensor, settings: Mapping[str, SignalSettings], policies: PolicySet
@@ -458,7 +563,9 @@ class Agent:
         next_check = 0.0
         watchdog = self._notifier.watchdog_s
         next_feed = 0.0
+        health = self.health
         while not (self._stop.is_set() and records.empty()):
+            health.beat()
             if reader.error is not None:
                 self._stop.set()
                 return
@@ -469,17 +576,18 @@ class Agent:
             self._inbox.drain()
             if self._reload.is_set():
                 self._reload.clear()
-                self._do_reload(engine, sensor, losses)
+                health.beat("reloading policies")
+                self._contained("reload", lambda: self._do_reload(engine, sensor, losses))
             now = self._clock.monotonic()
             if now >= next_check:  # counters are per-CPU map reads: once a second is plenty
-                counters = sensor.counters()
-                losses.update(counters, reader.queue_full, now)
-                self._observe(sensor, counters, reader, engine)
                 next_check = now + 1.0
+                health.beat("observing")
+                self._contained("observe", lambda: self._check(sensor, reader, engine, losses))
             try:
                 record = records.get(timeout=0.2)
             except queue.Empty:
-                engine.tick()
+                health.beat("ticking")
+                self._contained("tick", engine.tick)
                 continue
             self.stats.records_processed += 1
             if self.options.naive:
@@ -489,8 +597,52 @@ class Agent:
                 record = crossed
             record = losses.mark(record, now)
             self.stats.degraded_records += record.degraded
+            self._decide(engine, record)
+            health.beat("ticking")
+            self._contained("tick", engine.tick)
+
+    def _check(
+        self, sensor: Sensor, reader: RingBufferReader, engine: Engine, losses: LossWatch
+    ) -> None:
+        now = self._clock.monotonic()
+        counters = sensor.counters()
+        losses.update(counters, reader.queue_full, now)
+        self._observe(sensor, counters, reader, engine)
+
+    def _contained(self, site: str, call: Callable[[], object]) -> None:
+        """Run one unit of the worker's work; a failure is counted and logged, and the worker
+        goes on (an exception here must never end the thread that enforces)."""
+        try:
+            call()
+        except Exception as err:
+            if site == "reload":
+                self.stats.reloads_failed += 1
+            self.health.fault(site, err)
+
+    def _decide(self, engine: Engine, record: SensorRecord) -> None:
+        """Decide one record; a failure is that record's alone: audited as ``error``."""
+        self.health.beat(f"deciding a {record.signal} record for pid {record.tgid}")
+        try:
             engine.on_record(record)
-            engine.tick()
+        except Exception as err:
+            self.health.fault("record", err)
+            self._record_error(engine, record, err)
+
+    def _record_error(self, engine: Engine, record: SensorRecord, err: Exception) -> None:
+        """An ``error`` decision for each policy of the record's signal, sent to every sink on
+        its own: the sink that failed (a full disk under the audit) must not silence the rest."""
+        try:
+            names = [p.name for p in engine.policies.for_signal(record.signal)] or ["-"]
+        except Exception:  # the engine's own state may be what broke
+            names = ["-"]
+        why = f"{type(err).__name__}: {err}"
+        for name in names:
+            decision = _error_decision(self._clock.wall(), name, record, why, self.options.dry_run)
+            for sink in self._sinks:
+                try:
+                    sink.record(decision)
+                except Exception as sink_err:
+                    self.health.fault("error-decision", sink_err)
 
     def _control_handler(self, engine: Engine) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """Answers the control socket. ``status`` is served from the last published snapshot

@@ -15,19 +15,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from remedy.engine.decisions import BREAKER_TRIPPED, Decision
 from remedy.engine.offender import STATES
 from remedy.service.agent import AgentSnapshot
+from remedy.service.health import Health, Verdict
 
 __all__ = [
     "BPF_STATS_SYSCTL",
@@ -131,6 +135,22 @@ def enable_bpf_stats(path: Path = BPF_STATS_SYSCTL) -> tuple[bool, str]:
     return True, "enabled kernel.bpf_stats_enabled=1 for BPF run-time metrics"
 
 
+PROBES = ("/healthz", "/readyz")
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request: a slow scrape never delays a probe."""
+
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log on stderr: probes come every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 class _Monotonic:
     """Cumulative sources made safe for counters: a source that restarts below its last value
     keeps counting from where it was."""
@@ -179,6 +199,7 @@ class Metrics:
         self._snapshot: AgentSnapshot | None = None
         self._monotonic = _Monotonic()
         self._server: Any = None
+        self._health: Health | None = None
         self._restore_bpf_stats = False
         self._decisions = Counter(
             "remedy_decisions",
@@ -199,6 +220,18 @@ class Metrics:
         with self._lock:
             self._snapshot = snapshot
 
+    def watch_health(self, health: Health) -> None:
+        """Serve this agent's health on /healthz and /readyz (the agent calls it)."""
+        self._health = health
+
+    def probe(self, path: str) -> Verdict:
+        """The answer of /healthz (the worker's heartbeat is fresh) or /readyz (also: sensor
+        attached, policies loaded, audit writable)."""
+        health = self._health
+        if health is None:
+            return Verdict(False, "no agent is running")
+        return health.liveness() if path == "/healthz" else health.readiness()
+
     # -- exporting ----------------------------------------------------------------------------
 
     def enable_bpf_stats(self) -> str:
@@ -209,12 +242,38 @@ class Metrics:
         return what + ("; set back to 0 at exit" if self._restore_bpf_stats else "")
 
     def serve(self, host: str, port: int) -> int:
-        """Start the HTTP exporter on a daemon thread; returns the bound port (``port`` 0 picks
-        a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP server on a daemon thread: /metrics, /healthz and /readyz. Returns
+        the bound port (``port`` 0 picks a free one)."""
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type("_Server", (_ThreadingServer,), {"address_family": family[0][0]})
+        server: WSGIServer = make_server(
+            host, port, self._app(), server_class, handler_class=_Quiet
+        )
+        threading.Thread(target=server.serve_forever, name="remedy-metrics", daemon=True).start()
         self._server = server
         bound: int = server.server_address[1]
         return bound
+
+    def _app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+        """The exporter's WSGI app, with the two probes in front of it."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path not in PROBES:
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            verdict = self.probe(path)
+            body = (verdict.text + "\n").encode()
+            status = "200 OK" if verdict.ok else "503 Service Unavailable"
+            headers = [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ]
+            start_response(status, headers)
+            return [body]
+
+        return app
 
     def close(self) -> None:
         """Stop the HTTP exporter, if serving; put kernel.bpf_stats_enabled back if we set it."""
@@ -303,8 +362,26 @@ class Metrics:
                 reloads.add_metric(["refused"], mono(("reloads-failed",), snap.reloads_failed))
             families += [received, drops, cpu, rss, offenders, sensor, throttles, failing]
             families.append(reloads)
+            families += self._health_families()
             families += self._bpf_families(mono)
         return families
+
+    def _health_families(self) -> list[Metric]:
+        errors = self._counter(
+            "remedy_worker_errors",
+            "Failures the worker contained (it went on), by where and exception class. A "
+            "record whose decision failed is also audited as outcome error.",
+            ("site", "exception"),
+        )
+        heartbeat = GaugeMetricFamily(
+            "remedy_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat."
+        )
+        health = self._health
+        if health is not None:
+            for (site, exception), n in sorted(health.faults().items()):
+                errors.add_metric([site, exception], n)
+            heartbeat.add_metric([], health.heartbeat_age())
+        return [errors, heartbeat]
 
     def _bpf_families(self, mono: _Monotonic) -> list[Metric]:
         stats = bpf_program_stats(self._pid, self._proc_root)

@@ -37,6 +37,8 @@ ARGS_TAIL = (
     " --audit /var/log/remedy/audit.jsonl --journal /var/lib/remedy/undo.jsonl"
 )
 EXEC_START = f"/usr/local/bin/remedy run {ARGS_TAIL}"
+# The metrics server's probes (remedy/service/metrics.py): liveness is the worker's heartbeat.
+PROBES = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
 
 
 def _directives(text: str) -> dict[str, list[str]]:
@@ -228,9 +230,10 @@ def test_metrics_port_agrees_everywhere() -> None:
     (container,) = template["spec"]["containers"]
     (port,) = container["ports"]
     assert port == {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}
-    probe = container["readinessProbe"]["httpGet"]
-    assert probe["path"] == "/metrics"
-    assert probe["port"] in (port["name"], port["containerPort"])
+    for kind, path in PROBES.items():
+        probe = container[kind]["httpGet"]
+        assert probe["path"] == path, kind
+        assert probe["port"] in (port["name"], port["containerPort"])
     args = container["args"]
     assert args[args.index("--metrics") + 1].endswith(f":{METRICS_PORT}")
     annotations = template["metadata"]["annotations"]
@@ -326,4 +329,6 @@ def test_chart_defaults() -> None:
     for cap in CAPABILITIES:
         assert cap in daemonset
     assert "privileged: true" not in daemonset
+    probes = re.findall(r"(\w+Probe):.*\n\s+httpGet:\n\s+path: (\S+)\n\s+port: metrics", daemonset)
+    assert dict(probes) == PROBES
     assert "hostPID: true" in daemonset
