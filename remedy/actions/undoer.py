@@ -14,13 +14,23 @@ from collections import Counter
 from collections.abc import Iterable
 
 from remedy.actions.base import Action, ActionContext
-from remedy.actions.journal import Journal, RevertFailure, reconcile
+from remedy.actions.journal import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    Journal,
+    RevertFailure,
+    reconcile,
+    retry_delay,
+    retry_wait,
+)
 from remedy.actions.params import ActionParams
 from remedy.actions.throttle import Reversible
 from remedy.actions.undo import UndoRecord
 from remedy.clock import Clock
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
+
+__all__ = ["RETRY_FIRST_S", "RETRY_MAX_S", "Undoer", "retry_delay", "reversible"]
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +40,6 @@ def reversible(action: Action) -> Reversible | None:
     if hasattr(action, "undo") and hasattr(action, "revert"):
         return action  # type: ignore[return-value]
     return None
-
-
-RETRY_FIRST_S = 5.0
-"""The wait before retrying a revert that failed; doubled per failure up to :data:`RETRY_MAX_S`."""
-RETRY_MAX_S = 300.0
-
-
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after the ``attempts``-th failure of one record's revert."""
-    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** max(0, attempts - 1))
 
 
 class Undoer:
@@ -79,7 +79,7 @@ class Undoer:
         record = undoable.undo(
             params, subject, ctx, policy=policy, ttl_s=ttl_s, now_wall=self._clock.wall()
         )
-        self.journal.begin(record)
+        record = self.journal.begin(record)  # stamped with the boot its TTL runs in
         try:
             detail = action.run(params, subject, ctx)
         except ActionError as err:
@@ -144,13 +144,17 @@ class Undoer:
         return self._revert_all(self.journal.for_policy(policy), reason)
 
     def expire(self) -> list[str]:
-        """Revert what is past its TTL, and retry failed reverts whose delay has passed."""
+        """Revert what is past its TTL (on CLOCK_BOOTTIME, :meth:`UndoRecord.expired`), and
+        retry failed reverts whose delay has passed."""
         now = self._clock.monotonic()
+        at = self.journal.now()
         failures = self.journal.failures()
         details = []
         for record in reversed(self.journal.active()):
             failed = failures.get(record.id)
-            if failed is None and record.expires > self._clock.wall():
+            if record.other_boot(at):
+                continue  # only reconcile closes those; none are left once it ran
+            if failed is None and not record.expired(at):
                 continue
             if self._retry_at.get(record.id, now) > now:
                 continue  # backing off
@@ -164,9 +168,11 @@ class Undoer:
         return self._revert_all(self.journal.active(), reason)
 
     def reconcile(self, *, keep_unexpired: bool = True) -> list[str]:
-        """On start: leftovers of a crashed run whose TTL has passed are reverted now; the rest
-        stay active and expire on schedule (``keep_unexpired``), or are all reverted. What
-        fails stays active and is retried by :meth:`expire` with backoff."""
+        """On start (and for ``remedy reconcile``): leftovers of another boot are closed as gone,
+        those of a crashed run whose TTL has passed are reverted now; the rest stay active and
+        expire on schedule (``keep_unexpired``), or are all reverted. What fails, or failed
+        before and is still backing off, stays active and is retried by :meth:`expire` once
+        its delay (counted from the journal) has passed."""
 
         def _revert(record: UndoRecord) -> str:
             undoable = reversible(self._actions[record.action])
@@ -174,11 +180,12 @@ class Undoer:
                 return "not reversible here"
             return undoable.revert(record, self.ctx)
 
-        done = reconcile(self.journal, _revert, self._clock.wall(), keep_unexpired=keep_unexpired)
+        at = self.journal.now()
+        done = reconcile(self.journal, _revert, at, keep_unexpired=keep_unexpired)
         failures = self.journal.failures()
         for record, _detail in done:
-            why = failures.get(record.id)
-            if why is not None:
+            if record.id in failures:
                 self.stats["revert-failed"] += 1
-                self._retry_at[record.id] = self._clock.monotonic() + retry_delay(why.attempts)
+        for record_id, why in failures.items():
+            self._retry_at[record_id] = self._clock.monotonic() + retry_wait(why, at)
         return [f"{record.action} on {record.cgroup}: {detail}" for record, detail in done]
