@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 REASON_TTL_AFTER_RESTART = "ttl expired after restart"
 REASON_AGENT_RESTART = "agent restart"
 REASON_OTHER_BOOT = "made before a reboot"
+
+LOCK_WAIT_S = 5.0
+"""How long opening waits for the lock: a ``remedy reconcile`` pass (which never waits) may hold
+it for a moment just as an agent starts; another agent holds it for good."""
 
 COMPACT_AFTER = 1024
 """Lines that compaction would drop (closed records, superseded failure lines) past which the
@@ -106,9 +111,9 @@ class Journal:
     """The append-only undo journal at ``path``.
 
     Opening takes an exclusive ``flock`` on the file (:class:`JournalBusy` when another process
-    holds it), so two agents never own, and so never revert, the same records; then replays it
-    (a torn last line from a crash is dropped with a warning) and compacts it when it holds
-    closed records. It compacts itself again whenever ``compact_after`` lines could be dropped.
+    still holds it after ``lock_wait_s``), so two agents never own, and so never revert, the
+    same records; then replays it (a torn last line from a crash is dropped with a warning) and
+    compacts it when it holds closed records. It compacts itself again whenever ``compact_after`` lines could be dropped.
     The file is created 0600 (it names processes and cgroups), its parent directory 0700.
     ``boot`` gives the boot id and CLOCK_BOOTTIME records are stamped with (by default the
     system's for the system clock, none for a fake one). Methods are thread-safe.
@@ -121,6 +126,7 @@ class Journal:
         *,
         boot: Boot | None = None,
         compact_after: int = COMPACT_AFTER,
+        lock_wait_s: float = LOCK_WAIT_S,
     ) -> None:
         self.path = path
         self._clock = clock
@@ -135,7 +141,7 @@ class Journal:
         self._failures: dict[str, RevertFailure] = {}
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = self._open_locked(path)
+            self._fd = self._open_waiting(path, lock_wait_s)
         except OSError as err:
             raise JournalError(f"cannot open undo journal {path}: {err}") from err
         try:
@@ -337,6 +343,17 @@ class Journal:
 
     def _tmp_path(self) -> Path:
         return self.path.with_name(self.path.name + ".tmp")
+
+    @classmethod
+    def _open_waiting(cls, path: Path, wait_s: float) -> int:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return cls._open_locked(path)
+            except JournalBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def _open_locked(path: Path, *, truncate: bool = False) -> int:

@@ -57,7 +57,8 @@ def reconcile_once(
         return 0
     clock = clock or SystemClock()
     try:
-        journal = Journal(opts.journal, clock, boot=boot)
+        # Never wait: a running agent owns the records, and an agent starting gets them at once.
+        journal = Journal(opts.journal, clock, boot=boot, lock_wait_s=0)
     except JournalBusy as err:
         print(f"reconcile: {err}: an agent owns it, nothing done", file=out, flush=True)
         return EXIT_BUSY

@@ -180,7 +180,7 @@ def test_replays_are_idempotent(path: Path, clock: FakeClock) -> None:
 
 def test_a_second_owner_is_refused(journal: Journal, path: Path, clock: FakeClock) -> None:
     with pytest.raises(JournalError, match="in use"):
-        Journal(path, clock)
+        Journal(path, clock, lock_wait_s=0.2)
 
 
 def test_writing_after_close_is_an_error(journal: Journal, clock: FakeClock) -> None:

@@ -203,7 +203,7 @@ def test_reconcile_refuses_a_journal_an_agent_holds(
     clock.advance(10)
     before = path.read_bytes()
     with pytest.raises(JournalBusy):
-        Journal(path, clock, boot=boot)
+        Journal(path, clock, boot=boot, lock_wait_s=0)
     opts = ReconcileOptions(path, cgroup_root=Path("/nonexistent"), proc_root=Path("/nonexistent"))
     assert reconcile_once(opts, sys.stdout, clock=clock, boot=boot) == EXIT_BUSY
     assert "in use by another process" in capsys.readouterr().out
