@@ -113,10 +113,11 @@ class Journal:
     Opening takes an exclusive ``flock`` on the file (:class:`JournalBusy` when another process
     still holds it after ``lock_wait_s``), so two agents never own, and so never revert, the
     same records; then replays it (a torn last line from a crash is dropped with a warning) and
-    compacts it when it holds closed records. It compacts itself again whenever ``compact_after`` lines could be dropped.
-    The file is created 0600 (it names processes and cgroups), its parent directory 0700.
-    ``boot`` gives the boot id and CLOCK_BOOTTIME records are stamped with (by default the
-    system's for the system clock, none for a fake one). Methods are thread-safe.
+    compacts it when it holds closed records. It compacts itself again whenever
+    ``compact_after`` lines could be dropped. The file is created 0600 (it names processes and
+    cgroups), its parent directory 0700. ``boot`` gives the boot id and CLOCK_BOOTTIME that
+    records are stamped with (by default the system's for the system clock, none for a fake
+    one). Methods are thread-safe.
     """
 
     def __init__(
