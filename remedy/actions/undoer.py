@@ -47,8 +47,10 @@ class Undoer:
 
     A revert that fails stays open in the journal (never closed as done) and is retried by
     :meth:`expire`, whether or not its TTL has passed, with a delay doubling from 5 s to 5 min
-    per failure. Explicit requests (release, recovery, policy removal, shutdown) try at once.
-    :meth:`stuck` and :attr:`stats` say what could not be taken back, for status and metrics.
+    per failure, measured from the failure's line in the journal (so a restarted agent, or
+    ``remedy reconcile``, keeps to it). Explicit requests (release, recovery, policy removal,
+    shutdown) try at once. :meth:`stuck` and :attr:`stats` say what could not be taken back,
+    for status and metrics.
     """
 
     def __init__(
@@ -58,8 +60,6 @@ class Undoer:
         self.ctx = ctx
         self._clock = clock
         self._actions = actions
-        # Record id -> monotonic time before which expire() does not retry it.
-        self._retry_at: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
 
     def apply(
@@ -102,7 +102,6 @@ class Undoer:
         except ActionError as err:
             return self._failed(record, reason, err)
         self.journal.reverted(record.id, reason, detail=detail)
-        self._retry_at.pop(record.id, None)
         self.stats["reverted"] += 1
         return f"{record.action} on {record.cgroup}: {detail}"
 
@@ -111,7 +110,6 @@ class Undoer:
         why = self.journal.failures().get(record.id)
         attempts = why.attempts if why else 1
         delay = retry_delay(attempts)
-        self._retry_at[record.id] = self._clock.monotonic() + delay
         self.stats["revert-failed"] += 1
         log.warning(
             "undo %s (%s on pid %d, %s) failed (attempt %d), still applied, retry in %g s: %s",
@@ -146,7 +144,6 @@ class Undoer:
     def expire(self) -> list[str]:
         """Revert what is past its TTL (on CLOCK_BOOTTIME, :meth:`UndoRecord.expired`), and
         retry failed reverts whose delay has passed."""
-        now = self._clock.monotonic()
         at = self.journal.now()
         failures = self.journal.failures()
         details = []
@@ -156,8 +153,8 @@ class Undoer:
                 continue  # only reconcile closes those; none are left once it ran
             if failed is None and not record.expired(at):
                 continue
-            if self._retry_at.get(record.id, now) > now:
-                continue  # backing off
+            if failed is not None and retry_wait(failed, at) > 0:
+                continue  # backing off, counted from the journal: across restarts too
             if failed is not None:
                 self.stats["revert-retried"] += 1
             reason = f"retry: {failed.reason}" if failed else "ttl expired"
@@ -186,6 +183,4 @@ class Undoer:
         for record, _detail in done:
             if record.id in failures:
                 self.stats["revert-failed"] += 1
-        for record_id, why in failures.items():
-            self._retry_at[record_id] = self._clock.monotonic() + retry_wait(why, at)
         return [f"{record.action} on {record.cgroup}: {detail}" for record, detail in done]

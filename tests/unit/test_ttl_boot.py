@@ -15,7 +15,9 @@ import pytest
 from remedy.actions.boot import FakeBoot, Now
 from remedy.actions.journal import RETRY_FIRST_S, Journal, JournalBusy, reconcile
 from remedy.actions.undo import UndoRecord
+from remedy.actions.undoer import Undoer
 from remedy.clock import FakeClock
+from remedy.errors import CgroupError
 from remedy.service.reconcile import EXIT_BUSY, ReconcileOptions, reconcile_once
 
 HOUR = 3600.0
@@ -222,3 +224,64 @@ def test_now_is_taken_from_the_journal_clocks(clock: FakeClock, boot: FakeBoot, 
     j = Journal(path, clock, boot=boot)
     assert j.now() == Now(clock.wall(), "boot-a", clock.monotonic())
     j.close()
+
+
+class FakeThrottle:
+    """A reversible action whose revert records the call, or fails while ``refuse`` is set."""
+
+    name = "throttle_cpu"
+
+    def __init__(self) -> None:
+        self.reverted: list[str] = []
+        self.refuse = False
+
+    def undo(self, *_args: object, **_kwargs: object) -> UndoRecord:
+        raise AssertionError("not applied here")
+
+    def run(self, *_args: object) -> str:
+        raise AssertionError("not applied here")
+
+    def revert(self, record: UndoRecord, _ctx: object) -> str:
+        if self.refuse:
+            raise CgroupError("cpu.cfs_quota_us: Permission denied", cgroup=record.cgroup)
+        self.reverted.append(record.id)
+        return "restored"
+
+
+def _undoer(journal: Journal, clock: FakeClock, action: FakeThrottle) -> Undoer:
+    return Undoer(journal, None, clock, {"throttle_cpu": action})  # type: ignore[arg-type,dict-item]
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR])
+def test_the_agents_tick_ignores_a_wall_clock_step(
+    path: Path, clock: FakeClock, boot: FakeBoot, step: float
+) -> None:
+    action = FakeThrottle()
+    undoer = _undoer(Journal(path, clock, boot=boot), clock, action)
+    undoer.journal.begin(_record("a", clock, ttl=60))
+    clock.wall_offset += step
+    clock.advance(59)
+    assert undoer.expire() == [] and action.reverted == []
+    clock.advance(1)
+    assert undoer.expire() == ["throttle_cpu on /user.slice/app: restored"]
+    assert action.reverted == ["a"]
+    undoer.journal.close()
+
+
+def test_a_failing_revert_adds_a_line_per_retry_not_per_tick(
+    path: Path, clock: FakeClock, boot: FakeBoot
+) -> None:
+    action = FakeThrottle()
+    action.refuse = True
+    undoer = _undoer(Journal(path, clock, boot=boot, compact_after=8), clock, action)
+    undoer.journal.begin(_record("a", clock, ttl=1))
+    appended = 0
+    for _ in range(200):  # the engine ticks every second
+        clock.advance(1)
+        size = path.stat().st_size
+        undoer.expire()
+        appended += path.stat().st_size != size
+        assert len(path.read_text().splitlines()) <= 8 + 2
+    assert appended == 6  # at 1, 6, 16, 36, 76 and 156 s
+    assert undoer.journal.failures()["a"].attempts == 6
+    undoer.journal.close()
