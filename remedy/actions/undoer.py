@@ -93,17 +93,31 @@ class Undoer:
 
     def revert(self, record: UndoRecord, reason: str) -> str:
         """Take one record back; a failure stays active in the journal and is retried."""
-        undoable = reversible(self._actions[record.action])
-        if undoable is None:  # a journal from a newer version: nothing we can do, say so
-            self.journal.reverted(record.id, reason, outcome="not-reversible")
-            return f"{record.action}: not reversible here"
         try:
+            undoable = self._reversible(record)
+            if undoable is None:  # a journal from a newer version: nothing we can do, say so
+                self.journal.reverted(record.id, reason, outcome="not-reversible")
+                return f"{record.action}: not reversible here"
             detail = undoable.revert(record, self.ctx)
         except ActionError as err:
             return self._failed(record, reason, err)
         self.journal.reverted(record.id, reason, detail=detail)
         self.stats["reverted"] += 1
         return f"{record.action} on {record.cgroup}: {detail}"
+
+    def _reversible(self, record: UndoRecord) -> Reversible | None:
+        action = self._actions.get(record.action)
+        if action is None:
+            # A journal written by a newer version (or a removed action): the change may well
+            # be applied, so it is never closed as done; it stays stuck, visibly, and a version
+            # that knows the action takes it back. Raising KeyError here killed the tick.
+            raise ActionError(
+                f"undo record names action {record.action!r}, unknown to this version",
+                pid=record.pid,
+                cgroup=record.cgroup,
+                policy=record.policy,
+            )
+        return reversible(action)
 
     def _failed(self, record: UndoRecord, reason: str, err: Exception) -> str:
         self.journal.failed(record.id, reason, str(err))
@@ -172,7 +186,7 @@ class Undoer:
         its delay (counted from the journal) has passed."""
 
         def _revert(record: UndoRecord) -> str:
-            undoable = reversible(self._actions[record.action])
+            undoable = self._reversible(record)
             if undoable is None:
                 return "not reversible here"
             return undoable.revert(record, self.ctx)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -284,4 +285,27 @@ def test_a_failing_revert_adds_a_line_per_retry_not_per_tick(
         assert len(path.read_text().splitlines()) <= 8 + 2
     assert appended == 6  # at 1, 6, 16, 36, 76 and 156 s
     assert undoer.journal.failures()["a"].attempts == 6
+    undoer.journal.close()
+
+
+def test_a_record_naming_an_unknown_action_stays_applied_and_the_tick_goes_on(
+    path: Path, clock: FakeClock, boot: FakeBoot
+) -> None:
+    action = FakeThrottle()
+    undoer = _undoer(Journal(path, clock, boot=boot), clock, action)
+    future = replace(_record("future", clock, ttl=1), action="from_a_newer_version")
+    undoer.journal.begin(future)
+    undoer.journal.begin(_record("known", clock, ttl=1))
+    clock.advance(1)
+    details = undoer.expire()  # raised KeyError before: the worker died at its first tick
+    assert "unknown to this version" in details[1] and "revert failed (attempt 1" in details[1]
+    assert action.reverted == ["known"]
+    assert [r.id for r in undoer.journal.active()] == ["future"]  # never closed as done
+    assert [r.id for r, _why in undoer.stuck()] == ["future"]
+    undoer.journal.close()
+    undoer = _undoer(Journal(path, clock, boot=boot), clock, action)  # and on the next start
+    clock.advance(RETRY_FIRST_S)
+    (detail,) = undoer.reconcile()
+    assert "unknown to this version" in detail
+    assert [r.id for r in undoer.journal.active()] == ["future"]
     undoer.journal.close()
