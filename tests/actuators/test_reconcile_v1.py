@@ -158,3 +158,35 @@ def test_reconcile_touches_nothing_while_the_journal_is_held(
         assert path.read_bytes() == content
     finally:
         agent.close()
+
+
+def test_the_sidecar_mode_waits_for_the_agent_then_reverts_and_gives_the_lock_back(
+    throttled: tuple[Path, str, str],
+) -> None:
+    path, rel, before = throttled
+    time.sleep(TTL_S)
+    agent = Journal(path, SystemClock())  # the agent runs: passes touch nothing
+    sidecar = subprocess.Popen(
+        [str(REMEDY), "reconcile", "--journal", str(path), "--every", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # several passes
+        assert sidecar.poll() is None
+        assert _quota(rel) == "25000"
+        agent.close()  # the agent dies
+        deadline = time.monotonic() + 10
+        while _quota(rel) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _quota(rel) == before
+        # Between passes the lock is free: a new agent gets the journal within a pass.
+        again = Journal(path, SystemClock(), lock_wait_s=2.0)
+        assert again.active() == []
+        again.close()
+    finally:
+        sidecar.terminate()
+        out, _ = sidecar.communicate(timeout=10)
+    assert sidecar.returncode == 0, out
+    assert out.count("in use by another process") == 1, out  # said once, not every pass
