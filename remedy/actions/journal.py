@@ -134,6 +134,9 @@ class Journal:
         self._boot = boot if boot is not None else boot_for(clock)
         self._compact_after = compact_after
         self._lines = 0  # complete lines in the file, live or not
+        # Lines this version cannot read (a newer version's record, damage): compacting would
+        # delete them, and with them perhaps the only way to take a change back.
+        self._foreign_lines = 0
         self._lock = threading.Lock()
         self._active: dict[str, UndoRecord] = {}
         self._applied_at: dict[str, float] = {}
@@ -296,6 +299,7 @@ class Journal:
         self._fd = fd
         self._closed_lines = 0
         self._lines = len(lines)
+        self._foreign_lines = 0
         try:
             _fsync_dir(self.path.parent)
         except OSError as err:
@@ -334,7 +338,18 @@ class Journal:
 
     def _compact_quietly(self) -> None:
         """Compact; a failure (a full disk) is logged, not raised: the line that triggered it is
-        already durable, and the file is still whole. The next bound crossing tries again."""
+        already durable, and the file is still whole. The next bound crossing tries again. A
+        file holding lines this version cannot read is left alone (loudly): only :meth:`compact`,
+        called on purpose, drops them."""
+        if self._foreign_lines:
+            log.warning(
+                "%s: not compacted (%d lines): %d line(s) this version cannot read would be lost",
+                self.path,
+                self._lines,
+                self._foreign_lines,
+            )
+            self._compact_after = self._dead_lines() + self._compact_after
+            return
         try:
             self._compact_locked()
         except JournalError as err:
@@ -424,6 +439,7 @@ class Journal:
         entry = _parse(raw)
         if entry is None:
             log.warning("%s:%d: ignoring a line that is not a JSON object", self.path, number)
+            self._foreign_lines += 1
             return
         op = entry.get("op")
         try:
@@ -460,8 +476,10 @@ class Journal:
                     )
             else:
                 log.warning("%s:%d: ignoring unknown op %r", self.path, number, op)
+                self._foreign_lines += 1
         except (KeyError, TypeError, ValueError) as err:
             log.warning("%s:%d: ignoring a malformed %r entry: %s", self.path, number, op, err)
+            self._foreign_lines += 1
 
 
 def reconcile(

@@ -309,3 +309,23 @@ def test_a_record_naming_an_unknown_action_stays_applied_and_the_tick_goes_on(
     assert "unknown to this version" in detail
     assert [r.id for r in undoer.journal.active()] == ["future"]
     undoer.journal.close()
+
+
+def test_lines_this_version_cannot_read_are_never_compacted_away(
+    path: Path, clock: FakeClock, boot: FakeBoot
+) -> None:
+    newer = _record("newer", clock).to_json() | {"knob_from_the_future": 1}
+    foreign = json.dumps({"op": "apply", "record": newer, "at": clock.wall()})
+    j = Journal(path, clock, boot=boot, compact_after=4)
+    j.begin(_record("a", clock))
+    j.reverted("a", "recovered")
+    j.close()
+    with path.open("a") as f:
+        f.write(foreign + "\n")
+    j = Journal(path, clock, boot=boot, compact_after=4)  # on start: not compacted
+    assert j.active() == []
+    for n in range(10):  # nor past the bound
+        j.begin(_record(f"r{n}", clock))
+        j.reverted(f"r{n}", "recovered")
+    j.close()
+    assert foreign in path.read_text().splitlines()
