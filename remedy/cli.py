@@ -116,11 +116,46 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _RUN_DEFAULTS.update({action.dest: action.default for action in run._actions})
 
 
+def _add_reconcile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The options of ``remedy reconcile``: the journal and the roots, nothing else."""
+    rec = sub.add_parser(
+        "reconcile",
+        help="with no agent running: revert what has expired in the undo journal (no policies, "
+        "no BPF); exit 75 without touching anything when an agent holds the journal",
+    )
+    rec.add_argument("--journal", type=Path, default=Path("/var/lib/remedy/undo.jsonl"))
+    rec.add_argument("--all", action="store_true", help="revert everything, expired or not")
+    rec.add_argument("--cgroup-root", type=Path, default=Path("/sys/fs/cgroup"))
+    rec.add_argument("--proc-root", type=Path, default=Path("/proc"))
+    rec.add_argument("--quarantine-root", default="/remedy", help="the agent's, for quarantines")
+    rec.add_argument(
+        "--every",
+        type=float,
+        metavar="SECONDS",
+        help="keep running: one pass every SECONDS until SIGTERM (a Kubernetes sidecar)",
+    )
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from remedy.service import reconcile  # noqa: PLC0415 - keeps `check` light
+
+    opts = reconcile.ReconcileOptions(
+        journal=args.journal,
+        revert_all=args.all,
+        cgroup_root=args.cgroup_root,
+        proc_root=args.proc_root,
+        quarantine_root=args.quarantine_root,
+    )
+    return reconcile.main(opts, sys.stdout, every_s=args.every)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remedy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_run(sub)
+
+    _add_reconcile(sub)
 
     check = sub.add_parser("check", help="validate policies and playbooks")
     check.add_argument("paths", type=Path, nargs="*", default=[Path("policies"), Path("playbooks")])
@@ -344,7 +379,8 @@ def _observability(
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error, 3
     when `replay --against` finds the two policy sets deciding differently, 4 when `audit --verify`
-    finds the audit chain broken."""
+    finds the audit chain broken, 75 when `reconcile` finds the journal held by an agent (2 when
+    a revert failed: it stays in the journal)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -353,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.paths, args.format)
+        if args.command == "reconcile":
+            return _reconcile(args)
         if args.command == "schema":
             from remedy.policy.schema import json_schema  # noqa: PLC0415
 

@@ -5,7 +5,12 @@ One JSON object per line, appended, flushed and fsynced per entry (like the audi
     {"op": "apply",   "record": {...UndoRecord...}, "at": wall}
     {"op": "revert",  "id": ..., "reason": ..., "outcome": ..., "at": wall[, "detail": ...]}
     {"op": "abandon", "id": ..., "reason": ..., "at": wall}
-    {"op": "revert-failed", "id": ..., "reason": ..., "error": ..., "attempt": n, "at": wall}
+    {"op": "revert-failed", "id": ..., "reason": ..., "error": ..., "attempt": n, "at": wall,
+     "boot_id": ..., "boottime": ...}
+
+A record carries the boot id and CLOCK_BOOTTIME at its creation (:mod:`remedy.actions.boot`):
+its TTL, and a failed revert's retry delay, run on that clock within that boot; a record from
+another boot is closed as gone (outcome "gone"): the reboot took its change away.
 
 A record is *active* from its "apply" line until a "revert" or "abandon" line closes it;
 "revert-failed" leaves it active, so it is retried, and counts the attempts
@@ -22,25 +27,57 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from remedy.actions.boot import Boot, Now, boot_for
 from remedy.actions.undo import UndoRecord
 from remedy.clock import Clock
 from remedy.errors import RemedyError
 
-__all__ = ["Journal", "JournalError", "RevertFailure", "reconcile"]
+__all__ = [
+    "Journal",
+    "JournalBusy",
+    "JournalError",
+    "RevertFailure",
+    "reconcile",
+    "retry_delay",
+    "retry_wait",
+]
 
 log = logging.getLogger(__name__)
 
 REASON_TTL_AFTER_RESTART = "ttl expired after restart"
 REASON_AGENT_RESTART = "agent restart"
+REASON_OTHER_BOOT = "made before a reboot"
+
+LOCK_WAIT_S = 5.0
+"""How long opening waits for the lock: a ``remedy reconcile`` pass (which never waits) may hold
+it for a moment just as an agent starts; another agent holds it for good."""
+
+COMPACT_AFTER = 1024
+"""Lines that compaction would drop (closed records, superseded failure lines) past which the
+journal compacts itself: the file stays within this many lines beyond the live ones."""
+
+RETRY_FIRST_S = 5.0
+"""The wait before retrying a revert that failed; doubled per failure up to :data:`RETRY_MAX_S`."""
+RETRY_MAX_S = 300.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after the ``attempts``-th failure of one record's revert."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** max(0, attempts - 1))
 
 
 class JournalError(RemedyError):
     """The journal could not be opened, locked or written; the message names the file."""
+
+
+class JournalBusy(JournalError):
+    """Another process (a running agent) holds the journal's lock: it owns the records."""
 
 
 @dataclass(frozen=True)
@@ -52,20 +89,54 @@ class RevertFailure:
     error: str
     reason: str
     at: float
+    boot_id: str = ""  # the boot and CLOCK_BOOTTIME of the failure: the retry delay runs there
+    boottime: float | None = None
+
+
+def retry_wait(why: RevertFailure, now: Now) -> float:
+    """Seconds left before a failed revert may be tried again (0: now). Measured from the
+    failure on CLOCK_BOOTTIME within its boot, otherwise on wall time; a wall clock that went
+    back past the failure does not hold the retry off for longer than the delay."""
+    delay = retry_delay(why.attempts)
+    if why.boot_id and why.boot_id == now.boot_id and why.boottime is not None:
+        elapsed = now.boottime - why.boottime
+    else:
+        elapsed = now.wall - why.at
+        if elapsed < 0:
+            return 0.0
+    return max(0.0, delay - elapsed)
 
 
 class Journal:
     """The append-only undo journal at ``path``.
 
-    Opening replays the file (a torn last line from a crash is dropped with a warning) and takes
-    an exclusive ``flock`` on it, so two agents never own, and so never revert, the same records.
-    The file is created 0600 (it names processes and cgroups), its parent directory 0700.
-    Methods are thread-safe.
+    Opening takes an exclusive ``flock`` on the file (:class:`JournalBusy` when another process
+    still holds it after ``lock_wait_s``), so two agents never own, and so never revert, the
+    same records; then replays it (a torn last line from a crash is dropped with a warning) and
+    compacts it when it holds closed records. It compacts itself again whenever
+    ``compact_after`` lines could be dropped. The file is created 0600 (it names processes and
+    cgroups), its parent directory 0700. ``boot`` gives the boot id and CLOCK_BOOTTIME that
+    records are stamped with (by default the system's for the system clock, none for a fake
+    one). Methods are thread-safe.
     """
 
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        boot: Boot | None = None,
+        compact_after: int = COMPACT_AFTER,
+        lock_wait_s: float = LOCK_WAIT_S,
+    ) -> None:
         self.path = path
         self._clock = clock
+        self._boot = boot if boot is not None else boot_for(clock)
+        self._compact_after = compact_after
+        self._lines = 0  # complete lines in the file, live or not
+        # Lines this version cannot read (a newer version's record, damage): compacting would
+        # delete them, and with them perhaps the only way to take a change back.
+        self._foreign_lines = 0
         self._lock = threading.Lock()
         self._active: dict[str, UndoRecord] = {}
         self._applied_at: dict[str, float] = {}
@@ -74,7 +145,7 @@ class Journal:
         self._failures: dict[str, RevertFailure] = {}
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = self._open_locked(path)
+            self._fd = self._open_waiting(path, lock_wait_s)
         except OSError as err:
             raise JournalError(f"cannot open undo journal {path}: {err}") from err
         try:
@@ -86,6 +157,8 @@ class Journal:
         # intact (the rename is the commit point), so the leftover is garbage.
         with contextlib.suppress(FileNotFoundError):
             self._tmp_path().unlink()
+        if self._dead_lines():
+            self._compact_quietly()  # on start
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -94,9 +167,20 @@ class Journal:
         with self._lock:
             return list(self._active.values())
 
-    def due(self, now_wall: float) -> list[UndoRecord]:
-        """Active records whose TTL has passed (``expires <= now_wall``), in apply order."""
-        return [r for r in self.active() if r.expires <= now_wall]
+    def now(self) -> Now:
+        """The present on the journal's clocks, to judge TTLs and retry delays with."""
+        return Now(self._clock.wall(), self._boot.boot_id(), self._boot.boottime())
+
+    def due(self, now: Now | None = None) -> list[UndoRecord]:
+        """Active records of this boot (or of no known boot) whose TTL has passed, in apply
+        order (:meth:`UndoRecord.expired`)."""
+        at = now or self.now()
+        return [r for r in self.active() if not r.other_boot(at) and r.expired(at)]
+
+    def other_boot(self, now: Now | None = None) -> list[UndoRecord]:
+        """Active records made in another boot, in apply order: gone with the reboot."""
+        at = now or self.now()
+        return [r for r in self.active() if r.other_boot(at)]
 
     def for_offender(self, pid: int, start_ticks: int) -> list[UndoRecord]:
         """Active records made against the process (pid, start_ticks): its identity, not its pid."""
@@ -120,18 +204,23 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def begin(self, record: UndoRecord) -> None:
-        """Make ``record`` durable. Call it *before* applying the change it describes; when this
-        returns the apply line is on disk. Raises ValueError for an id already journaled (ids
-        are never reused, or a closed record could be reopened) and JournalError if the write
-        fails, in which case the caller must not apply the change."""
+    def begin(self, record: UndoRecord) -> UndoRecord:
+        """Make ``record`` durable, stamped with this boot and CLOCK_BOOTTIME (the clock its TTL
+        runs on), and return it as stamped. Call it *before* applying the change it describes;
+        when this returns the apply line is on disk. Raises ValueError for an id already
+        journaled (ids are never reused, or a closed record could be reopened) and JournalError
+        if the write fails, in which case the caller must not apply the change."""
         with self._lock:
             if record.id in self._active or record.id in self._closed_ids:
                 raise ValueError(f"undo record {record.id} is already in {self.path}")
+            boot_id = self._boot.boot_id()
+            if boot_id and not record.boot_id:
+                record = replace(record, boot_id=boot_id, boottime=self._boot.boottime())
             at = self._clock.wall()
             self._append({"op": "apply", "record": record.to_json(), "at": at})
             self._active[record.id] = record
             self._applied_at[record.id] = at
+            return record
 
     def reverted(
         self,
@@ -163,44 +252,58 @@ class Journal:
                 return False
             before = self._failures.get(record_id)
             attempts = 1 + (before.attempts if before else 0)
-            why = RevertFailure(attempts, error, reason, self._clock.wall())
+            boot_id = self._boot.boot_id()
+            why = RevertFailure(
+                attempts,
+                error,
+                reason,
+                self._clock.wall(),
+                boot_id,
+                self._boot.boottime() if boot_id else None,
+            )
             self._append(_failure_entry(record_id, why))
             self._failures[record_id] = why
-            return True
+        self._compact_when_past_bound()
+        return True
 
     def compact(self) -> None:
         """Rewrite the file with only the active records' apply lines, atomically: a tmp file is
         written and fsynced, renamed over the journal, and the directory fsynced. A crash before
         the rename leaves the old journal intact; after it, the new one is complete."""
         with self._lock:
-            tmp = self._tmp_path()
-            try:
-                fd = self._open_locked(tmp, truncate=True)
-            except OSError as err:
-                raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
-            try:
-                lines = [
-                    _encode({"op": "apply", "record": r.to_json(), "at": self._applied_at[i]})
-                    for i, r in self._active.items()
-                ]
-                # A record still failing keeps its count of attempts.
-                lines += [_encode(_failure_entry(i, why)) for i, why in self._failures.items()]
-                _write_all(fd, b"".join(lines))
-                os.fsync(fd)
-                os.replace(tmp, self.path)  # the commit point
-            except OSError as err:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
-            # From here the path names the new file: appends must go to it, whatever happens.
-            os.close(self._fd)
-            self._fd = fd
-            self._closed_lines = 0
-            try:
-                _fsync_dir(self.path.parent)
-            except OSError as err:
-                raise JournalError(f"cannot sync directory of {self.path}: {err}") from err
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        tmp = self._tmp_path()
+        try:
+            fd = self._open_locked(tmp, truncate=True)
+        except OSError as err:
+            raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
+        try:
+            lines = [
+                _encode({"op": "apply", "record": r.to_json(), "at": self._applied_at[i]})
+                for i, r in self._active.items()
+            ]
+            # A record still failing keeps its count of attempts.
+            lines += [_encode(_failure_entry(i, why)) for i, why in self._failures.items()]
+            _write_all(fd, b"".join(lines))
+            os.fsync(fd)
+            os.replace(tmp, self.path)  # the commit point
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise JournalError(f"cannot compact undo journal {self.path}: {err}") from err
+        # From here the path names the new file: appends must go to it, whatever happens.
+        os.close(self._fd)
+        self._fd = fd
+        self._closed_lines = 0
+        self._lines = len(lines)
+        self._foreign_lines = 0
+        try:
+            _fsync_dir(self.path.parent)
+        except OSError as err:
+            raise JournalError(f"cannot sync directory of {self.path}: {err}") from err
 
     def close(self) -> None:
         """Release the file and its lock. Idempotent; writing afterwards raises JournalError."""
@@ -221,25 +324,74 @@ class Journal:
             self._failures.pop(record_id, None)
             self._closed_ids.add(record_id)
             self._closed_lines += 1
-            return True
+        self._compact_when_past_bound()
+        return True
+
+    def _dead_lines(self) -> int:
+        """Lines compaction would drop: closed records and superseded failure lines."""
+        return self._lines - len(self._active) - len(self._failures)
+
+    def _compact_when_past_bound(self) -> None:
+        with self._lock:
+            if self._fd >= 0 and self._dead_lines() >= self._compact_after:
+                self._compact_quietly()
+
+    def _compact_quietly(self) -> None:
+        """Compact; a failure (a full disk) is logged, not raised: the line that triggered it is
+        already durable, and the file is still whole. The next bound crossing tries again. A
+        file holding lines this version cannot read is left alone (loudly): only :meth:`compact`,
+        called on purpose, drops them."""
+        if self._foreign_lines:
+            log.warning(
+                "%s: not compacted (%d lines): %d line(s) this version cannot read would be lost",
+                self.path,
+                self._lines,
+                self._foreign_lines,
+            )
+            self._compact_after = self._dead_lines() + self._compact_after
+            return
+        try:
+            self._compact_locked()
+        except JournalError as err:
+            log.warning("%s (kept as it is, %d lines)", err, self._lines)
+            # Try again only after as many lines again, not on every append.
+            self._compact_after = self._dead_lines() + self._compact_after
 
     def _tmp_path(self) -> Path:
         return self.path.with_name(self.path.name + ".tmp")
 
+    @classmethod
+    def _open_waiting(cls, path: Path, wait_s: float) -> int:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return cls._open_locked(path)
+            except JournalBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
     @staticmethod
     def _open_locked(path: Path, *, truncate: bool = False) -> int:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.fchmod(fd, 0o600)  # an existing file keeps its mode at open; it must be private
-        except BlockingIOError as err:
-            os.close(fd)
-            raise JournalError(f"undo journal {path} is in use by another process") from err
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
+        for _ in range(10):
+            fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The owner's compaction renames a new file over the path, then unlocks the old
+                # one: a lock won on the old inode owns nothing. Open the path again.
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    os.close(fd)
+                    continue
+                os.fchmod(fd, 0o600)  # an existing file keeps its mode at open: make it private
+            except BlockingIOError as err:
+                os.close(fd)
+                raise JournalBusy(f"undo journal {path} is in use by another process") from err
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+        raise JournalBusy(f"undo journal {path} keeps being replaced by another process")
 
     def _append(self, entry: dict[str, Any]) -> None:
         """Write one line and fsync it. On failure the file is cut back to its previous length,
@@ -254,6 +406,7 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
             raise JournalError(f"cannot write undo journal {self.path}: {err}") from err
+        self._lines += 1
 
     def _replay(self) -> None:
         with open(self._fd, "rb", closefd=False) as f:
@@ -282,9 +435,11 @@ class Journal:
     def _apply_line(self, raw: bytes, number: int) -> None:
         if not raw.strip():
             return
+        self._lines += 1
         entry = _parse(raw)
         if entry is None:
             log.warning("%s:%d: ignoring a line that is not a JSON object", self.path, number)
+            self._foreign_lines += 1
             return
         op = entry.get("op")
         try:
@@ -310,37 +465,60 @@ class Journal:
                     before = self._failures.get(record_id)
                     # "attempt" since per-record retries; older lines count one each.
                     attempts = int(entry.get("attempt", 1 + (before.attempts if before else 0)))
+                    boottime = entry.get("boottime")
                     self._failures[record_id] = RevertFailure(
                         attempts,
                         str(entry.get("error", "")),
                         str(entry.get("reason", "")),
                         float(entry.get("at", 0.0)),
+                        str(entry.get("boot_id") or ""),
+                        None if boottime is None else float(boottime),
                     )
             else:
                 log.warning("%s:%d: ignoring unknown op %r", self.path, number, op)
+                self._foreign_lines += 1
         except (KeyError, TypeError, ValueError) as err:
             log.warning("%s:%d: ignoring a malformed %r entry: %s", self.path, number, op, err)
+            self._foreign_lines += 1
 
 
 def reconcile(
     journal: Journal,
     revert: Callable[[UndoRecord], str],
-    now_wall: float,
+    now: Now | None = None,
     *,
     keep_unexpired: bool = True,
 ) -> list[tuple[UndoRecord, str]]:
-    """Settle what a previous (crashed) run left applied; call once on start, before arming TTLs.
+    """Settle what a previous run left applied: on the agent's start, before it arms TTLs, and
+    by ``remedy reconcile`` while no agent runs.
 
-    Every active record whose TTL has passed is reverted now. With ``keep_unexpired`` the others
-    stay active for the engine to re-arm; without it they are reverted too. ``revert`` undoes
+    A record made in another boot is closed as gone, untouched: the reboot reset its cgroups
+    and ended its processes, and what now has its cgroup's name is someone else's. Every other
+    active record whose TTL has passed is reverted now. With ``keep_unexpired`` the others stay
+    active for the engine to re-arm; without it they are reverted too. A record whose last
+    revert failed is retried only once its delay has passed (:func:`retry_wait`, from the file,
+    so across restarts): a crash loop or a timer does not add a line per run. ``revert`` undoes
     one record and returns a detail string; each success is journaled as a revert. A revert that
     raises is logged and journaled as "revert-failed" but the record stays active, so it is
-    retried (by ``Undoer.expire`` with backoff, or at the next start). Returns (record, detail)
-    for each record handled, a failure's detail being ``"revert-failed: <error>"``.
+    retried, whatever its TTL. Returns (record, detail) for each record handled, a failure's
+    detail being ``"revert-failed: <error>"``, a record of another boot's ``"gone: ..."``.
     """
+    at = now or journal.now()
     done: list[tuple[UndoRecord, str]] = []
+    failures = journal.failures()
     for record in journal.active():
-        if record.expires <= now_wall:
+        if record.other_boot(at):
+            detail = f"gone: made in boot {record.boot_id}, this is {at.boot_id}"
+            journal.reverted(record.id, REASON_OTHER_BOOT, outcome="gone", detail=detail)
+            done.append((record, detail))
+            continue
+        failed = failures.get(record.id)
+        if failed is not None:
+            # Asked back before (TTL, release, recovery) and refused: due whatever its TTL.
+            if retry_wait(failed, at) > 0:
+                continue  # backing off: a later run (or the engine's expire) tries again
+            reason = f"retry: {failed.reason}"
+        elif record.expired(at):
             reason = REASON_TTL_AFTER_RESTART
         elif keep_unexpired:
             continue
@@ -374,6 +552,8 @@ def _failure_entry(record_id: str, why: RevertFailure) -> dict[str, Any]:
         "error": why.error,
         "attempt": why.attempts,
         "at": why.at,
+        "boot_id": why.boot_id,
+        "boottime": why.boottime,
     }
 
 

@@ -14,13 +14,23 @@ from collections import Counter
 from collections.abc import Iterable
 
 from remedy.actions.base import Action, ActionContext
-from remedy.actions.journal import Journal, RevertFailure, reconcile
+from remedy.actions.journal import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    Journal,
+    RevertFailure,
+    reconcile,
+    retry_delay,
+    retry_wait,
+)
 from remedy.actions.params import ActionParams
 from remedy.actions.throttle import Reversible
 from remedy.actions.undo import UndoRecord
 from remedy.clock import Clock
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
+
+__all__ = ["RETRY_FIRST_S", "RETRY_MAX_S", "Undoer", "retry_delay", "reversible"]
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +42,15 @@ def reversible(action: Action) -> Reversible | None:
     return None
 
 
-RETRY_FIRST_S = 5.0
-"""The wait before retrying a revert that failed; doubled per failure up to :data:`RETRY_MAX_S`."""
-RETRY_MAX_S = 300.0
-
-
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after the ``attempts``-th failure of one record's revert."""
-    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** max(0, attempts - 1))
-
-
 class Undoer:
     """The journal and the actions' revert, behind the engine's ``Undo`` interface.
 
     A revert that fails stays open in the journal (never closed as done) and is retried by
     :meth:`expire`, whether or not its TTL has passed, with a delay doubling from 5 s to 5 min
-    per failure. Explicit requests (release, recovery, policy removal, shutdown) try at once.
-    :meth:`stuck` and :attr:`stats` say what could not be taken back, for status and metrics.
+    per failure, measured from the failure's line in the journal (so a restarted agent, or
+    ``remedy reconcile``, keeps to it). Explicit requests (release, recovery, policy removal,
+    shutdown) try at once. :meth:`stuck` and :attr:`stats` say what could not be taken back,
+    for status and metrics.
     """
 
     def __init__(
@@ -58,8 +60,6 @@ class Undoer:
         self.ctx = ctx
         self._clock = clock
         self._actions = actions
-        # Record id -> monotonic time before which expire() does not retry it.
-        self._retry_at: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
 
     def apply(
@@ -79,7 +79,7 @@ class Undoer:
         record = undoable.undo(
             params, subject, ctx, policy=policy, ttl_s=ttl_s, now_wall=self._clock.wall()
         )
-        self.journal.begin(record)
+        record = self.journal.begin(record)  # stamped with the boot its TTL runs in
         try:
             detail = action.run(params, subject, ctx)
         except ActionError as err:
@@ -93,25 +93,37 @@ class Undoer:
 
     def revert(self, record: UndoRecord, reason: str) -> str:
         """Take one record back; a failure stays active in the journal and is retried."""
-        undoable = reversible(self._actions[record.action])
-        if undoable is None:  # a journal from a newer version: nothing we can do, say so
-            self.journal.reverted(record.id, reason, outcome="not-reversible")
-            return f"{record.action}: not reversible here"
         try:
+            undoable = self._reversible(record)
+            if undoable is None:  # a journal from a newer version: nothing we can do, say so
+                self.journal.reverted(record.id, reason, outcome="not-reversible")
+                return f"{record.action}: not reversible here"
             detail = undoable.revert(record, self.ctx)
         except ActionError as err:
             return self._failed(record, reason, err)
         self.journal.reverted(record.id, reason, detail=detail)
-        self._retry_at.pop(record.id, None)
         self.stats["reverted"] += 1
         return f"{record.action} on {record.cgroup}: {detail}"
+
+    def _reversible(self, record: UndoRecord) -> Reversible | None:
+        action = self._actions.get(record.action)
+        if action is None:
+            # A journal written by a newer version (or a removed action): the change may well
+            # be applied, so it is never closed as done; it stays stuck, visibly, and a version
+            # that knows the action takes it back. Raising KeyError here killed the tick.
+            raise ActionError(
+                f"undo record names action {record.action!r}, unknown to this version",
+                pid=record.pid,
+                cgroup=record.cgroup,
+                policy=record.policy,
+            )
+        return reversible(action)
 
     def _failed(self, record: UndoRecord, reason: str, err: Exception) -> str:
         self.journal.failed(record.id, reason, str(err))
         why = self.journal.failures().get(record.id)
         attempts = why.attempts if why else 1
         delay = retry_delay(attempts)
-        self._retry_at[record.id] = self._clock.monotonic() + delay
         self.stats["revert-failed"] += 1
         log.warning(
             "undo %s (%s on pid %d, %s) failed (attempt %d), still applied, retry in %g s: %s",
@@ -144,16 +156,19 @@ class Undoer:
         return self._revert_all(self.journal.for_policy(policy), reason)
 
     def expire(self) -> list[str]:
-        """Revert what is past its TTL, and retry failed reverts whose delay has passed."""
-        now = self._clock.monotonic()
+        """Revert what is past its TTL (on CLOCK_BOOTTIME, :meth:`UndoRecord.expired`), and
+        retry failed reverts whose delay has passed."""
+        at = self.journal.now()
         failures = self.journal.failures()
         details = []
         for record in reversed(self.journal.active()):
             failed = failures.get(record.id)
-            if failed is None and record.expires > self._clock.wall():
+            if record.other_boot(at):
+                continue  # only reconcile closes those; none are left once it ran
+            if failed is None and not record.expired(at):
                 continue
-            if self._retry_at.get(record.id, now) > now:
-                continue  # backing off
+            if failed is not None and retry_wait(failed, at) > 0:
+                continue  # backing off, counted from the journal: across restarts too
             if failed is not None:
                 self.stats["revert-retried"] += 1
             reason = f"retry: {failed.reason}" if failed else "ttl expired"
@@ -164,21 +179,22 @@ class Undoer:
         return self._revert_all(self.journal.active(), reason)
 
     def reconcile(self, *, keep_unexpired: bool = True) -> list[str]:
-        """On start: leftovers of a crashed run whose TTL has passed are reverted now; the rest
-        stay active and expire on schedule (``keep_unexpired``), or are all reverted. What
-        fails stays active and is retried by :meth:`expire` with backoff."""
+        """On start (and for ``remedy reconcile``): leftovers of another boot are closed as gone,
+        those of a crashed run whose TTL has passed are reverted now; the rest stay active and
+        expire on schedule (``keep_unexpired``), or are all reverted. What fails, or failed
+        before and is still backing off, stays active and is retried by :meth:`expire` once
+        its delay (counted from the journal) has passed."""
 
         def _revert(record: UndoRecord) -> str:
-            undoable = reversible(self._actions[record.action])
+            undoable = self._reversible(record)
             if undoable is None:
                 return "not reversible here"
             return undoable.revert(record, self.ctx)
 
-        done = reconcile(self.journal, _revert, self._clock.wall(), keep_unexpired=keep_unexpired)
+        at = self.journal.now()
+        done = reconcile(self.journal, _revert, at, keep_unexpired=keep_unexpired)
         failures = self.journal.failures()
         for record, _detail in done:
-            why = failures.get(record.id)
-            if why is not None:
+            if record.id in failures:
                 self.stats["revert-failed"] += 1
-                self._retry_at[record.id] = self._clock.monotonic() + retry_delay(why.attempts)
         return [f"{record.action} on {record.cgroup}: {detail}" for record, detail in done]

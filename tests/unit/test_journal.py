@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from remedy.actions.journal import Journal, JournalError, reconcile
+from remedy.actions.journal import RETRY_FIRST_S, Journal, JournalError, reconcile
 from remedy.actions.undo import UndoRecord
 from remedy.clock import FakeClock
 
@@ -163,19 +163,24 @@ def test_replays_are_idempotent(path: Path, clock: FakeClock) -> None:
         first.begin(_record(rid, clock))
     first.reverted("b", "recovered")
     expected = first.active()
+    assert first.closed_entries == 1
     first.close()
+    j = Journal(path, clock)  # compacts on start: the closed record's lines go
+    assert j.active() == expected
+    assert j.closed_entries == 0
+    j.close()
     content = path.read_bytes()
+    assert len(content.splitlines()) == 2
     for _ in range(2):
         j = Journal(path, clock)
         assert j.active() == expected
-        assert j.closed_entries == 1
         j.close()
-    assert path.read_bytes() == content  # reading changes nothing
+    assert path.read_bytes() == content  # a compact journal: reading changes nothing
 
 
 def test_a_second_owner_is_refused(journal: Journal, path: Path, clock: FakeClock) -> None:
     with pytest.raises(JournalError, match="in use"):
-        Journal(path, clock)
+        Journal(path, clock, lock_wait_s=0.2)
 
 
 def test_writing_after_close_is_an_error(journal: Journal, clock: FakeClock) -> None:
@@ -276,13 +281,13 @@ def test_a_failed_write_leaves_no_fragment_and_no_record(
 def test_due_follows_the_clock(journal: Journal, clock: FakeClock) -> None:
     journal.begin(_record("short", clock, ttl=10))
     journal.begin(_record("long", clock, ttl=100))
-    assert journal.due(clock.wall()) == []
+    assert journal.due() == []
     clock.advance(10)
-    assert _ids(journal.due(clock.wall())) == ["short"]  # expires <= now
+    assert _ids(journal.due()) == ["short"]  # expires <= now
     clock.advance(90)
-    assert _ids(journal.due(clock.wall())) == ["short", "long"]
+    assert _ids(journal.due()) == ["short", "long"]
     journal.reverted("short", "ttl expired")
-    assert _ids(journal.due(clock.wall())) == ["long"]
+    assert _ids(journal.due()) == ["long"]
 
 
 def test_lookup_by_offender_and_policy(journal: Journal, clock: FakeClock) -> None:
@@ -360,11 +365,11 @@ def test_reconcile_reverts_expired_and_keeps_the_rest(path: Path, clock: FakeClo
         calls.append(record.id)
         return f"restored {record.previous}"
 
-    done = reconcile(j, revert, clock.wall())
+    done = reconcile(j, revert)
     assert [(r.id, detail) for r, detail in done] == [("old", "restored {'cpu_cores': 'max'}")]
     assert _ids(j.active()) == ["fresh"]
     assert _lines(path)[-1]["reason"] == "ttl expired after restart"
-    assert reconcile(j, revert, clock.wall()) == []
+    assert reconcile(j, revert) == []
     assert calls == ["old"]  # nothing reverted twice
     j.close()
 
@@ -374,7 +379,7 @@ def test_reconcile_without_keep_reverts_everything(path: Path, clock: FakeClock)
     j.begin(_record("old", clock, ttl=10))
     j.begin(_record("fresh", clock, ttl=600))
     clock.advance(60)
-    done = reconcile(j, lambda r: "ok", clock.wall(), keep_unexpired=False)
+    done = reconcile(j, lambda r: "ok", keep_unexpired=False)
     assert [r.id for r, _ in done] == ["old", "fresh"]
     assert j.active() == []
     reasons = {line["id"]: line["reason"] for line in _lines(path) if line["op"] == "revert"}
@@ -396,7 +401,7 @@ def test_a_failed_revert_is_retried_next_start(
         return "ok"
 
     with caplog.at_level(logging.WARNING):
-        done = reconcile(j, flaky, clock.wall())
+        done = reconcile(j, flaky)
     assert [(r.id, detail) for r, detail in done] == [
         ("a", "revert-failed: PermissionError: cpu.max: Permission denied"),
         ("b", "ok"),
@@ -406,9 +411,11 @@ def test_a_failed_revert_is_retried_next_start(
     failed = [line for line in _lines(path) if line["op"] == "revert-failed"]
     assert failed[0]["error"] == "PermissionError: cpu.max: Permission denied"
     j.close()
-    j = Journal(path, clock)  # next start
+    j = Journal(path, clock)  # next start, at once: still backing off, nothing tried
     assert _ids(j.active()) == ["a"]
-    done = reconcile(j, lambda r: "ok now", clock.wall())
+    assert reconcile(j, lambda r: "ok now") == []
+    clock.advance(RETRY_FIRST_S)
+    done = reconcile(j, lambda r: "ok now")
     assert [(r.id, detail) for r, detail in done] == [("a", "ok now")]
     assert j.active() == []
     j.close()

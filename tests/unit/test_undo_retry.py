@@ -109,9 +109,11 @@ def test_a_revert_that_leaves_a_task_in_the_quarantine_stays_open(tmp_path: Path
     assert undoer.stats["revert-retried"] == 1
     undoer.journal.close()
 
-    # The agent is replaced: the new one knows how often it failed, and retries at once.
+    # The agent is replaced: the new one knows how often it failed and keeps to the delay.
     undoer = _undoer(path, clock, driver)
     assert undoer.journal.failures()["q1"].attempts == 2
+    assert undoer.reconcile() == [] and undoer.expire() == []  # 10 s from the last failure
+    clock.advance(2 * RETRY_FIRST_S)
     assert "revert failed (attempt 3" in undoer.expire()[0]
     driver.fixed = True
     assert undoer.expire() == []  # 20 s now
