@@ -156,7 +156,7 @@ class AuditStats:
 
     lines: int = 0  # chained lines written by this writer
     failed_writes: int = 0  # writes that failed and were truncated back
-    lost: int = 0  # decisions that could not be written (each gap is then an audit-gap entry)
+    lost: int = 0  # decisions that could not be written (each gap then gets an audit-gap entry)
     refused_intents: int = 0  # intents not stored: their irreversible step did not run
     reopened: int = 0  # external rotations, truncations or removals followed
     mode_fixed: int = 0  # files found with a mode other than 0600 and fixed
@@ -171,6 +171,7 @@ class _Gap:
     last: float
     outcomes: Counter[str] = field(default_factory=Counter)
     intents: list[int] = field(default_factory=list)  # intents whose outcome was lost
+    refused: int = 0  # intents not written, so their steps were refused
 
     def entry(self) -> dict[str, Any]:
         lost = sum(self.outcomes.values())
@@ -182,7 +183,9 @@ class _Gap:
             "lost_from": self.first,
             "lost_to": self.last,
             "intents": self.intents,
-            "message": f"{lost} decision(s) could not be written to the audit: {self.error}",
+            "refused_intents": self.refused,
+            "message": f"{lost} decision(s) could not be written to the audit and "
+            f"{self.refused} irreversible step(s) were refused: {self.error}",
         }
 
 
@@ -273,7 +276,7 @@ class AuditLog:
             if intent is not None:
                 data["intent"] = intent  # this line is that intent's outcome
             try:
-                seq = self._commit([*self._head(), data], rotate=True)
+                seq = self._commit(data, rotate=True)
             except (OSError, AuditUnavailable) as err:
                 self._lost(decision, err, intent)
                 if decision.outcome == INTENT:
@@ -367,7 +370,9 @@ class AuditLog:
                 mine.st_ino,
             )
         ):
-            how = "closed" if mine is None else "removed" if at_path is None else "renamed"
+            how = (
+                "closed" if mine is None else "moved or removed" if at_path is None else "replaced"
+            )
             fd = self._open()
             if self._fd >= 0:
                 os.close(self._fd)
@@ -436,11 +441,10 @@ class AuditLog:
         return [*self._pending, *([self._gap.entry()] if self._gap else [])]
 
     def _flush_pending(self) -> bool:
-        head = self._head()
-        if not head:
+        if not self._head():
             return True
         try:
-            self._commit(head, rotate=False)
+            self._commit(None, rotate=False)
         except (OSError, AuditUnavailable) as err:
             self.stats.failed_writes += 1  # counted; the entries stay pending
             self._down(err)
@@ -448,18 +452,22 @@ class AuditLog:
         self._written()
         return True
 
-    def _commit(self, entries: list[dict[str, Any]], *, rotate: bool) -> int:
-        """Chain ``entries`` and write them with one write and one fsync; returns the ``seq``
-        of the last. On failure the file is cut back to where it was and nothing advances."""
+    def _commit(self, data: dict[str, Any] | None, *, rotate: bool) -> int:
+        """Chain what waits (events, a gap) and ``data`` and write them with one write and one
+        fsync; returns the ``seq`` of the last line. On failure the file is cut back to where it
+        was and nothing advances."""
         if self._truncate_to is not None:
             os.ftruncate(self._fd, self._truncate_to)
             self._size, self._truncate_to = self._truncate_to, None
-        self._follow()
+        self._follow()  # first: what it finds is said in the file the line goes to
+        entries = [*self._head(), *([] if data is None else [data])]
         seq, prev = self._seq, self._prev
         lines = []
-        for data in entries:
+        for entry in entries:
             seq += 1
-            raw = json.dumps({**data, "seq": seq, "prev": prev}, sort_keys=True, ensure_ascii=False)
+            raw = json.dumps(
+                {**entry, "seq": seq, "prev": prev}, sort_keys=True, ensure_ascii=False
+            )
             line = raw.encode("utf-8")
             prev = line_hash(line)
             lines.append(line)
@@ -520,11 +528,14 @@ class AuditLog:
 
     def _lost(self, decision: Decision, err: Exception, intent: int | None) -> None:
         self.stats.failed_writes += 1
-        self.stats.lost += 1
         self._down(err)
         gap = self._gap or _Gap(_why(err), decision.time, decision.time)
         gap.last = decision.time
-        gap.outcomes[decision.outcome] += 1
+        if decision.outcome == INTENT:
+            gap.refused += 1  # not a lost decision: its step did not run (refused_intents)
+        else:
+            self.stats.lost += 1
+            gap.outcomes[decision.outcome] += 1
         if intent is not None:
             gap.intents.append(intent)
         self._gap = gap
