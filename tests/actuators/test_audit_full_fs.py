@@ -33,8 +33,22 @@ pytestmark = pytest.mark.root
 SIZE = 64 * 1024
 
 
+@dataclass
+class TinyFs:
+    """A mounted 64 KiB tmpfs and the audit logs opened on it (closed before it is unmounted:
+    an open descriptor would keep it busy)."""
+
+    mnt: Path
+    logs: list[AuditLog] = field(default_factory=list)
+
+    def audit(self) -> AuditLog:
+        log = AuditLog(self.mnt / "audit.jsonl")
+        self.logs.append(log)
+        return log
+
+
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+def tiny_fs(tmp_path: Path) -> Iterator[TinyFs]:
     """A 64 KiB tmpfs, unmounted even when the test fails."""
     if os.geteuid() != 0:
         if os.environ.get("REMEDY_REQUIRE_BPF") == "1":
@@ -42,15 +56,21 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("needs root to mount a tmpfs")
     mnt = tmp_path / "full"
     mnt.mkdir()
-    source = f"remedy-{uuid.uuid4().hex[:8]}"
+    source = f"remedy-test-{uuid.uuid4().hex[:8]}"
     options = f"size={SIZE},mode=0700"
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, source, str(mnt)], check=True, timeout=30
     )
+    fs = TinyFs(mnt)
     try:
-        yield mnt
+        yield fs
     finally:
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        for log in fs.logs:
+            log.close()
+        done = subprocess.run(["umount", str(mnt)], check=False, timeout=30)
+        if done.returncode != 0:  # still busy somehow: detach it now, freed on last close
+            subprocess.run(["umount", "--lazy", str(mnt)], check=True, timeout=30)
+            pytest.fail(f"the test tmpfs at {mnt} was busy at teardown")
 
 
 def _fill(mnt: Path, leave: int) -> Path:
@@ -132,10 +152,10 @@ def _lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(raw) for raw in data.splitlines()]
 
 
-def test_a_full_filesystem_leaves_no_fragment_and_the_chain_verifies(tiny_fs: Path) -> None:
-    path = tiny_fs / "audit.jsonl"
-    audit = AuditLog(path)
-    _fill(tiny_fs, leave=8 * 1024)
+def test_a_full_filesystem_leaves_no_fragment_and_the_chain_verifies(tiny_fs: TinyFs) -> None:
+    audit = tiny_fs.audit()
+    path = audit.path
+    _fill(tiny_fs.mnt, leave=8 * 1024)
     decision = Decision(
         time=1_800_000_000.0, policy="fork-bomb", signal="fork_rate", pid=42, start_ticks=1042,
         comm="forker", ppid=1, exe="/usr/bin/forker", cgroup="/cg/a", count=200, window_s=1.0,
@@ -150,7 +170,7 @@ def test_a_full_filesystem_leaves_no_fragment_and_the_chain_verifies(tiny_fs: Pa
     assert 0 < len(written) < 20
     assert check(path).broken is None
 
-    (tiny_fs / "filler").unlink()
+    (tiny_fs.mnt / "filler").unlink()
     audit.record(replace(decision, pid=2000))
     audit.close()
     after = _lines(path)
@@ -161,9 +181,9 @@ def test_a_full_filesystem_leaves_no_fragment_and_the_chain_verifies(tiny_fs: Pa
     assert (report.broken, report.unfinished) == (None, ())
 
 
-def test_a_kill_is_refused_on_a_full_disk_and_a_quarantine_still_runs(tiny_fs: Path) -> None:
-    path = tiny_fs / "audit.jsonl"
-    audit = AuditLog(path)
+def test_a_kill_is_refused_on_a_full_disk_and_a_quarantine_still_runs(tiny_fs: TinyFs) -> None:
+    audit = tiny_fs.audit()
+    path = audit.path
     clock, executor, seen = FakeClock(), Executor(), Seen()
     engine = Engine(
         PolicySet((POLICY,), {PLAYBOOK.name: PLAYBOOK}),
@@ -173,7 +193,7 @@ def test_a_kill_is_refused_on_a_full_disk_and_a_quarantine_still_runs(tiny_fs: P
         clock=clock,
         protector=Protector(os.getpid(), frozenset({1})),
     )
-    filler = _fill(tiny_fs, leave=0)
+    filler = _fill(tiny_fs.mnt, leave=0)
 
     def next_step() -> None:
         clock.advance(3.0)
@@ -194,4 +214,3 @@ def test_a_kill_is_refused_on_a_full_disk_and_a_quarantine_still_runs(tiny_fs: P
     report = check(path)
     assert (report.broken, report.unfinished) == (None, ())
     engine.close()
-    audit.close()
