@@ -162,7 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--format", choices=("text", "json"), default="text")
 
     _audit_arguments(
-        sub.add_parser("audit", help="query the audit log; --verify: exit 4 if the chain broke")
+        sub.add_parser(
+            "audit",
+            help="query the audit log; --verify: exit 4 if the chain broke, "
+            "5 if an intent has no outcome",
+        )
     )
     return parser
 
@@ -344,7 +348,7 @@ def _observability(
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error, 3
     when `replay --against` finds the two policy sets deciding differently, 4 when `audit --verify`
-    finds the audit chain broken."""
+    finds the audit chain broken, 5 when it finds an intent with no outcome."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
