@@ -356,28 +356,22 @@ class AuditLog:
         Someone else may have renamed it away (logrotate ``create``), removed it, or cut it
         (logrotate ``copytruncate``): reopen, and say so in the new file; the chain carries on
         from the last line written, which is in the file that was moved or copied."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the audit log is closed")
         try:
             at_path = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             at_path = None
-        mine = os.fstat(self._fd) if self._fd >= 0 else None
-        if (
-            mine is None
-            or at_path is None
-            or (at_path.st_dev, at_path.st_ino)
-            != (
-                mine.st_dev,
-                mine.st_ino,
-            )
-        ):
-            how = (
-                "closed" if mine is None else "moved or removed" if at_path is None else "replaced"
-            )
+        mine = os.fstat(self._fd)
+        if at_path is None or (at_path.st_dev, at_path.st_ino) != (mine.st_dev, mine.st_ino):
+            how = "moved or removed" if at_path is None else "replaced"
             fd = self._open()
-            if self._fd >= 0:
-                os.close(self._fd)
+            os.close(self._fd)
             self._fd = fd
             self._size = os.fstat(fd).st_size
+            # A fragment waiting to be closed is in the file that was moved: it stays as it is.
+            self._prefix = b""
+            self._pending = [e for e in self._pending if e.get("event") != TORN_LINE]
             self._noted(how)
         elif mine.st_size != self._size:
             how = "truncated" if mine.st_size < self._size else "appended to"

@@ -290,3 +290,15 @@ def test_a_symlink_planted_under_a_running_writer_is_refused(tmp_path: Path) -> 
     log.close()
     assert [e.get("event") for e in _entries(path)] == [REOPENED, AUDIT_GAP, None]
     assert verify(path) == (6, None)
+
+
+def test_records_after_close_do_not_reopen_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = _log(path)
+    log.close()
+    path.rename(tmp_path / "audit.jsonl.1")
+    log.record(replace(BASE, pid=300))  # lost, counted
+    with pytest.raises(AuditUnavailable, match="closed"):
+        log.record(INTENT)
+    assert not path.exists()
+    assert log.stats.lost == 1
