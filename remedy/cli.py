@@ -197,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--format", choices=("text", "json"), default="text")
 
     _audit_arguments(
-        sub.add_parser("audit", help="query the audit log; --verify: exit 4 if the chain broke")
+        sub.add_parser(
+            "audit",
+            help="query the audit log; --verify: exit 4 if the chain broke, "
+            "5 if an intent has no outcome",
+        )
     )
     return parser
 
@@ -379,8 +383,8 @@ def _observability(
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 on success, 1 when the configuration is invalid, 2 on any other remedy error, 3
     when `replay --against` finds the two policy sets deciding differently, 4 when `audit --verify`
-    finds the audit chain broken, 75 when `reconcile` finds the journal held by an agent (2 when
-    a revert failed: it stays in the journal)."""
+    finds the audit chain broken, 5 when it finds an intent with no outcome, 75 when `reconcile`
+    finds the journal held by an agent (2 when a revert failed: it stays in the journal)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

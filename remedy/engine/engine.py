@@ -22,11 +22,13 @@ from remedy.clock import Clock
 from remedy.engine.decisions import (
     ACTED,
     BREAKER_TRIPPED,
+    INTENT,
     RECOVERED,
     SKIPPED,
     WOULD_ACT,
     Decision,
     DecisionSink,
+    writes_ahead,
 )
 from remedy.engine.guards import (
     Breakers,
@@ -334,6 +336,10 @@ class Engine:
             self._emit(case, WOULD_ACT, why, plan)
             return
         try:
+            if ends_process(step) is not None and writes_ahead(self._sink):
+                # Write-ahead: a kill must be in the audit before it happens. An audit that
+                # cannot take the intent raises AuditUnavailable, and the step is refused.
+                self._emit(case, INTENT, "about to end a process", plan)
             detail = self._executor.execute(step, offender.subject, policy)
         except ActionError as err:
             fire(offender, "hold")

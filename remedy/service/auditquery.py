@@ -11,13 +11,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from remedy.engine.decisions import INTENT
 from remedy.policy.durations import parse_duration
-from remedy.service.audit import GENESIS, TORN_LINE, line_hash, rotated_paths
+from remedy.service.audit import (
+    AUDIT_GAP,
+    GENESIS,
+    TORN_LINE,
+    UNFINISHED_INTENT,
+    line_hash,
+    rotated_paths,
+)
 
 __all__ = [
     "EXIT_BROKEN",
+    "EXIT_UNFINISHED",
     "AuditFilter",
     "Break",
+    "Report",
+    "Unfinished",
+    "check",
     "iter_entries",
     "main",
     "parse_since",
@@ -26,6 +38,8 @@ __all__ = [
 
 #: ``remedy audit --verify`` exit status when the chain is broken.
 EXIT_BROKEN = 4
+#: ``remedy audit --verify`` exit status when the chain is intact but an intent has no outcome.
+EXIT_UNFINISHED = 5
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -102,6 +116,65 @@ class Break:
         )
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """An intent with no outcome line: the step it announced may or may not have run."""
+
+    file: Path
+    line: int
+    seq: int
+    entry: dict[str, Any]
+    why: str
+
+    def __str__(self) -> str:
+        e = self.entry
+        return (
+            f"{self.file}:{self.line}: unfinished intent (seq {self.seq}, {e.get('ts', '?')}): "
+            f"{e.get('action')} of pid {e.get('pid')} ({e.get('comm')}), policy "
+            f"{e.get('policy')}: {self.why}"
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``--verify`` found: chained lines checked, the first break, unfinished intents."""
+
+    checked: int
+    broken: Break | None
+    unfinished: tuple[Unfinished, ...]
+
+
+class _Intents:
+    """Intents seen so far, crossed off by the outcome line that names them (``intent``)."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, Unfinished] = {}
+
+    def see(self, file: Path, line: int, entry: dict[str, Any]) -> None:
+        seq, event = entry.get("seq"), entry.get("event")
+        if event is None and entry.get("outcome") == INTENT and isinstance(seq, int):
+            why = "no outcome line follows: the agent stopped between the intent and its outcome"
+            self.open[seq] = Unfinished(file, line, seq, entry, why)
+        elif event is None and isinstance(entry.get("intent"), int):
+            self.open.pop(entry["intent"], None)
+        elif event == AUDIT_GAP:
+            for intent in entry.get("intents") or ():
+                self._annotate(
+                    intent,
+                    f"its outcome was lost while the audit could not be written "
+                    f"(audit-gap, seq {seq})",
+                    replace=True,
+                )
+        elif event == UNFINISHED_INTENT and isinstance(entry.get("intent"), int):
+            self._annotate(entry["intent"], f"reported by the next agent (seq {seq})")
+
+    def _annotate(self, intent: object, note: str, *, replace: bool = False) -> None:
+        found = self.open.get(intent) if isinstance(intent, int) else None
+        if found is not None:
+            why = note if replace else f"{found.why}; {note}"
+            self.open[found.seq] = Unfinished(found.file, found.line, found.seq, found.entry, why)
+
+
 def _torn_entry_for(raw_next: bytes, fragment: bytes) -> bool:
     """True when ``raw_next`` is the writer's ``torn-line`` entry naming ``fragment``."""
     try:
@@ -116,13 +189,26 @@ def _torn_entry_for(raw_next: bytes, fragment: bytes) -> bool:
 
 
 def verify(path: Path) -> tuple[int, Break | None]:
-    """Check the chain across ``path``'s rotated files and itself, oldest first. Returns the
-    number of chained lines checked and the first :class:`Break`, or None when intact.
+    """The chain part of :func:`check`: chained lines checked and the first break, or None."""
+    report = check(path)
+    return report.checked, report.broken
+
+
+def check(path: Path) -> Report:
+    """Check the chain across ``path``'s rotated files and itself, oldest first: the number of
+    chained lines checked, the first :class:`Break` (None when intact), and every intent no
+    outcome line answers (up to the break).
 
     The oldest file present may start anywhere in the chain (older files were rotated away), so
     its first ``prev`` is taken as found; every later line must name the hash of the line before
     it and carry the next ``seq``. A fragment the writer closed off after a crash is stepped over
     only when the very next line is the ``torn-line`` entry naming its hash."""
+    intents = _Intents()
+    checked, broken = _walk(path, intents)
+    return Report(checked, broken, tuple(intents.open.values()))
+
+
+def _walk(path: Path, intents: _Intents) -> tuple[int, Break | None]:
     expected: str | None = None
     expected_seq: int | None = None
     checked = 0
@@ -159,6 +245,7 @@ def verify(path: Path) -> tuple[int, Break | None]:
             expected = line_hash(raw)
             expected_seq = seq + 1 if isinstance(seq, int) else None
             checked += 1
+            intents.see(file, index + 1, entry)
         if tail:
             return checked, Break(
                 file,
@@ -182,6 +269,21 @@ def _print_entry(entry: dict[str, Any], fmt: str, out: TextIO) -> None:
     )
 
 
+def _main_verify(path: Path, out: TextIO) -> int:
+    report = check(path)
+    for unfinished in report.unfinished:
+        print(f"warning: {unfinished}", file=out)
+    if report.broken is not None:
+        print(f"chain broken after {report.checked} good line(s):\n{report.broken}", file=out)
+        return EXIT_BROKEN
+    intact = f"chain intact, {report.checked} line(s) in {len(rotated_paths(path))} file(s)"
+    if report.unfinished:
+        print(f"{intact}; {len(report.unfinished)} unfinished intent(s)", file=out)
+        return EXIT_UNFINISHED
+    print(f"ok: {intact}", file=out)
+    return 0
+
+
 def main(
     path: Path,
     *,
@@ -195,22 +297,16 @@ def main(
     err: TextIO | None = None,
 ) -> int:
     """``remedy audit``. With ``check`` (``--verify``): 0 when the chain is intact,
-    :data:`EXIT_BROKEN` when it is broken, the first break printed. Otherwise print the matching
-    decisions and return 0. A missing audit file is exit 2."""
+    :data:`EXIT_BROKEN` when it is broken (the first break printed), :data:`EXIT_UNFINISHED`
+    when it is intact but an intent has no outcome (a warning line for each). Otherwise print
+    the matching decisions and return 0. A missing audit file is exit 2."""
     out = out or sys.stdout  # looked up per call, so redirections (and pytest's capsys) apply
     err = err or sys.stderr
     if not rotated_paths(path):
         print(f"remedy: no audit file at {path}", file=err)
         return 2
     if check:
-        checked, broken = verify(path)
-        if broken is not None:
-            print(f"chain broken after {checked} good line(s):\n{broken}", file=out)
-            return EXIT_BROKEN
-        print(
-            f"ok: chain intact, {checked} line(s) in {len(rotated_paths(path))} file(s)", file=out
-        )
-        return 0
+        return _main_verify(path, out)
     try:
         cutoff = parse_since(since) if since is not None else None
     except ValueError as error:

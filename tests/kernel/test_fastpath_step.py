@@ -68,10 +68,12 @@ def test_a_kernel_step_kills_the_storm_at_its_next_fork(
         agent.stop()
     print(agent.output())
     assert rc == -9
-    [decision] = [
+    intent, decision = [
         json.loads(line)
         for line in (tmp_path / "audit.jsonl").read_text().splitlines()
         if json.loads(line)["pid"] == storm.pid
     ]
+    assert intent["outcome"] == "intent"  # an arm can end a process: written ahead
     assert decision["outcome"] == "acted"
+    assert decision["intent"] == intent["seq"]
     assert "armed: the kernel sends SIGKILL at its next fork" in decision["message"]

@@ -20,7 +20,7 @@ from remedy.service.auditquery import EXIT_BROKEN, AuditFilter, iter_entries, pa
 BASE = replace(_decision("would-act"), time=1_800_000_000.0, message="would quarantine pid 42")
 
 
-def _write(path: Path, n: int, **kwargs: int) -> None:
+def _write(path: Path, n: int, **kwargs: Any) -> None:
     log = AuditLog(path, **kwargs)
     for i in range(n):
         log.record(replace(BASE, pid=100 + i, time=BASE.time + i))
