@@ -85,7 +85,8 @@ make_venv() {
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
         "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
-        "$VENV/bin/python" -c "import remedy" || { loud "remedy did not install"; return 1; }
+        "$VENV/bin/python" -c "import remedy.cli, re2, transitions, psutil, cgroupspy" ||
+        { loud "remedy or one of its dependencies did not install"; return 1; }
         touch "$stamp"
         say "installed remedy and test extras into $VENV"
     else

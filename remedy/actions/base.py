@@ -87,7 +87,9 @@ class ActionContext:
             # directory, with no process to ask.
             return
         try:
-            origins = self.cgroups.origins(subject.pid)
+            origins = self.cgroups.origins(
+                checked(subject.pid, subject.handle, "reading its cgroups")
+            )
         except ActionError as err:
             raise CgroupError(
                 f"refusing to {what}: cannot read where it is", pid=subject.pid, cgroup=rel

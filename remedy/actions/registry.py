@@ -12,7 +12,7 @@ from remedy.actions.kill import Kill
 from remedy.actions.quarantine import Quarantine
 from remedy.actions.signals import Continue, Ionice, Notify, Renice, Stop, Terminate
 from remedy.actions.throttle import Freeze, IoWeight, LimitMemory, LimitPids, Thaw, ThrottleCpu
-from remedy.actions.timers import Timers
+from remedy.actions.timers import Announce, Timers
 from remedy.clock import Clock, SystemClock
 from remedy.engine.decisions import Decision
 from remedy.engine.offender import Subject
@@ -99,14 +99,15 @@ class ActionExecutor:
                 err.policy = policy.name
             raise
 
-    def tick(self) -> list[Decision]:
+    def tick(self, announce: Announce | None = None) -> list[Decision]:
         """Advance the timers (on the worker thread, from the engine's tick): the audit lines
-        of escalations that settled (SIGKILL sent, or every target exited in time)."""
-        return self.timers.tick()
+        of escalations that settled (SIGKILL sent, or every target exited in time). With
+        ``announce``, each SIGKILL is written ahead first (see :meth:`Timers.tick`)."""
+        return self.timers.tick(announce)
 
-    def close(self) -> list[Decision]:
+    def close(self, announce: Announce | None = None) -> list[Decision]:
         """The agent stops: settle every pending escalation (see remedy/actions/timers.py)."""
-        return self.timers.close()
+        return self.timers.close(announce)
 
     def _arm(self, step: Step, subject: Subject, policy: Policy) -> str:
         """A fork bomb forks again within microseconds: the kernel signals it right there,

@@ -140,6 +140,28 @@ def current_limits(rel: str, knobs: list[str], ctx: ActionContext) -> Limits:
     return Limits.from_raw(ctx.cgroups.version, raw)
 
 
+# A move that only means to contain (quarantine, throttle_cpu, limit_pids, freeze: steps that
+# never end a process) but carries a memory room below this (v2, where memory moves with the
+# process) would be an OOM kill at its next allocations, where it is the only candidate (at
+# home the kernel may reclaim or pick another): refused, so the playbook escalates through
+# steps that say they can end one.
+MEMORY_ROOM_FLOOR = 64 << 20
+
+
+def _refuse_an_oom_kill(pid: int, inherited: Limits, wanted: Limits, rel: str) -> None:
+    room = inherited.memory_max
+    if room is None or room >= MEMORY_ROOM_FLOOR:
+        return
+    if wanted.memory_max is not None:
+        return  # limit_memory: a step that says it can end a process (guarded as one)
+    raise CgroupError(
+        f"refusing to move it into a quarantine: its cgroups have only {room >> 20} MiB of "
+        f"memory left (under {MEMORY_ROOM_FLOOR >> 20} MiB), so the move would be an OOM kill",
+        pid=pid,
+        cgroup=rel,
+    )
+
+
 def into_quarantine(
     subject: Subject,
     rel: str,
@@ -169,6 +191,7 @@ def into_quarantine(
             # nothing to carry: the quarantine's own values are kept below, as they are.
             outside = {h: path for h, path in origins.items() if not within(path, rel)}
             inherited = ctx.cgroups.inherited(outside, ctx.cgroups.carried(wanted))
+            _refuse_an_oom_kill(pid, inherited, wanted, rel)
             limits = limits.tightened(inherited.without(*may_loosen))
         if ctx.cgroups.exists(rel):  # an earlier step's caps stay
             held = current_limits(rel, [k for k in INHERITED if k not in may_loosen], ctx)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from remedy.actions.process import ProcessHandle
 from remedy.clock import Clock
-from remedy.engine.decisions import ACTED, SKIPPED, Decision
+from remedy.engine.decisions import ACTED, INTENT, SKIPPED, AuditUnavailable, Decision
 from remedy.engine.offender import Handle, Subject
 from remedy.errors import ActionError, ProcessGone
 from remedy.policy import Policy, Step
@@ -39,6 +39,9 @@ from remedy.policy import Policy, Step
 __all__ = ["Escalation", "Held", "Timers", "hold"]
 
 log = logging.getLogger(__name__)
+
+Announce = Callable[[Decision], None]
+"""Stores an intent durably or raises :class:`AuditUnavailable` (the engine's write-ahead sink)."""
 
 
 @runtime_checkable
@@ -112,6 +115,11 @@ class Escalation:
             return None
         return self.kill()
 
+    def survivors(self) -> int:
+        """Close the pins of targets that exited; how many are still running."""
+        self._reap()
+        return len(self._alive)
+
     def kill(self) -> Settled:
         """SIGKILL every target still alive, through its own pidfd; close every pin."""
         killed = 0
@@ -155,6 +163,7 @@ class _Pending:
     subject: Subject
     step: Step
     started: float
+    announced: list[bool] = field(default_factory=lambda: [False])  # its SIGKILL's intent
 
 
 class Timers:
@@ -171,13 +180,18 @@ class Timers:
         """Track ``escalation`` until it settles (its pins are owned from here on)."""
         self._pending.append(_Pending(escalation, policy, subject, step, self._clock.monotonic()))
 
-    def tick(self) -> list[Decision]:
-        """Poll every pending escalation; the audit lines of those that settled."""
+    def tick(self, announce: Announce | None = None) -> list[Decision]:
+        """Poll every pending escalation; the audit lines of those that settled. With
+        ``announce``, a SIGKILL is sent only once its intent is stored: one the audit cannot
+        take stays pending (SIGTERM sent, no SIGKILL) and is tried again on the next tick."""
         if not self._pending:
             return []
         now = self._clock.monotonic()
         decisions, still = [], []
         for pending in self._pending:
+            if not self._announce(pending, now, announce):
+                still.append(pending)
+                continue
             decision = self._poll(pending, now)
             if decision is None:
                 still.append(pending)
@@ -186,15 +200,16 @@ class Timers:
         self._pending = still
         return decisions
 
-    def close(self) -> list[Decision]:
-        """The agent stops: carry out escalations already due, cancel the others (see the
-        module's docstring for why); the audit line of each."""
+    def close(self, announce: Announce | None = None) -> list[Decision]:
+        """The agent stops: carry out escalations already due (once their SIGKILL's intent is
+        stored), cancel the others (see the module's docstring for why); the audit line of
+        each."""
         now = self._clock.monotonic()
         decisions = []
         pending, self._pending = self._pending, []
         for item in pending:
             escalation = item.escalation
-            if now >= escalation.due:
+            if now >= escalation.due and self._announce(item, now, announce):
                 decision = self._poll(item, now)  # due: it settles now
                 if decision is not None:
                     decisions.append(decision)
@@ -204,12 +219,37 @@ class Timers:
             reason = (
                 f"agent stopping: SIGKILL cancelled with {left:.1f} s of its "
                 f"{escalation.grace_s:g} s grace left"
+                if left > 0
+                else "agent stopping: SIGKILL cancelled, its intent could not be audited"
             )
             alive = escalation.count - settled.exited
             detail = f"{alive} process(es) still running after SIGTERM, {settled.exited} exited"
             log.warning("terminate of pid %d: %s; %s", item.subject.pid, reason, detail)
             decisions.append(self._decision(item, SKIPPED, reason, detail))
         return decisions
+
+    def _announce(self, pending: _Pending, now: float, announce: Announce | None) -> bool:
+        """Whether ``pending`` may be polled: not due, nothing left to kill, no write-ahead
+        sink, or its SIGKILL's intent is stored (once)."""
+        escalation = pending.escalation
+        if announce is None or pending.announced[0] or now < escalation.due:
+            return True
+        alive = escalation.survivors()
+        if not alive:
+            return True
+        intent = self._decision(
+            pending,
+            INTENT,
+            f"grace of {escalation.grace_s:g} s over: about to SIGKILL",
+            f"{alive} process(es) still running after SIGTERM",
+        )
+        try:
+            announce(intent)
+        except AuditUnavailable as err:
+            log.error("terminate of pid %d: SIGKILL held: %s", pending.subject.pid, err)
+            return False
+        pending.announced[0] = True
+        return True
 
     def _poll(self, pending: _Pending, now: float) -> Decision | None:
         try:

@@ -18,6 +18,7 @@ from remedy.actions.journal import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
     Journal,
+    JournalError,
     RevertFailure,
     reconcile,
     retry_delay,
@@ -147,7 +148,11 @@ class Undoer:
 
     def _revert_all(self, records: Iterable[UndoRecord], reason: str) -> list[str]:
         # Newest first: a throttle applied after a move is taken back before the move is.
-        return [self.revert(r, reason) for r in reversed(list(records))]
+        first: list[Exception] = []
+        details = [self._contained(r, reason, first) for r in reversed(list(records))]
+        if first:
+            raise first[0]
+        return details
 
     def revert_offender(self, subject: Subject, reason: str) -> list[str]:
         return self._revert_all(self.journal.for_offender(subject.pid, subject.start_ticks), reason)
@@ -160,7 +165,8 @@ class Undoer:
         retry failed reverts whose delay has passed."""
         at = self.journal.now()
         failures = self.journal.failures()
-        details = []
+        details: list[str] = []
+        first: list[Exception] = []
         for record in reversed(self.journal.active()):
             failed = failures.get(record.id)
             if record.other_boot(at):
@@ -172,8 +178,19 @@ class Undoer:
             if failed is not None:
                 self.stats["revert-retried"] += 1
             reason = f"retry: {failed.reason}" if failed else "ttl expired"
-            details.append(self.revert(record, reason))
+            details.append(self._contained(record, reason, first))
+        if first:
+            raise first[0]  # after every due record was tried (a full journal fails them all)
         return details
+
+    def _contained(self, record: UndoRecord, reason: str, first: list[Exception]) -> str:
+        """:meth:`revert`; a journal that cannot take the line (ENOSPC) must not keep the
+        records after this one applied past their TTL: the error is kept for the caller."""
+        try:
+            return self.revert(record, reason)
+        except JournalError as err:
+            first.append(err)
+            return f"{record.action} on {record.cgroup}: reverted, not closed in the journal: {err}"
 
     def revert_all(self, reason: str) -> list[str]:
         return self._revert_all(self.journal.active(), reason)

@@ -69,9 +69,9 @@ class Timed(Protocol):
     """An executor with timers of its own (a terminate's grace period): advanced on every
     tick, settled on close; each returns the audit lines of what it did."""
 
-    def tick(self) -> list[Decision]: ...
+    def tick(self, announce: Callable[[Decision], None] | None = None) -> list[Decision]: ...
 
-    def close(self) -> list[Decision]: ...
+    def close(self, announce: Callable[[Decision], None] | None = None) -> list[Decision]: ...
 
 
 def _context_json(context: Context | None) -> dict[str, Any] | None:
@@ -284,15 +284,17 @@ class Engine:
         }
         for name in list(self._by_name):
             self._breakers.reset(name)
-        if self._undo is not None:
-            for name in old_limits.keys() - self._by_name.keys():
-                for detail in self._undo.revert_policy(name, "policy removed"):
-                    log.info("reverted (policy %s removed): %s", name, detail)
+        # Offenders of removed policies go first: one left behind (a revert below that raises,
+        # a full journal) would make every later tick raise KeyError on its policy name.
         for key, offender in list(self._offenders.items()):
             if offender.policy not in self._by_name:
                 if offender.state == "cooldown":
                     fire(offender, "cooled")
                 self._release(key, offender)
+        if self._undo is not None:
+            for name in old_limits.keys() - self._by_name.keys():
+                for detail in self._undo.revert_policy(name, "policy removed"):
+                    log.info("reverted (policy %s removed): %s", name, detail)
         self.stats["reloads"] += 1
 
     def _evaluate(self, policy: Policy, record: SensorRecord, subject: Subject) -> None:
@@ -345,6 +347,14 @@ class Engine:
             fire(offender, "hold")
             self._emit(case, err.outcome, str(err), plan)
             return
+        except Exception as err:
+            # Not an action's refusal (a full undo journal, an untranslated OSError, a bug):
+            # the step may have run half way. Answer its intent, put the offender back to
+            # observed (left in "remediating", every later record of it raises MachineError
+            # and it is never released), and let the worker contain and count the fault.
+            fire(offender, "hold")
+            self._emit(case, "error", f"{type(err).__name__}: {err}", plan)
+            raise
         self._breakers.record(policy, offender.subject, now)
         self._after_action(offender, policy, step, now)
         self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
@@ -505,14 +515,19 @@ class Engine:
         """Advance time: judge settled steps, end cooldowns, undo expired changes, release
         offenders that exited or went quiet."""
         now = self._clock.monotonic()
-        if isinstance(self._executor, Timed):
-            self._follow_up(self._executor.tick())
-        if self._undo is not None:
-            for detail in self._undo.expire():
-                # expire() also retries failed reverts; a retry that failed again is no revert.
-                failed = "revert failed" in detail
-                self.stats["revert-failed" if failed else "ttl-reverted"] += 1
-                log.log(logging.WARNING if failed else logging.INFO, "undo on tick: %s", detail)
+        # Each stage runs whatever the one before raised (a full undo journal must not keep
+        # cooldowns from ending or offenders from being released); the first error is raised
+        # at the end, for the worker to contain and count.
+        failure: Exception | None = None
+        try:
+            if isinstance(self._executor, Timed):
+                self._follow_up(self._executor.tick(self._announcer()))
+        except Exception as err:
+            failure = err
+        try:
+            self._expire()
+        except Exception as err:
+            failure = failure or err
         for key, offender in list(self._offenders.items()):
             policy = self._by_name[offender.policy]
             handle = offender.subject.handle
@@ -525,7 +540,32 @@ class Engine:
                 fire(offender, "cooled")
             quiet = now - offender.last_seen >= policy.release_after_s
             if offender.state == "observed" and (quiet or exited):
-                self._release(key, offender)
+                try:
+                    self._release(key, offender)
+                except Exception as err:  # its bookkeeping is done; the others go on
+                    failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def _expire(self) -> None:
+        if self._undo is None:
+            return
+        for detail in self._undo.expire():
+            # expire() also retries failed reverts; a retry that failed again is no revert.
+            failed = "revert failed" in detail
+            self.stats["revert-failed" if failed else "ttl-reverted"] += 1
+            log.log(logging.WARNING if failed else logging.INFO, "undo on tick: %s", detail)
+
+    def _announcer(self) -> Callable[[Decision], None] | None:
+        """Where a timer writes a deferred SIGKILL's intent: the write-ahead sink, if any."""
+        if not writes_ahead(self._sink):
+            return None
+
+        def announce(decision: Decision) -> None:
+            self.stats[f"decision-{decision.outcome}"] += 1
+            self._sink.record(decision)
+
+        return announce
 
     def _follow_up(self, decisions: list[Decision]) -> None:
         for decision in decisions:
@@ -587,10 +627,16 @@ class Engine:
     ) -> None:
         fire(offender, "release")
         self.stats["released"] += 1
+        failure: Exception | None = None
         if revert and self._undo is not None:
             # Quiet for release_after (or gone): it recovered. Take back what was changed.
-            for detail in self._undo.revert_offender(offender.subject, "released"):
-                log.info("reverted on release of pid %d: %s", offender.subject.pid, detail)
+            # A revert that raises (a full journal) must not leave a released offender in the
+            # table for ever, holding its pidfd: the records stay in the journal, retried.
+            try:
+                for detail in self._undo.revert_offender(offender.subject, "released"):
+                    log.info("reverted on release of pid %d: %s", offender.subject.pid, detail)
+            except Exception as err:
+                failure = err
         try:
             self._executor.release(offender.subject)
         except ActionError as err:
@@ -601,18 +647,34 @@ class Engine:
         handle = offender.subject.handle
         if handle is not None and not self._offenders_of(offender.subject):
             handle.close()  # the last offender of this process: nobody else holds the pidfd
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         """Release every offender (closes pidfds); take back every change unless told to keep
         them (they stay in the journal, with their TTLs, for the next start to honour)."""
-        if isinstance(self._executor, Timed):
-            self._follow_up(self._executor.close())
-        if self._undo is not None and not self._keep_on_close:
-            for detail in self._undo.revert_all("agent shutdown"):
-                log.info("reverted on shutdown: %s", detail)
+        # Every stage runs whatever an earlier one raised (a full journal): each offender is
+        # released and its pidfd closed; the first error is raised at the end.
+        failure: Exception | None = None
+        try:
+            if isinstance(self._executor, Timed):
+                self._follow_up(self._executor.close(self._announcer()))
+        except Exception as err:
+            failure = err
+        try:
+            if self._undo is not None and not self._keep_on_close:
+                for detail in self._undo.revert_all("agent shutdown"):
+                    log.info("reverted on shutdown: %s", detail)
+        except Exception as err:
+            failure = failure or err
         for key, offender in list(self._offenders.items()):
             if offender.state in ("suspect", "offending", "remediating"):
                 fire(offender, "hold")
             if offender.state == "cooldown":
                 fire(offender, "cooled")
-            self._release(key, offender, revert=not self._keep_on_close)
+            try:
+                self._release(key, offender, revert=not self._keep_on_close)
+            except Exception as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure

@@ -586,10 +586,18 @@ class FanOut:
 
     def record(self, decision: Decision) -> None:
         refused: AuditUnavailable | None = None
+        failed: Exception | None = None
         for sink in self._ahead if decision.outcome == INTENT else self._sinks:
             try:
                 sink.record(decision)
             except AuditUnavailable as err:
                 refused = refused or err
+            except Exception as err:
+                # One sink's fault (the console's stdout gone: EPIPE) must not keep the
+                # decision from the others, above all from the audit, whose intent it answers.
+                log.exception("decision sink %r failed", sink)
+                failed = failed or err
         if refused is not None:
             raise refused
+        if failed is not None:
+            raise failed

@@ -312,3 +312,18 @@ def test_a_v2_move_carries_every_limit_a_v1_one_only_its_hierarchies() -> None:
     assert set(v1.carried(Limits(memory_max=1 << 20))) == {
         "pids_max", "cpu_cores", "memory_max", "memory_high"
     }  # fmt: skip
+
+
+def test_a_containing_move_that_would_be_an_oom_kill_is_refused(
+    driver: CgroupV2Driver, cg_root: Path
+) -> None:
+    """v2 moves memory with the process: out of a cgroup with 8 MiB of anonymous room left, a
+    quarantine (a step that never ends a process) would be an OOM kill; limit_memory, which
+    says it can end one, is not refused by this rule."""
+    from remedy.actions.throttle import MEMORY_ROOM_FLOOR, _refuse_an_oom_kill  # noqa: PLC0415
+
+    tight = Limits(memory_max=8 << 20)
+    with pytest.raises(CgroupError, match="OOM kill"):
+        _refuse_an_oom_kill(42, tight, Limits(pids_max=32, cpu_cores=0.2), "/q")
+    _refuse_an_oom_kill(42, tight, Limits(memory_max=1 << 30), "/q")  # limit_memory: allowed
+    _refuse_an_oom_kill(42, Limits(memory_max=MEMORY_ROOM_FLOOR), Limits(pids_max=32), "/q")
