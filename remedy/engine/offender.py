@@ -187,7 +187,7 @@ def new_machine() -> Machine:
         auto_transitions=False,
         ignore_invalid_triggers=False,
     )
-    machine.models = _Models()
+    machine.models = _Models()  # type: ignore[assignment]  # duck-typed: the ops it uses
     return machine
 
 
