@@ -59,10 +59,10 @@ SubjectKey = tuple[int, int]  # (pid, start ticks); (0, inode) for a cgroup
 OffenderKey = tuple[int, int, str]  # with the policy's name
 
 
-def handle_budget(max_offenders: int) -> int:
+def handle_budget(max_offenders: int, soft_nofile: int | None = None) -> int:
     """How many pidfds the engine may hold: never more than one per offender, and well under
-    the process's soft fd limit as it stands now."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    the soft fd limit (``soft_nofile``; default: this process's as it stands now)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if soft_nofile is None else soft_nofile
     if soft == resource.RLIM_INFINITY:
         return max_offenders
     return max(1, min(max_offenders, int(soft * HANDLE_SHARE_OF_NOFILE)))

@@ -4,6 +4,7 @@ nothing may be evicted, and per-record work that does not grow with the number t
 
 from __future__ import annotations
 
+import resource
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ import pytest
 from remedy.actions.params import FreezeParams
 from remedy.clock import FakeClock
 from remedy.engine.decisions import Decision
-from remedy.engine.engine import Engine
+from remedy.engine.engine import Engine, handle_budget
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
@@ -235,12 +236,14 @@ def test_pidfds_are_capped_below_the_offender_cap() -> None:
 
 
 def test_the_default_pidfd_cap_is_well_under_the_fd_limit() -> None:
-    import resource
-
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     engine = rig().engine
     assert engine.max_offenders == 10_000
     assert engine.max_handles <= min(10_000, soft // 2)
+    # Started by hand with the usual soft limit of 1,024: EMFILE came at about 1,000 pidfds.
+    assert handle_budget(10_000, 1_024) == 512
+    assert handle_budget(10_000, 65_536) == 10_000
+    assert handle_budget(100, resource.RLIM_INFINITY) == 100
 
 
 @contextmanager
