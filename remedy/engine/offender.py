@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from transitions import Machine
@@ -205,3 +206,10 @@ def fire(offender: Offender, trigger: str) -> None:
 def detach(machine: Machine, offender: Offender) -> None:
     """Take ``offender`` off the machine (it keeps its state; it fires no more)."""
     machine.remove_model(offender)
+    # transitions binds every trigger and state test to the model as a partial holding the
+    # model: a cycle only the cyclic GC frees, so each offender released or evicted lingered
+    # until a full collection, whose cost grows with the heap (issue 11's bench: memory and
+    # cost per record rising with evictions). Unbound, the offender is freed when dropped.
+    for name, value in list(vars(offender).items()):
+        if isinstance(value, partial):
+            delattr(offender, name)

@@ -4,8 +4,10 @@ nothing may be evicted, and per-record work that does not grow with the number t
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -310,3 +312,21 @@ def test_the_state_machine_attaches_and_detaches_without_scanning_its_models() -
     for offender in offenders:
         detach(machine, offender)
     assert _Comparing.compared == 0
+
+
+def test_an_evicted_offender_is_freed_at_once_not_by_a_later_full_collection() -> None:
+    """transitions' bound triggers make each offender a reference cycle; left for the cyclic
+    GC, evicted offenders pile up and every full collection scans them all."""
+    r = rig(max_offenders=2)
+    r.feed(7)  # acted on: stays
+    r.feed(10)  # held by the rate limit: idle
+    [idle] = [o for o in r.engine.offenders() if o.subject.pid == 10]
+    ref = weakref.ref(idle)
+    del idle
+    gc.disable()
+    try:
+        r.feed(11)  # evicts 10
+        assert r.tracked() == {7, 11}
+        assert ref() is None
+    finally:
+        gc.enable()
