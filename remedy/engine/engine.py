@@ -55,6 +55,12 @@ DEFAULT_MAX_OFFENDERS = 10_000
 # BPF maps, sockets and bcc's own descriptors (issue 11: EMFILE from about 1,000 offenders).
 HANDLE_SHARE_OF_NOFILE = 0.5
 
+# The agent ticks after every record: a tick looks at this many offenders at least, and at as
+# many more as keep a full pass within SWEEP_PERIOD_S, so its cost is bounded per tick and per
+# second, not O(offenders) per record. Up to SWEEP_MIN offenders, every tick is a full pass.
+SWEEP_MIN = 32
+SWEEP_PERIOD_S = 1.0
+
 SubjectKey = tuple[int, int]  # (pid, start ticks); (0, inode) for a cgroup
 OffenderKey = tuple[int, int, str]  # with the policy's name
 
@@ -194,7 +200,9 @@ class Engine:
             self._rate_limited,
         )
         self._machine = new_machine()
-        self._offenders: dict[OffenderKey, Offender] = {}
+        # In sweep order: tick() takes them from the front and moves each to the back.
+        self._offenders: OrderedDict[OffenderKey, Offender] = OrderedDict()
+        self._swept_at: float | None = None
         # The same offenders by process: lookups by (pid, start) cost O(policies), not O(n).
         self._by_subject: dict[SubjectKey, dict[str, Offender]] = {}
         # Processes whose every offender may be evicted, least recently seen first.
@@ -629,20 +637,36 @@ class Engine:
                 failed = "revert failed" in detail
                 self.stats["revert-failed" if failed else "ttl-reverted"] += 1
                 log.log(logging.WARNING if failed else logging.INFO, "undo on tick: %s", detail)
-        for key, offender in list(self._offenders.items()):
-            policy = self._by_name[offender.policy]
-            handle = offender.subject.handle
-            exited = handle is not None and handle.has_exited()
-            judge = offender.judge_at
-            if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
-                self._judge(offender, policy, now)
-            else:
-                if offender.state == "cooldown" and (now >= offender.cooldown_until or exited):
-                    fire(offender, "cooled")
-                quiet = now - offender.last_seen >= policy.release_after_s
-                if offender.state == "observed" and (quiet or exited):
-                    self._release(key, offender)
-            self._refile(key[:2])  # out of cooldown, or released: evictable now, or gone
+        for _ in range(self._sweep_budget(now)):
+            if not self._offenders:
+                break
+            key = next(iter(self._offenders))
+            self._offenders.move_to_end(key)
+            self._sweep(key, self._offenders[key], now)
+
+    def _sweep_budget(self, now: float) -> int:
+        """How many offenders this tick looks at: all of them when few; else enough that a
+        full pass takes at most SWEEP_PERIOD_S, and never fewer than SWEEP_MIN."""
+        elapsed = SWEEP_PERIOD_S if self._swept_at is None else now - self._swept_at
+        self._swept_at = now
+        tracked = len(self._offenders)
+        share = math.ceil(tracked * min(1.0, max(0.0, elapsed) / SWEEP_PERIOD_S))
+        return min(tracked, max(SWEEP_MIN, share))
+
+    def _sweep(self, key: OffenderKey, offender: Offender, now: float) -> None:
+        policy = self._by_name[offender.policy]
+        handle = offender.subject.handle
+        exited = handle is not None and handle.has_exited()
+        judge = offender.judge_at
+        if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
+            self._judge(offender, policy, now)
+        else:
+            if offender.state == "cooldown" and (now >= offender.cooldown_until or exited):
+                fire(offender, "cooled")
+            quiet = now - offender.last_seen >= policy.release_after_s
+            if offender.state == "observed" and (quiet or exited):
+                self._release(key, offender)
+        self._refile(key[:2])  # out of cooldown, or released: evictable now, or gone
 
     def _follow_up(self, decisions: list[Decision]) -> None:
         for decision in decisions:

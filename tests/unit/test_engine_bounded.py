@@ -20,7 +20,7 @@ import pytest
 from remedy.actions.params import FreezeParams
 from remedy.clock import FakeClock
 from remedy.engine.decisions import Decision
-from remedy.engine.engine import Engine, handle_budget
+from remedy.engine.engine import SWEEP_MIN, SWEEP_PERIOD_S, Engine, handle_budget
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
 from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
@@ -49,9 +49,12 @@ POLICY = Policy(
 @dataclass
 class Handle:
     closed: bool = False
+    exited: bool = False
+    polled: int = 0  # has_exited() calls: what a tick's sweep costs, one per offender looked at
 
     def has_exited(self) -> bool:
-        return False
+        self.polled += 1
+        return self.exited
 
     def send_signal(self, sig: int) -> None:
         raise AssertionError("no signal is sent in these tests")
@@ -330,3 +333,37 @@ def test_an_evicted_offender_is_freed_at_once_not_by_a_later_full_collection() -
         assert ref() is None
     finally:
         gc.enable()
+
+
+def _polled(r: Rig) -> int:
+    return sum(h.polled for h in r.identifier.handles)
+
+
+def test_a_tick_looks_at_a_bounded_slice_and_still_sweeps_everyone_within_a_second() -> None:
+    """The agent ticks after every record: a tick that polled every offender's pidfd made the
+    cost per record O(offenders) again."""
+    r = rig(max_offenders=5_000, max_handles=5_000)
+    for pid in range(10, 5_010):
+        r.feed(pid)
+    r.engine.tick()  # the first tick is a full pass
+    before = _polled(r)
+    r.clock.advance(0.001)
+    r.engine.tick()
+    assert _polled(r) - before == SWEEP_MIN  # 1 ms of a 1 s pass of 5,000 is 5: the floor wins
+    # One of them exits: released within one sweep period of ticks, however many are tracked.
+    [gone] = [h for h in r.identifier.handles if not h.closed][2_500:2_501]
+    gone.exited = True
+    for _ in range(10):
+        r.clock.advance(SWEEP_PERIOD_S / 10)
+        r.engine.tick()
+    assert gone.closed
+    assert len(r.tracked()) == 4_999
+
+
+def test_few_offenders_are_all_swept_on_every_tick() -> None:
+    r = rig()
+    for pid in range(10, 10 + SWEEP_MIN):
+        r.feed(pid)
+    r.engine.tick()
+    r.engine.tick()  # no time passed: still every one of them, as before the slices
+    assert [h.polled for h in r.identifier.handles] == [2] * SWEEP_MIN
