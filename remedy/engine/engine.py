@@ -182,6 +182,8 @@ class Engine:
         self.policies = policies
         self._identifier = identifier
         self._executor = executor
+        # Checked once: a runtime Protocol check walks the protocol's attributes (per tick).
+        self._timed = executor if isinstance(executor, Timed) else None
         self._sink = sink
         self._clock = clock
         self._base_protector = protector
@@ -629,8 +631,8 @@ class Engine:
         """Advance time: judge settled steps, end cooldowns, undo expired changes, release
         offenders that exited or went quiet."""
         now = self._clock.monotonic()
-        if isinstance(self._executor, Timed):
-            self._follow_up(self._executor.tick())
+        if self._timed is not None:
+            self._follow_up(self._timed.tick())
         if self._undo is not None:
             for detail in self._undo.expire():
                 # expire() also retries failed reverts; a retry that failed again is no revert.
@@ -750,8 +752,8 @@ class Engine:
     def close(self) -> None:
         """Release every offender (closes pidfds); take back every change unless told to keep
         them (they stay in the journal, with their TTLs, for the next start to honour)."""
-        if isinstance(self._executor, Timed):
-            self._follow_up(self._executor.close())
+        if self._timed is not None:
+            self._follow_up(self._timed.close())
         if self._undo is not None and not self._keep_on_close:
             for detail in self._undo.revert_all("agent shutdown"):
                 log.info("reverted on shutdown: %s", detail)
