@@ -58,7 +58,7 @@ HANDLE_SHARE_OF_NOFILE = 0.5
 # The agent ticks after every record: a tick looks at this many offenders at least, and at as
 # many more as keep a full pass within SWEEP_PERIOD_S, so its cost is bounded per tick and per
 # second, not O(offenders) per record. Up to SWEEP_MIN offenders, every tick is a full pass.
-SWEEP_MIN = 32
+SWEEP_MIN = 16
 SWEEP_PERIOD_S = 1.0
 
 SubjectKey = tuple[int, int]  # (pid, start ticks); (0, inode) for a cgroup
@@ -656,6 +656,7 @@ class Engine:
         return min(tracked, max(SWEEP_MIN, share))
 
     def _sweep(self, key: OffenderKey, offender: Offender, now: float) -> None:
+        """Judge, cool down or release one offender whose time has come."""
         policy = self._by_name[offender.policy]
         handle = offender.subject.handle
         exited = handle is not None and handle.has_exited()
@@ -663,11 +664,14 @@ class Engine:
         if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
             self._judge(offender, policy, now)
         else:
-            if offender.state == "cooldown" and (now >= offender.cooldown_until or exited):
+            cooled = offender.state == "cooldown" and (now >= offender.cooldown_until or exited)
+            if cooled:
                 fire(offender, "cooled")
             quiet = now - offender.last_seen >= policy.release_after_s
             if offender.state == "observed" and (quiet or exited):
                 self._release(key, offender)
+            elif not cooled:
+                return  # nothing changed: its place among the idle stays as it was
         self._refile(key[:2])  # out of cooldown, or released: evictable now, or gone
 
     def _follow_up(self, decisions: list[Decision]) -> None:
