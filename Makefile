@@ -30,6 +30,7 @@ bench: setup
 	$(PY) -m bench.funnel
 	$(PY) -m bench.signals
 	$(PY) -m bench.fastpath
+	$(PY) -m bench.offenders
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache audit.jsonl

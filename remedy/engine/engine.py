@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter
+import resource
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,31 @@ from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
 
 log = logging.getLogger(__name__)
+
+# Offenders tracked at once (one per process or cgroup and policy). Beyond it the least recently
+# seen idle one is forgotten; when none may be, a new one is refused (see Engine).
+DEFAULT_MAX_OFFENDERS = 10_000
+# Open pidfds are kept to this share of the soft RLIMIT_NOFILE: the rest is the audit, journal,
+# BPF maps, sockets and bcc's own descriptors (issue 11: EMFILE from about 1,000 offenders).
+HANDLE_SHARE_OF_NOFILE = 0.5
+
+# The agent ticks after every record: a tick looks at this many offenders at least, and at as
+# many more as keep a full pass within SWEEP_PERIOD_S, so its cost is bounded per tick and per
+# second, not O(offenders) per record. Up to SWEEP_MIN offenders, every tick is a full pass.
+SWEEP_MIN = 16
+SWEEP_PERIOD_S = 1.0
+
+SubjectKey = tuple[int, int]  # (pid, start ticks); (0, inode) for a cgroup
+OffenderKey = tuple[int, int, str]  # with the policy's name
+
+
+def handle_budget(max_offenders: int, soft_nofile: int | None = None) -> int:
+    """How many pidfds the engine may hold: never more than one per offender, and well under
+    the soft fd limit (``soft_nofile``; default: this process's as it stands now)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if soft_nofile is None else soft_nofile
+    if soft == resource.RLIM_INFINITY:
+        return max_offenders
+    return max(1, min(max_offenders, int(soft * HANDLE_SHARE_OF_NOFILE)))
 
 
 class Identifier(Protocol):
@@ -143,10 +169,21 @@ class Engine:
         measure: Measure | None = None,
         undo: Undo | None = None,
         keep_on_close: bool = False,
+        max_offenders: int = DEFAULT_MAX_OFFENDERS,
+        max_handles: int | None = None,
     ) -> None:
+        """``max_offenders`` caps tracked offenders and ``max_handles`` the pidfds they hold
+        (default: :func:`handle_budget`). When a new offender does not fit, the least recently
+        seen idle one (observed, nothing applied) is evicted, its pidfd closed; one that is
+        remediating, cooling down or has applied a change is never evicted. When none can be,
+        the new offender is refused and its record audited as skipped."""
+        if max_offenders < 1 or (max_handles is not None and max_handles < 1):
+            raise ValueError("max_offenders and max_handles must be at least 1")
         self.policies = policies
         self._identifier = identifier
         self._executor = executor
+        # Checked once: a runtime Protocol check walks the protocol's attributes (per tick).
+        self._timed = executor if isinstance(executor, Timed) else None
         self._sink = sink
         self._clock = clock
         self._base_protector = protector
@@ -165,7 +202,16 @@ class Engine:
             self._rate_limited,
         )
         self._machine = new_machine()
-        self._offenders: dict[tuple[int, int, str], Offender] = {}
+        # In sweep order: tick() takes them from the front and moves each to the back.
+        self._offenders: OrderedDict[OffenderKey, Offender] = OrderedDict()
+        self._swept_at: float | None = None
+        # The same offenders by process: lookups by (pid, start) cost O(policies), not O(n).
+        self._by_subject: dict[SubjectKey, dict[str, Offender]] = {}
+        # Processes whose every offender may be evicted, least recently seen first.
+        self._idle: OrderedDict[SubjectKey, None] = OrderedDict()
+        self.max_offenders = max_offenders
+        self.max_handles = handle_budget(max_offenders) if max_handles is None else max_handles
+        self._handles = 0  # processes tracked with a pidfd (all their offenders share it)
         # Offenders whose current step changes their process (not a notify): only these can
         # hold precedence over other policies (see _holds).
         self._holders: set[tuple[int, int, str]] = set()
@@ -237,33 +283,106 @@ class Engine:
         # close the pidfd a later one acts through.
         if subject.handle is not None and not self._tracked(subject):
             subject.handle.close()
+        self._refile(subject.key, seen=True)
 
-    def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender:
+    def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender | None:
+        """The offender this record is about, made when new; None when the table is full of
+        offenders that may not be evicted."""
         key = (subject.pid, subject.start_ticks, policy.name)
         offender = self._offenders.get(key)
+        known = self._offenders_of(subject)
+        # In use now: never evicted to make room for its own offender under another policy
+        # (on_record files it again, as the most recently seen).
+        self._idle.pop(subject.key, None)
         if subject.is_cgroup:
             # The same cgroup (same inode) window after window, under every policy that tracks
             # it; what it holds now (members, the crossing process in its context) is this
             # record's. Its pin holds no descriptor, so nothing is shared or closed.
-            for other in self._offenders_of(subject):
+            for other in known:
                 other.subject = subject
             if offender is None:
-                offender = attach(self._machine, Offender(subject, policy.name, now, now))
-                self._offenders[key] = offender
+                offender = self._admit(key, Offender(subject, policy.name, now, now))
         elif offender is None:
             # Another policy may already track this process: share its subject and pidfd.
-            known = self._offenders_of(subject)
             if known:
                 if subject.handle is not None and subject.handle is not known[0].subject.handle:
                     subject.handle.close()
                 subject = known[0].subject
-            offender = attach(self._machine, Offender(subject, policy.name, now, now))
-            self._offenders[key] = offender
+            offender = self._admit(key, Offender(subject, policy.name, now, now))
         elif subject.handle is not None and subject.handle is not offender.subject.handle:
             subject.handle.close()  # the offender already holds a pidfd for this process
+        if offender is None:
+            return None
         offender.last_seen = now
         offender.records += 1
         return offender
+
+    # -- the offender table: bounded in offenders and pidfds, indexed by process -------------
+
+    def _admit(self, key: OffenderKey, offender: Offender) -> Offender | None:
+        """Track a new offender, evicting idle ones to make room; None when none can be."""
+        subject = offender.subject
+        new_pin = subject.key not in self._by_subject and _holds_fd(subject)
+        while len(self._offenders) >= self.max_offenders or (
+            new_pin and self._handles >= self.max_handles
+        ):
+            if not self._evict_one():
+                return None
+        attach(self._machine, offender)
+        self._offenders[key] = offender
+        self._by_subject.setdefault(subject.key, {})[offender.policy] = offender
+        if new_pin:
+            self._handles += 1
+        return offender
+
+    def _evict_one(self) -> bool:
+        """Forget the least recently seen idle process (all its offenders) and close its pidfd.
+        Idle: observed, nothing applied, so there is nothing to revert or disarm; a later
+        record of it starts over as a new offender."""
+        if not self._idle:
+            return False
+        skey, _ = self._idle.popitem(last=False)
+        group = self._by_subject.pop(skey)
+        for offender in group.values():
+            fire(offender, "release")
+            detach(self._machine, offender)
+            key = (skey[0], skey[1], offender.policy)
+            del self._offenders[key]
+            self._holders.discard(key)
+        subject = next(iter(group.values())).subject
+        self._unpin(subject)
+        self.stats["offenders-evicted"] += len(group)
+        log.debug("evicted idle offender pid %d (%d polic(ies))", subject.pid, len(group))
+        return True
+
+    def _unpin(self, subject: Subject) -> None:
+        """The last offender of this process is gone: nobody else holds its pidfd."""
+        if _holds_fd(subject):
+            self._handles -= 1
+        if subject.handle is not None:
+            subject.handle.close()
+
+    def _refile(self, skey: SubjectKey, *, seen: bool = False) -> None:
+        """Keep ``_idle`` true for one process after its offenders changed: evictable when every
+        one is observed with nothing applied; ``seen`` (a record) makes it the most recent."""
+        group = self._by_subject.get(skey)
+        if group is None or not all(_evictable(o) for o in group.values()):
+            self._idle.pop(skey, None)
+        elif seen or skey not in self._idle:
+            self._idle[skey] = None
+            self._idle.move_to_end(skey)
+
+    def _refuse(self, policy: Policy, record: SensorRecord, subject: Subject, now: float) -> None:
+        """No room for a new offender: audit the record as skipped, never crash."""
+        self.stats["offenders-refused"] += 1
+        case = self._case(policy, record, Offender(subject, policy.name, now, now))
+        self._emit(
+            case,
+            SKIPPED,
+            f"offender table full: {len(self._offenders)} offenders tracked "
+            f"(max {self.max_offenders}), {self._handles} pidfds (max {self.max_handles}), "
+            "none idle to evict",
+        )
 
     def reload(self, policies: PolicySet) -> None:
         """Swap in a new, already validated policy set, keeping what was learned: offenders of
@@ -306,6 +425,9 @@ class Engine:
             return
         now = self._clock.monotonic()
         offender = self._offender(policy, subject, now)
+        if offender is None:
+            self._refuse(policy, record, subject, now)
+            return
         case = self._case(policy, record, offender)
         step = case.step
 
@@ -337,6 +459,14 @@ class Engine:
                 why = f"demoted to monitor by its breaker: {demoted}"
             self._emit(case, WOULD_ACT, why, plan)
             return
+        self._act(case, plan, now)
+
+    def _act(self, case: _Case, plan: str, now: float) -> None:
+        """Run the step: every guard passed and it is not a dry run."""
+        offender, policy, step = case.offender, case.policy, case.step
+        # From here the step may change something (a failed apply too, half way): the journal
+        # may hold it, so this offender is never evicted, only released (which reverts).
+        offender.applied = True
         try:
             if ends_process(step) is not None and writes_ahead(self._sink):
                 # Write-ahead: a kill must be in the audit before it happens. An audit that
@@ -446,7 +576,8 @@ class Engine:
         self._emit(case, BREAKER_TRIPPED, reason)
 
     def _offenders_of(self, subject: Subject) -> list[Offender]:
-        return [o for (pid, start, _), o in self._offenders.items() if (pid, start) == subject.key]
+        group = self._by_subject.get(subject.key)
+        return list(group.values()) if group else []
 
     def _tracked(self, subject: Subject) -> bool:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
@@ -520,30 +651,23 @@ class Engine:
         # at the end, for the worker to contain and count.
         failure: Exception | None = None
         try:
-            if isinstance(self._executor, Timed):
-                self._follow_up(self._executor.tick(self._announcer()))
+            if self._timed is not None:
+                self._follow_up(self._timed.tick(self._announcer()))
         except Exception as err:
             failure = err
         try:
             self._expire()
         except Exception as err:
             failure = failure or err
-        for key, offender in list(self._offenders.items()):
-            policy = self._by_name[offender.policy]
-            handle = offender.subject.handle
-            exited = handle is not None and handle.has_exited()
-            judge = offender.judge_at
-            if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
-                self._judge(offender, policy, now)
-                continue
-            if offender.state == "cooldown" and (now >= offender.cooldown_until or exited):
-                fire(offender, "cooled")
-            quiet = now - offender.last_seen >= policy.release_after_s
-            if offender.state == "observed" and (quiet or exited):
-                try:
-                    self._release(key, offender)
-                except Exception as err:  # its bookkeeping is done; the others go on
-                    failure = failure or err
+        for _ in range(self._sweep_budget(now)):
+            if not self._offenders:
+                break
+            key = next(iter(self._offenders))
+            self._offenders.move_to_end(key)
+            try:
+                self._sweep(key, self._offenders[key], now)
+            except Exception as err:  # its bookkeeping is done; the others go on
+                failure = failure or err
         if failure is not None:
             raise failure
 
@@ -566,6 +690,34 @@ class Engine:
             self._sink.record(decision)
 
         return announce
+
+    def _sweep_budget(self, now: float) -> int:
+        """How many offenders this tick looks at: all of them when few; else enough that a
+        full pass takes at most SWEEP_PERIOD_S, and never fewer than SWEEP_MIN."""
+        elapsed = SWEEP_PERIOD_S if self._swept_at is None else now - self._swept_at
+        self._swept_at = now
+        tracked = len(self._offenders)
+        share = math.ceil(tracked * min(1.0, max(0.0, elapsed) / SWEEP_PERIOD_S))
+        return min(tracked, max(SWEEP_MIN, share))
+
+    def _sweep(self, key: OffenderKey, offender: Offender, now: float) -> None:
+        """Judge, cool down or release one offender whose time has come."""
+        policy = self._by_name[offender.policy]
+        handle = offender.subject.handle
+        exited = handle is not None and handle.has_exited()
+        judge = offender.judge_at
+        if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
+            self._judge(offender, policy, now)
+        else:
+            cooled = offender.state == "cooldown" and (now >= offender.cooldown_until or exited)
+            if cooled:
+                fire(offender, "cooled")
+            quiet = now - offender.last_seen >= policy.release_after_s
+            if offender.state == "observed" and (quiet or exited):
+                self._release(key, offender)
+            elif not cooled:
+                return  # nothing changed: its place among the idle stays as it was
+        self._refile(key[:2])  # out of cooldown, or released: evictable now, or gone
 
     def _follow_up(self, decisions: list[Decision]) -> None:
         for decision in decisions:
@@ -644,9 +796,13 @@ class Engine:
         detach(self._machine, offender)
         del self._offenders[key]
         self._holders.discard(key)
-        handle = offender.subject.handle
-        if handle is not None and not self._offenders_of(offender.subject):
-            handle.close()  # the last offender of this process: nobody else holds the pidfd
+        skey = key[:2]
+        group = self._by_subject[skey]
+        del group[offender.policy]
+        if not group:
+            del self._by_subject[skey]
+            self._idle.pop(skey, None)
+            self._unpin(offender.subject)
         if failure is not None:
             raise failure
 
@@ -657,8 +813,8 @@ class Engine:
         # released and its pidfd closed; the first error is raised at the end.
         failure: Exception | None = None
         try:
-            if isinstance(self._executor, Timed):
-                self._follow_up(self._executor.close(self._announcer()))
+            if self._timed is not None:
+                self._follow_up(self._timed.close(self._announcer()))
         except Exception as err:
             failure = err
         try:
@@ -678,3 +834,13 @@ class Engine:
                 failure = failure or err
         if failure is not None:
             raise failure
+
+
+def _holds_fd(subject: Subject) -> bool:
+    """A process offender's pin is a pidfd; a cgroup offender's holds no descriptor."""
+    return subject.handle is not None and not subject.is_cgroup
+
+
+def _evictable(offender: Offender) -> bool:
+    """Idle with nothing applied: forgetting it loses only what its next record relearns."""
+    return offender.state == "observed" and not offender.applied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import time
@@ -335,16 +336,27 @@ class KernelSensor:
         return int(entry.ppid), bytes(entry.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def stack(self, stack_id: int, *, user_pid: int | None = None) -> list[str]:
-        """Symbolized frames of a captured stack ("[unknown]" where no symbols exist)."""
+        """Symbolized frames of a captured stack ("[unknown]" where no symbols exist).
+
+        Read once: the id is then deleted from the stack map, and bcc's symbol cache for
+        ``user_pid`` freed. Neither is ever pruned otherwise: the map fills, and then
+        bpf_get_stackid fails (-EEXIST on a hash collision, without BPF_F_REUSE_STACKID) for
+        every new stack; bcc keeps one symbol cache per pid, for every offender, forever."""
         if stack_id < 0 or self._bpf is None:
             return []
+        stacks = self._table("stacks")
         try:
-            frames = list(self._table("stacks").walk(stack_id))
+            frames = list(stacks.walk(stack_id))
         except KeyError:
             return []
+        with contextlib.suppress(KeyError):  # a record with the same stack deleted it first
+            del stacks[stacks.Key(stack_id)]
         if user_pid is None:
             return [self._bpf.ksym(addr).decode("utf-8", "replace") for addr in frames]
-        return [self._bpf.sym(addr, user_pid).decode("utf-8", "replace") for addr in frames]
+        try:
+            return [self._bpf.sym(addr, user_pid).decode("utf-8", "replace") for addr in frames]
+        finally:
+            _drop_symbol_cache(self._bpf, user_pid)
 
     def table(self, name: str) -> Any:
         """A map of the loaded program by name (for companions such as ``FastPath``)."""
@@ -358,3 +370,15 @@ class KernelSensor:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+
+
+def _drop_symbol_cache(loaded: Any, pid: int) -> None:
+    """Free bcc's symbol cache for ``pid``: ``BPF.sym`` keeps one per pid in a class-wide dict
+    (``BPF._sym_caches``, bcc/__init__.py) with native memory that nothing frees."""
+    caches = getattr(type(loaded), "_sym_caches", None)
+    cache = caches.pop(pid, None) if isinstance(caches, dict) else None
+    if cache is None or getattr(cache, "cache", None) is None:
+        return
+    from bcc.libbcc import lib  # noqa: PLC0415 - optional dependency, kernel tier only
+
+    lib.bcc_free_symcache(cache.cache, pid)

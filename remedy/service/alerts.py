@@ -174,6 +174,10 @@ class Alerter:
         self._clock = clock
         self._lock = threading.Lock()
         self._open: dict[IncidentKey, _Incident] = {}
+        # The open incident of each (policy, pid): a decision finds the one a reused pid ends
+        # in O(1), not by scanning every open incident (issue 11). At most one: opening a new
+        # one resolves the earlier.
+        self._by_pid: dict[tuple[str, int], IncidentKey] = {}
         self._queue: queue.Queue[list[Alert] | None] = queue.Queue(maxsize=queue_size)
         self.stats = AlertStats()
         self._thread = threading.Thread(target=self._send_loop, name="remedy-alerts", daemon=True)
@@ -197,7 +201,8 @@ class Alerter:
             if key in self._open:
                 return  # the incident is already open: no alert storms
             # The pid was reused: the earlier process under this policy is gone.
-            for other in [k for k in self._open if k[:2] == key[:2]]:
+            other = self._by_pid.get((decision.policy, decision.pid))
+            if other is not None:
                 batch.append(self._resolve(other, now))
             alert = Alert(
                 labels={
@@ -220,6 +225,7 @@ class Alerter:
                 generator_url=self._generator_url,
             )
             self._open[key] = _Incident(alert, now)
+            self._by_pid[key[:2]] = key
             self.stats.fired += 1
             batch.append(alert)
         self._enqueue(batch)
@@ -244,6 +250,8 @@ class Alerter:
 
     def _resolve(self, key: IncidentKey, now: float) -> Alert:
         incident = self._open.pop(key)
+        if self._by_pid.get(key[:2]) == key:
+            del self._by_pid[key[:2]]
         self.stats.resolved += 1
         return replace(incident.alert, ends_at=now, resolved=True)
 
