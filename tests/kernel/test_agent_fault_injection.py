@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,9 @@ def _of(tmp_path: Path, pid: int) -> list[dict[str, Any]]:
     return [e for e in _audit(tmp_path) if e.get("pid") == pid and "event" not in e]
 
 
-def _wait_for(what: str, done: Any, timeout_s: float, agent: AgentProcess | None = None) -> None:
+def _wait_for(
+    what: str, done: Callable[[], bool], timeout_s: float, agent: AgentProcess | None = None
+) -> None:
     """Poll ``done()`` until true; fail after ``timeout_s``, or at once if the agent exited."""
     deadline = time.monotonic() + timeout_s
     while not done():
@@ -499,16 +501,23 @@ TIMER_S = 0.25  # how often the test's "timer" runs a reconcile pass (systemd's:
 LATE_S = 2.5  # a pass is a Python start-up: on time means within this of the TTL
 
 
+Pass = tuple[float, str, subprocess.CompletedProcess[str]]
+
+
+def _pass(repo: Path, journal: Path, qroot: str, pid: int) -> Pass:
+    """One reconcile pass as the unit runs it (the journal alone; the quarantine root only so
+    it matches this test's agent): when it ended, where ``pid`` was then, the pass."""
+    done = _remedy(repo, "reconcile", "--journal", str(journal), "--quarantine-root", qroot)
+    return _boottime(), _cgroup_of(pid), done
+
+
 def _timer(
     repo: Path, journal: Path, qroot: str, pid: int, *, home: str, until: float
-) -> list[tuple[float, str, subprocess.CompletedProcess[str]]]:
-    """Reconcile passes as remedy-reconcile.service runs them (the journal alone; the quarantine
-    root only so it matches this test's agent), every TIMER_S, until ``pid`` is back ``home``
-    or CLOCK_BOOTTIME reaches ``until``. Each: when it ended, where ``pid`` was then, the pass."""
+) -> list[Pass]:
+    """Passes every TIMER_S until ``pid`` is back ``home`` or CLOCK_BOOTTIME reaches ``until``."""
     passes = []
     while _boottime() < until:
-        done = _remedy(repo, "reconcile", "--journal", str(journal), "--quarantine-root", qroot)
-        passes.append((_boottime(), _cgroup_of(pid), done))
+        passes.append(_pass(repo, journal, qroot, pid))
         if passes[-1][1] == home:
             break
         time.sleep(TIMER_S)
@@ -527,7 +536,7 @@ def test_after_a_bad_policy_edit_reconcile_reverts_the_quarantine_on_time_with_n
     qroot = f"{test_cgroup.rel}/quarantine"
     agent = _start_agent(tmp_path, test_cgroup, repo_root, journal=journal)
     storm = _forker(test_cgroup, forks=100_000, seconds=30)
-    passes: list[tuple[float, str, subprocess.CompletedProcess[str]]] = []
+    passes: list[Pass] = []
     try:
         _wait_for(
             "the quarantine",
@@ -535,16 +544,17 @@ def test_after_a_bad_policy_edit_reconcile_reverts_the_quarantine_on_time_with_n
             15,
             agent,
         )
+        (policies / "fault.yaml").write_text(  # the bad edit, while it is applied
+            POLICY.format(rel=test_cgroup.rel).replace("threshold: 100", "threshold: lots")
+        )
         # The agent dies (a crash, the watchdog, the OOM killer); its quarantine stays, as it
-        # must until its TTL, and the restart finds a bad policy edit.
+        # must until its TTL, and the restart finds the bad edit.
         agent.proc.kill()
         agent.proc.wait(10)
         [applied] = [json.loads(x) for x in journal.read_text().splitlines()]
         record = applied["record"]
         due = record["boottime"] + TTL_S
-        (policies / "fault.yaml").write_text(
-            POLICY.format(rel=test_cgroup.rel).replace("threshold: 100", "threshold: lots")
-        )
+        passes = [_pass(repo_root, journal, qroot, storm.pid)]  # ExecStopPost
         check = _remedy(repo_root, "check", str(policies), str(playbooks))  # ExecStartPre
         # And the agent itself, started on the bad set anyway.
         refused = _remedy(
@@ -552,8 +562,8 @@ def test_after_a_bad_policy_edit_reconcile_reverts_the_quarantine_on_time_with_n
             *("run", "--policies", str(policies), "--playbooks", str(playbooks)),
             *("--journal", str(journal), "--duration", "30"),
         )
-        # ExecStopPost, then the timer: passes until the quarantine is gone (bounded).
-        passes = _timer(
+        # Then the timer, with no agent: passes until the quarantine is gone (bounded).
+        passes += _timer(
             repo_root, journal, qroot, storm.pid, home=test_cgroup.rel, until=due + LATE_S + 10
         )
         storm_alive = storm.poll() is None
