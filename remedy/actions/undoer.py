@@ -80,7 +80,18 @@ class Undoer:
         record = undoable.undo(
             params, subject, ctx, policy=policy, ttl_s=ttl_s, now_wall=self._clock.wall()
         )
-        record = self.journal.begin(record)  # stamped with the boot its TTL runs in
+        try:
+            record = self.journal.begin(record)  # stamped with the boot its TTL runs in
+        except JournalError as err:
+            # Not applied: a change the journal cannot hold would outlive its TTL after a
+            # crash. A refusal the engine audits; a JournalError escaping it left the offender
+            # half way through its transition, every later record failing (a full disk).
+            raise ActionError(
+                f"refused: its undo could not be journaled ({err})",
+                pid=subject.pid,
+                cgroup=subject.cgroup,
+                policy=policy,
+            ) from err
         try:
             detail = action.run(params, subject, ctx)
         except ActionError as err:
