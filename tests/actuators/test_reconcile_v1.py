@@ -66,20 +66,8 @@ def throttled(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
             (ROOT / h / rel[1:]).mkdir(parents=True)
             (ROOT / h / rel[1:] / "cgroup.procs").write_text(str(child.pid))
         handle = ProcessHandle.bind(child.pid, ProcFS())
-        info = handle.info
-        subject = Subject(
-            pid=info.pid,
-            start_ticks=info.start_ticks,
-            comm=info.comm,
-            ppid=info.ppid,
-            exe=info.exe,
-            uid=info.uid,
-            is_kernel_thread=False,
-            cgroup=rel,
-            cgroup_display=driver.display_path(rel),
-            handle=handle,
-            cgroup_inode=driver.inode(rel),
-        )
+        display, inode = driver.display_path(rel), driver.inode(rel)
+        subject = Subject.pinned(handle.info, handle, rel, display, cgroup_inode=inode)
         before = _quota(rel)
         path = tmp_path / "undo.jsonl"
         ctx = ActionContext(driver, ProcFS(), f"/{name}/q", scope="cgroup")
