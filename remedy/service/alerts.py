@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
-from remedy.engine.decisions import ACTED, BREAKER_TRIPPED, WOULD_ACT, Decision
+from remedy.engine.decisions import ACTED, AUDIT_UNAVAILABLE, BREAKER_TRIPPED, WOULD_ACT, Decision
 from remedy.service.agent import AgentSnapshot
 
 __all__ = [
@@ -45,7 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ALERTNAME = "RemedyOffender"
-FIRING_OUTCOMES = frozenset({ACTED, WOULD_ACT, BREAKER_TRIPPED})
+# audit-unavailable: a step that would end a process was refused because the audit could not
+# take its intent; someone must free the disk (issue 11: "loudly: stderr, metric, alert").
+FIRING_OUTCOMES = frozenset({ACTED, WOULD_ACT, BREAKER_TRIPPED, AUDIT_UNAVAILABLE})
 IncidentKey = tuple[str, int, int]  # policy, pid, start_ticks
 
 
@@ -191,7 +193,8 @@ class Alerter:
     # -- DecisionSink ---------------------------------------------------------------------------
 
     def record(self, decision: Decision) -> None:
-        """Fire on an incident's first acted, would-act or breaker-tripped decision."""
+        """Fire on an incident's first acted, would-act, breaker-tripped or audit-unavailable
+        decision."""
         if decision.outcome not in FIRING_OUTCOMES:
             return
         key = (decision.policy, decision.pid, decision.start_ticks)

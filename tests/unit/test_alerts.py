@@ -201,3 +201,14 @@ def test_log_target_writes_one_line_per_alert() -> None:
     assert len(lines) == 2
     assert lines[0].startswith("alert FIRING RemedyOffender ") and "pid=100" in lines[0]
     assert lines[1].startswith("alert RESOLVED RemedyOffender ")
+
+
+def test_a_kill_refused_because_the_audit_is_down_fires_an_alert() -> None:
+    """issue 11: while the audit cannot be written, irreversible steps stop, loudly."""
+    target, clock = ListTarget(), Clock()
+    alerter = Alerter([target], host="h1", clock=clock)
+    alerter.record(decision("audit-unavailable"))
+    alerter.close()
+    [fired] = target.batches[0]
+    assert fired.annotations["outcome"] == "audit-unavailable"
+    assert alerter.stats.fired == 1
