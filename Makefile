@@ -31,6 +31,7 @@ bench: setup
 	$(PY) -m bench.signals
 	$(PY) -m bench.fastpath
 	$(PY) -m bench.offenders
+	$(PY) -m bench.moves
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache audit.jsonl

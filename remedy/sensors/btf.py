@@ -242,9 +242,10 @@ def member_offsets(data: bytes, struct_name: str, fields: Iterable[str]) -> dict
     return Btf(data).offsets(struct_name, fields)
 
 
-def task_offsets(path: Path = VMLINUX) -> TaskOffsets:
-    """The running kernel's task_struct offsets; SensorError when it has no BTF."""
-    btf = Btf.read(path)
+def task_offsets(path: Path = VMLINUX, btf: Btf | None = None) -> TaskOffsets:
+    """The running kernel's task_struct offsets (from ``btf`` when already parsed); SensorError
+    when it has no BTF."""
+    btf = btf or Btf.read(path)
     signal: int | None
     live: int | None
     try:

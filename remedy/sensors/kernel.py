@@ -164,6 +164,7 @@ class KernelSensor:
         # Which hierarchy cgroup signals are keyed by: "cgroup2" or a v1 controller ("pids").
         self.cgroup_keys = cgroup_keys or key_hierarchy(cgroup_root)
         self._bpf: Any = None
+        self._btf: btf.Btf | None = None
         # CLOCK_BOOTTIME once every probe was attached: a process born later has its birth in
         # the births map (or a counted insert failure), one born earlier may not.
         self.started_ns = 0
@@ -171,8 +172,14 @@ class KernelSensor:
     def offsets(self) -> btf.TaskOffsets:
         """task_struct offsets of the running kernel (from its BTF, read once)."""
         if self._offsets is None:
-            self._offsets = btf.task_offsets()
+            self._offsets = btf.task_offsets(btf=self._kernel_btf())
         return self._offsets
+
+    def _kernel_btf(self) -> btf.Btf:
+        """/sys/kernel/btf/vmlinux parsed once (5 MB): task and cgroup offsets share it."""
+        if self._btf is None:
+            self._btf = btf.Btf.read()
+        return self._btf
 
     def defines(self, sections: tuple[str, ...]) -> dict[str, int]:
         defines = {
@@ -192,7 +199,8 @@ class KernelSensor:
     def _cgroup_key_defines(self) -> dict[str, int]:
         if self.cgroup_keys == "cgroup2":
             return {"REMEDY_CGROUP_KEY_V1": 0}
-        return {"REMEDY_CGROUP_KEY_V1": 1, **btf.cgroup_offsets(self.cgroup_keys).defines()}
+        offsets = btf.cgroup_offsets(self.cgroup_keys, btf=self._kernel_btf())
+        return {"REMEDY_CGROUP_KEY_V1": 1, **offsets.defines()}
 
     def source(self, settings: Mapping[str, SignalSettings]) -> str:
         """The program as bcc compiles it, with the configuration user space will write
