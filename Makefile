@@ -16,8 +16,8 @@ check: setup
 	$(REMEDY) check policies playbooks
 
 lint: setup
-	$(VENV)/bin/ruff check remedy tests bench
-	$(VENV)/bin/ruff format --check remedy tests bench
+	$(VENV)/bin/ruff check remedy tests bench testkit
+	$(VENV)/bin/ruff format --check remedy tests bench testkit
 	$(VENV)/bin/mypy
 
 test: setup lint

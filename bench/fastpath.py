@@ -31,8 +31,8 @@ from pathlib import Path
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 REPO = Path(__file__).resolve().parents[1]
 STORM = REPO / "tests" / "workloads" / "storm.py"

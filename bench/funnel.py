@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "funnel", "naive")

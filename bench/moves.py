@@ -21,7 +21,7 @@ from remedy.actions.base import checked
 from remedy.actions.cgroups import CgroupDriver, detect
 from remedy.actions.process import ProcessHandle
 from remedy.proc import ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 
 def _times(moves: int, move: Callable[[int], None]) -> list[float]:

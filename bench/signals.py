@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "remedy", "bpftrace")

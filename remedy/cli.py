@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="report what this host offers; exit 1 if BPF cannot run")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    from remedy.service import top  # noqa: PLC0415 - the control socket's client commands
+    from remedy.tools import top  # noqa: PLC0415 - the control socket's client commands
 
     top.add_parsers(sub, top.DEFAULT_SOCKET)
 
@@ -217,7 +217,7 @@ def _audit_arguments(audit: argparse.ArgumentParser) -> None:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from remedy.service.trace import Recorder, RecordOptions  # noqa: PLC0415 - needs bcc
+    from remedy.tools.trace import Recorder, RecordOptions  # noqa: PLC0415 - needs bcc
 
     recorder = Recorder(
         RecordOptions(
@@ -240,7 +240,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from remedy.service import replay  # noqa: PLC0415
+    from remedy.tools import replay  # noqa: PLC0415
 
     return replay.main(
         args.trace,
@@ -272,7 +272,7 @@ def _check(paths: Sequence[Path], fmt: str = "text") -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from remedy.policy import load_policy_set  # noqa: PLC0415
-    from remedy.service.explain import draw_states, explain, parse_facts  # noqa: PLC0415
+    from remedy.tools.explain import draw_states, explain, parse_facts  # noqa: PLC0415
 
     if args.diagram:
         print(f"state machine drawn to {draw_states(args.diagram)}")
@@ -289,7 +289,8 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so `remedy check` works on a host without bcc or cgroups.
     from remedy.policy import load_policy_set  # noqa: PLC0415
     from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
-    from remedy.service.agent import Agent, AgentOptions, signal_settings  # noqa: PLC0415
+    from remedy.sensors.startup import signal_settings  # noqa: PLC0415
+    from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
 
     if args.config is not None:
         _apply_config(args)
@@ -407,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "replay":
             return _replay(args)
         if args.command == "audit":
-            from remedy.service import auditquery  # noqa: PLC0415
+            from remedy.tools import auditquery  # noqa: PLC0415
 
             return auditquery.main(
                 args.path,
@@ -419,11 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fmt=args.format,
             )
         if args.command == "doctor":
-            from remedy.service.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
+            from remedy.tools.doctor import run_doctor  # noqa: PLC0415 - keeps `check` light
 
             return run_doctor(as_json=args.json)
         if args.command in ("status", "top", "silence", "release"):
-            from remedy.service import top  # noqa: PLC0415
+            from remedy.tools import top  # noqa: PLC0415
 
             return top.main(args)
         return _run(args)

@@ -13,7 +13,7 @@ from remedy.actions.cgroups import CgroupDriver
 from remedy.actions.process import ProcessHandle
 from remedy.engine.offender import Subject
 from remedy.proc import ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 __all__ = ["CgroupSandbox"]
 REQUIRE_BPF = os.environ.get("REMEDY_REQUIRE_BPF") == "1"

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from remedy.engine.decisions import ACTED, AUDIT_UNAVAILABLE, BREAKER_TRIPPED, WOULD_ACT, Decision
-from remedy.service.agent import AgentSnapshot
+from remedy.status import AgentSnapshot
 
 __all__ = [
     "ALERTNAME",

@@ -2,7 +2,7 @@
 
 Every line carries ``seq`` (its number, counted across rotations) and ``prev`` (the hex SHA-256 of
 the previous line's exact bytes, newline excluded), so an edited, deleted or reordered line breaks
-the chain; :mod:`remedy.service.auditquery` verifies it. A step that can end a process is written
+the chain; :mod:`remedy.tools.auditquery` verifies it. A step that can end a process is written
 ahead as an ``intent`` and the step is refused when the intent cannot be stored. Format and
 guarantees: docs/audit.md.
 """
@@ -10,7 +10,6 @@ guarantees: docs/audit.md.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -42,20 +41,20 @@ __all__ = [
     "rotated_paths",
 ]
 
+from remedy.auditformat import (
+    AUDIT_GAP,
+    DEFAULT_KEEP,
+    DEFAULT_MAX_BYTES,
+    GENESIS,
+    REOPENED,
+    TORN_LINE,
+    UNFINISHED_INTENT,
+    line_hash,
+    rotated_paths,
+)
+
 log = logging.getLogger(__name__)
 
-#: ``prev`` of the very first line of a fresh chain.
-GENESIS = "0" * 64
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_KEEP = 5
-#: ``event`` of the entry written after a line torn by a crash (see :meth:`AuditLog._recover`).
-TORN_LINE = "torn-line"
-#: ``event`` of the entry naming decisions that could not be written while the file was not.
-AUDIT_GAP = "audit-gap"
-#: ``event`` of the entry written when the file was rotated, truncated or removed from outside.
-REOPENED = "reopened"
-#: ``event`` of the entry a starting writer adds when the last line it finds is an intent.
-UNFINISHED_INTENT = "unfinished-intent"
 _TAIL_CHUNK = 64 * 1024
 # O_NOFOLLOW: the agent runs as root; a symlink planted at the audit path must not make it
 # append to (or chmod) whatever the link names.
@@ -66,24 +65,6 @@ Write = Callable[[int, bytes], int]
 Sync = Callable[[int], None]
 # What pairs an intent with its outcome: the next decision about the same offender and step.
 _IntentKey = tuple[str, int, int, int]
-
-
-def line_hash(raw: bytes) -> str:
-    """The chain hash of one line: hex SHA-256 of its exact bytes, without the newline."""
-    return hashlib.sha256(raw).hexdigest()
-
-
-def rotated_paths(path: Path) -> list[Path]:
-    """The audit files present for ``path``, oldest first: ``path.N`` … ``path.1``, ``path``."""
-    numbered: list[tuple[int, Path]] = []
-    for candidate in path.parent.glob(path.name + ".*"):
-        suffix = candidate.name[len(path.name) + 1 :]
-        if suffix.isdigit():
-            numbered.append((int(suffix), candidate))
-    files = [p for _, p in sorted(numbered, reverse=True)]
-    if path.exists():
-        files.append(path)
-    return files
 
 
 def _tail(path: Path) -> tuple[bytes | None, bytes]:

@@ -36,35 +36,33 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from remedy.errors import RemedyError
 from remedy.policy.model import Selector, Silence
 from remedy.policy.schema import SilenceDoc
+from remedy.status import (
+    AgentSnapshot,
+    ControlError,
+    DecisionView,
+    SilenceView,
+    StatusPayload,
+    encode_line,
+)
 
-if TYPE_CHECKING:  # the client side must not import the agent (and with it bcc)
+if TYPE_CHECKING:
     from remedy.engine.decisions import Decision
-    from remedy.service.agent import AgentSnapshot
 
 __all__ = [
-    "DEFAULT_SOCKET",
     "MAX_REQUEST",
     "OPS",
-    "ControlError",
     "ControlServer",
-    "DecisionView",
     "Handler",
-    "OffenderRow",
     "RecentDecisions",
-    "SilenceView",
     "StatusBoard",
-    "StatusPayload",
-    "ThrottleView",
     "WorkerInbox",
     "decision_view",
-    "request",
     "silence_from_request",
     "silence_view",
     "status_from",
@@ -72,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = Path("/run/remedy/control.sock")
 MAX_REQUEST = 64 * 1024  # one request line, newline included
 # A client gets this long to deliver each whole request line (not per recv: one byte a second
 # would keep a per-recv timeout waiting forever), and this long to read each answer.
@@ -89,68 +86,7 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 _UCRED = struct.Struct("iII")
 
 
-class ControlError(RemedyError):
-    """The control socket could not be served or reached, or the agent refused a request."""
-
-
 # -- the status payload ----------------------------------------------------------------------
-
-
-class OffenderRow(TypedDict):
-    pid: int
-    comm: str
-    policy: str
-    state: str
-    step: int
-
-
-class ThrottleView(TypedDict):
-    """A reversible change in force (an undo journal entry not yet reverted)."""
-
-    id: str
-    action: str
-    policy: str
-    pid: int | None
-    cgroup: str | None
-    expires: float  # wall-clock epoch seconds: reverted at the latest then
-    # {"attempts": n, "error": "..."} once a revert failed (still applied, being retried)
-    revert_failed: dict[str, Any] | None
-
-
-class DecisionView(TypedDict):
-    ts: str
-    policy: str
-    outcome: str
-    action: str | None
-    pid: int
-    comm: str
-    message: str
-
-
-class SilenceView(TypedDict):
-    name: str
-    author: str
-    reason: str
-    expires: float
-    match: dict[str, list[Any]]  # non-empty selector fields only
-    policies: list[str]
-
-
-class StatusPayload(TypedDict):
-    """What ``status`` answers; ``remedy top`` and ``remedy status`` render it."""
-
-    ok: bool
-    sensor: str
-    counters: dict[str, dict[str, int]]  # signal → SignalCounters fields
-    records_received: int
-    queue_full: int
-    engine: dict[str, int]
-    offenders: list[OffenderRow]
-    throttles: list[ThrottleView]
-    decisions: list[DecisionView]  # oldest first
-    silences: list[SilenceView]
-    cpu_s: float
-    max_rss_mib: float
 
 
 def status_from(
@@ -569,7 +505,7 @@ class ControlServer:
     def _refuse(self, conn: socket.socket, error: str) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(1.0)
-            conn.sendall(_line({"ok": False, "error": error}))
+            conn.sendall(encode_line({"ok": False, "error": error}))
 
     def _serve_then_release(self, conn: socket.socket) -> None:
         try:
@@ -588,7 +524,7 @@ class ControlServer:
         pid, uid, _gid = _UCRED.unpack(creds)
         if uid not in self.allowed_uids:
             log.warning("control socket: refused pid %d uid %d", pid, uid)
-            conn.sendall(_line({"ok": False, "error": "permission denied"}))
+            conn.sendall(encode_line({"ok": False, "error": "permission denied"}))
             return
         buffer = b""
         while not self._stopping.is_set():
@@ -597,11 +533,11 @@ class ControlServer:
                 if error is not None:
                     with contextlib.suppress(OSError):
                         conn.settimeout(1.0)
-                        conn.sendall(_line({"ok": False, "error": error}))
+                        conn.sendall(encode_line({"ok": False, "error": error}))
                 return
             if line.strip():
                 conn.settimeout(self.timeout_s)  # sendall: the whole answer within timeout_s
-                conn.sendall(_line(self._answer(line)))
+                conn.sendall(encode_line(self._answer(line)))
 
     def _read_request(
         self, conn: socket.socket, buffer: bytes
@@ -669,68 +605,3 @@ class ControlServer:
         except (TypeError, ValueError) as err:
             return {"ok": False, "error": f"response not serializable: {err}"}
         return response
-
-
-def _line(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-# -- the client ------------------------------------------------------------------------------
-
-MAX_RESPONSE = 16 * 1024 * 1024
-
-
-def request(path: Path, payload: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
-    """Send one request to the agent at ``path`` and return its response (``ok`` may be false:
-    the caller decides). ControlError when no agent listens, access is denied, or the agent does
-    not answer within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout_s)
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(
-                f"no agent listening on {path} (is `remedy run` running? --socket to point "
-                "elsewhere)"
-            ) from None
-        except PermissionError:
-            raise ControlError(
-                f"permission denied on {path}: the control socket is for root only"
-            ) from None
-        except OSError as err:
-            raise ControlError(f"cannot reach the agent on {path}: {err}") from err
-        try:
-            # The agent may answer and hang up before reading (permission denied, busy): that
-            # answer is still ours to read.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(_line(payload))
-            data = b""
-            while not data.endswith(b"\n"):
-                # One deadline for the whole answer, as on the server side.
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > MAX_RESPONSE:
-                    raise ControlError(f"the agent on {path} sent more than {MAX_RESPONSE} bytes")
-        except TimeoutError:
-            raise ControlError(
-                f"the agent on {path} did not answer within {timeout_s:g} s; a request that "
-                "changes something may still have been carried out: check `remedy status`"
-            ) from None
-        except OSError as err:
-            raise ControlError(f"lost the agent on {path}: {err}") from err
-    finally:
-        sock.close()
-    if not data:
-        raise ControlError(f"the agent on {path} closed the connection without answering")
-    try:
-        response = json.loads(data)
-    except json.JSONDecodeError as err:
-        raise ControlError(f"the agent on {path} answered with invalid JSON: {err}") from err
-    if not isinstance(response, dict):
-        raise ControlError(f"the agent on {path} answered with {type(response).__name__}")
-    return response

@@ -30,8 +30,8 @@ from prometheus_client.registry import Collector
 
 from remedy.engine.decisions import BREAKER_TRIPPED, Decision
 from remedy.engine.offender import STATES
-from remedy.service.agent import AgentSnapshot
 from remedy.service.health import Health, Verdict
+from remedy.status import AgentSnapshot
 
 __all__ = [
     "BPF_STATS_SYSCTL",

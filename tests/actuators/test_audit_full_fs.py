@@ -26,7 +26,7 @@ from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
 from remedy.sensors.context import Context
 from remedy.sensors.records import SensorRecord
 from remedy.service.audit import AUDIT_GAP, AuditLog, FanOut
-from remedy.service.auditquery import check
+from remedy.tools.auditquery import check
 
 pytestmark = pytest.mark.root
 

@@ -24,7 +24,7 @@ from remedy.actions.params import KillParams
 from remedy.engine.offender import Subject
 from remedy.errors import ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
 

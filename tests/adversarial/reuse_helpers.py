@@ -24,7 +24,7 @@ from remedy.actions.params import (
     TerminateParams,
     ThrottleCpuParams,
 )
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"

@@ -30,9 +30,9 @@ from remedy.policy import Policy, RateLimit, Selector
 from remedy.policy.model import NOTHING
 from remedy.proc import ProcFS
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
+from remedy.sensors.identify import ProcIdentifier
 from remedy.sensors.records import SensorRecord
-from remedy.service.identify import ProcIdentifier
-from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
+from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 

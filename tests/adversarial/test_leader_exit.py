@@ -18,7 +18,7 @@ from remedy.errors import IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.kernel import KernelSensor
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -26,10 +26,10 @@ from remedy.errors import ActionError, ProcessGone
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.fastpath import FastPath
+from remedy.sensors.identify import ProcIdentifier
 from remedy.sensors.kernel import KernelSensor, Sizes
 from remedy.sensors.records import SensorRecord
-from remedy.service.identify import ProcIdentifier
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -26,7 +26,7 @@ from remedy.actions.process import ProcessHandle
 from remedy.engine.guards import Protector
 from remedy.engine.offender import Subject
 from remedy.proc import ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 

@@ -20,8 +20,8 @@ from remedy.actions.registry import ACTIONS
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcessInfo, ProcFS
-from remedy.service.launcher import in_cgroups
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import in_cgroups
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
 Pin = Callable[..., Subject]  # the conftest fixture: pin(pid, driver, cgroup)

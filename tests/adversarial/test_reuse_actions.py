@@ -25,7 +25,7 @@ from remedy.actions.signals import ioprio_get
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError
 from remedy.proc import ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
 

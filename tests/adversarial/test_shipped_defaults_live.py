@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from remedy.engine.guards import NEVER_ENDS
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
-from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
+from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
 
 STORM = Path(__file__).resolve().parents[1] / "workloads" / "storm.py"
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_agent_containment import _agent, _forker
 
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -26,7 +26,7 @@ from test_agent_fault_injection import (
     _write_config,
 )
 
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from remedy.actions.undoer import RETRY_FIRST_S
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -29,11 +29,11 @@ from remedy.actions.quarantine import Quarantine
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.context import Enricher, ParentChain
+from remedy.sensors.identify import ProcIdentifier
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
-from remedy.service.identify import ProcIdentifier
-from remedy.service.launcher import AgentProcess, in_cgroups
-from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
+from testkit.launcher import AgentProcess, in_cgroups
+from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from remedy.service.control import request
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from remedy.status import request
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_service_observability import _alerts, _free_port, _get, _need, _until, alertmanager
 
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 __all__ = ["alertmanager"]  # the fixture, imported for this module's tests

@@ -19,7 +19,7 @@ from remedy.errors import ActionError
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.fastpath import ArmC, FastPath, PolicyC
 from remedy.sensors.kernel import KernelSensor
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -24,7 +24,7 @@ from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.kernel import KernelSensor, RecordC, SignalConfigC, Sizes
 from remedy.sensors.records import SensorRecord
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -21,8 +21,8 @@ from remedy.actions.params import QuarantineParams
 from remedy.actions.quarantine import Quarantine
 from remedy.engine.offender import Subject
 from remedy.proc import ProcFS
-from remedy.service.launcher import in_cgroups
-from remedy.service.sandbox import CGROUP_ROOT, CgroupSandbox
+from testkit.launcher import in_cgroups
+from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
 
 pytestmark = pytest.mark.root
 

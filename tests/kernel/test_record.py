@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from remedy.service import replay
-from remedy.service.sandbox import CgroupSandbox
-from remedy.service.trace import read_trace
+from remedy.tools import replay
+from remedy.tools.trace import read_trace
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

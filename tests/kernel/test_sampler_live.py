@@ -19,7 +19,7 @@ import pytest
 from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.sampler import ProcSampler
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc"),

@@ -19,7 +19,7 @@ from remedy.actions.quarantine import Quarantine
 from remedy.engine.offender import Subject
 from remedy.errors import ProtectedProcess
 from remedy.proc import ProcessInfo, ProcFS
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
 

@@ -21,10 +21,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from remedy.engine.decisions import Decision
-from remedy.service.agent import AgentSnapshot
 from remedy.service.alerts import Alerter, AlertmanagerTarget
-from remedy.service.launcher import AgentProcess
-from remedy.service.sandbox import CgroupSandbox
+from remedy.status import AgentSnapshot
+from testkit.launcher import AgentProcess
+from testkit.sandbox import CgroupSandbox
 
 REQUIRE = os.environ.get("REMEDY_REQUIRE_BPF") == "1"
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"

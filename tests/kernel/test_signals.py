@@ -18,7 +18,7 @@ from remedy.sensors.catalog import CATALOGUE, SignalSettings
 from remedy.sensors.context import CgroupIndex
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

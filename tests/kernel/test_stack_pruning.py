@@ -11,7 +11,7 @@ from kernel_helpers import Harness, start
 
 from remedy.sensors.catalog import CATALOGUE, SignalSettings
 from remedy.sensors.kernel import KernelSensor
-from remedy.service.sandbox import CgroupSandbox
+from testkit.sandbox import CgroupSandbox
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_ready")]
 

@@ -54,7 +54,7 @@ def _workloads(name: str) -> list[list[str]]:
 def record(name: str, config: Path) -> Path:
     """Record one trace: start the recorder, run the workloads to completion, stop it."""
     sys.path.insert(0, str(REPO))
-    from remedy.service.sandbox import CgroupSandbox  # noqa: PLC0415
+    from testkit.sandbox import CgroupSandbox  # noqa: PLC0415
 
     out = HERE / f"{name}.jsonl"
     log = (config / f"{name}.log").open("w+")
@@ -88,7 +88,7 @@ def record(name: str, config: Path) -> Path:
 def goldens(names: Sequence[str] = TRACES) -> None:
     """Replay each trace and write what it prints, byte for byte, next to it."""
     sys.path.insert(0, str(REPO))
-    from remedy.service import replay  # noqa: PLC0415
+    from remedy.tools import replay  # noqa: PLC0415
 
     for name in names:
         trace = HERE / f"{name}.jsonl"

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from remedy.engine.decisions import Decision
-from remedy.service.agent import AgentSnapshot, OffenderView
 from remedy.service.alerts import Alert, Alerter, AlertmanagerTarget, LogTarget, WebhookTarget
+from remedy.status import AgentSnapshot, OffenderView
 
 
 class Capture:

@@ -14,7 +14,7 @@ from test_audit import _decision
 
 from remedy.cli import main
 from remedy.service.audit import GENESIS, TORN_LINE, AuditLog, line_hash, rotated_paths
-from remedy.service.auditquery import EXIT_BROKEN, AuditFilter, iter_entries, parse_since, verify
+from remedy.tools.auditquery import EXIT_BROKEN, AuditFilter, iter_entries, parse_since, verify
 
 # The audit tests' decision, at a round time, so chained lines are easy to tell apart.
 BASE = replace(_decision("would-act"), time=1_800_000_000.0, message="would quarantine pid 42")

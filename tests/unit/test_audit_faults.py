@@ -27,7 +27,7 @@ from remedy.service.audit import (
     AuditLog,
     line_hash,
 )
-from remedy.service.auditquery import EXIT_BROKEN, EXIT_UNFINISHED, check, verify
+from remedy.tools.auditquery import EXIT_BROKEN, EXIT_UNFINISHED, check, verify
 
 KILL = replace(BASE, action="kill", step=1, dry_run=False, outcome="acted", reason="crossed")
 INTENT = replace(KILL, outcome="intent", reason="about to end a process")

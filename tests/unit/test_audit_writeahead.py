@@ -24,7 +24,7 @@ from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.policy import Playbook, PolicySet, Step
 from remedy.service.audit import AuditLog, FanOut
-from remedy.service.auditquery import check
+from remedy.tools.auditquery import check
 
 
 def _engine(

@@ -26,9 +26,9 @@ from remedy.errors import IdentityUnverified
 from remedy.policy import Playbook, Policy, PolicySet, RateLimit, Selector, Step
 from remedy.proc import ProcFS
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
+from remedy.sensors.identify import ProcIdentifier, RootCgroup
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.sampler import cgroup_key
-from remedy.service.identify import ProcIdentifier, RootCgroup
 
 GONE = 4_000_000  # above pid_max: the crossing process exists nowhere (it exited long ago)
 AGENT = 999

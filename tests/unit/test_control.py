@@ -18,12 +18,11 @@ import pytest
 from remedy.service.control import (
     MAX_CONNECTIONS,
     MAX_REQUEST,
-    ControlError,
     ControlServer,
     WorkerInbox,
-    request,
     silence_from_request,
 )
+from remedy.status import ControlError, request
 
 
 def _echo(req: dict[str, Any]) -> dict[str, Any]:

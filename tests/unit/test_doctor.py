@@ -12,7 +12,7 @@ import pytest
 from btf_blob import blob
 
 from remedy.sensors.catalog import CATALOGUE
-from remedy.service.doctor import (
+from remedy.tools.doctor import (
     Check,
     Host,
     check_bcc,

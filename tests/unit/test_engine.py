@@ -602,7 +602,7 @@ def test_degraded_data_still_runs_reversible_steps(step: Step) -> None:
 def test_the_agents_loss_taint_reaches_the_guard() -> None:
     # A ring buffer loss taints the signal for two windows (LossWatch.mark, on the worker,
     # before the engine sees the record): a terminate on such a record is refused.
-    from remedy.service.agent import LossWatch  # noqa: PLC0415
+    from remedy.sensors.startup import LossWatch  # noqa: PLC0415
 
     r = rig(subject(42), playbook=ladder(Step("terminate", TerminateParams())))
     losses = LossWatch({"fork_rate": SignalSettings(1.0, 200)})

@@ -14,7 +14,7 @@ from remedy.actions.journal import JournalError
 from remedy.actions.params import KillParams, QuarantineParams
 from remedy.policy import Step
 from remedy.service.audit import AuditLog
-from remedy.service.auditquery import check
+from remedy.tools.auditquery import check
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from test_audit_faults import FlakyWrite
 from test_terminate_timer import GRACE_S, FakeProcess, ListSink, _record, _rig
 
 from remedy.service.audit import AuditLog, FanOut
-from remedy.service.auditquery import check
+from remedy.tools.auditquery import check
 
 
 def test_the_sigkill_is_written_ahead_and_held_while_the_audit_is_down(tmp_path: Path) -> None:

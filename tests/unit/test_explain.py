@@ -10,7 +10,7 @@ from test_engine import PLAYBOOK, POLICY
 
 from remedy.errors import RemedyError
 from remedy.policy import PolicySet, Selector, Silence
-from remedy.service.explain import draw_states, explain, parse_facts
+from remedy.tools.explain import draw_states, explain, parse_facts
 
 
 def test_policies_are_listed_in_precedence_order_with_reasons() -> None:

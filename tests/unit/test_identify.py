@@ -18,8 +18,8 @@ from remedy.engine.offender import Subject
 from remedy.errors import ActionError, CgroupError, IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain
+from remedy.sensors.identify import ProcIdentifier
 from remedy.sensors.records import SensorRecord
-from remedy.service.identify import ProcIdentifier
 
 ME = os.getpid()
 FAKE = "/deleg/x\n0::/system.slice/victim.service"  # a cgroup name faking a second v2 line

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from remedy.engine.decisions import Decision
 from remedy.sensors.catalog import SignalCounters
-from remedy.service.agent import AgentSnapshot, OffenderView
 from remedy.service.control import status_from
 from remedy.service.metrics import Metrics, bpf_program_stats, enable_bpf_stats, reason_class
+from remedy.status import AgentSnapshot, OffenderView
 
 REQUIRE = os.environ.get("REMEDY_REQUIRE_BPF") == "1"
 

@@ -12,7 +12,8 @@ import pytest
 from remedy.cli import main
 from remedy.errors import ConfigErrors
 from remedy.policy import Facts, RegexError, Selector, Silence, check_paths
-from remedy.service.control import ControlError, silence_from_request
+from remedy.service.control import silence_from_request
+from remedy.status import ControlError
 
 # Exponential for a backtracking engine: each of the 255 letters can end a group or not, and
 # the final "!" makes every split fail. Python's re needs ~1 s at 24 characters, x4 per 2 more.

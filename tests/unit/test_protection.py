@@ -27,7 +27,7 @@ from remedy.policy import Policy, PolicySet, Step
 from remedy.policy.loader import check_paths
 from remedy.proc import ProcessInfo, ProcFS
 from remedy.sensors.records import SensorRecord
-from remedy.service.explain import explain, parse_facts
+from remedy.tools.explain import explain, parse_facts
 
 # A root-owned binary in root-owned, non-writable directories on every Linux host.
 SYSTEM_EXE = "/usr/bin/sleep"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from remedy.cli import main as cli_main
-from remedy.service import replay
-from remedy.service.trace import TraceError, read_trace
+from remedy.tools import replay
+from remedy.tools.trace import TraceError, read_trace
 
 TRACES = Path(__file__).resolve().parents[1] / "traces"
 POLICIES = TRACES / "policies"

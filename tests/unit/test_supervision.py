@@ -24,7 +24,6 @@ from remedy.engine.decisions import Decision
 from remedy.errors import RemedyError
 from remedy.sensors.catalog import SignalCounters
 from remedy.sensors.records import SensorRecord
-from remedy.service import auditquery
 from remedy.service.agent import Agent, AgentOptions
 from remedy.service.audit import AuditLog
 from remedy.service.health import (
@@ -35,6 +34,7 @@ from remedy.service.health import (
     supervise,
 )
 from remedy.service.metrics import Metrics
+from remedy.tools import auditquery
 
 BOUND_S = 5.0  # every wait in this file ends within this, pass or fail
 

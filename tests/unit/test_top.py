@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from remedy.service.control import ControlServer
-from remedy.service.top import Rates, format_status, render_top
+from remedy.tools.top import Rates, format_status, render_top
 
 STATUS: dict[str, Any] = {
     "ok": True,

@@ -14,7 +14,7 @@ have handled them::
 ``t`` is monotonic seconds since the sensor was ready; ``subject`` is what identification read
 (pid, start_ticks, comm, ppid, exe, uid, is_kernel_thread, cgroup, cgroup_display, parents,
 context, stack), or null when the process was already gone. ``remedy replay`` feeds a trace to
-the real engine (see remedy/service/replay.py and docs/replay.md).
+the real engine (see remedy/tools/replay.py and docs/replay.md).
 
 Reading validates every line and rejects the whole trace on the first bad one with a
 :class:`TraceError` that names the file and the line, as the policy loader does for YAML:
@@ -47,7 +47,7 @@ from remedy.sensors.catalog import SIGNALS, Sensor, SignalSettings
 from remedy.sensors.context import Ancestor, ContainerRef, Context, PodRef
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
-from remedy.service.agent import (
+from remedy.sensors.startup import (
     LossWatch,
     SensorChoice,
     identifier_for,

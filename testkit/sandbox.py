@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from remedy.service.launcher import in_cgroups
+from testkit.launcher import in_cgroups
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -11,9 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from remedy.engine.decisions import INTENT
-from remedy.policy.durations import parse_duration
-from remedy.service.audit import (
+from remedy.auditformat import (
     AUDIT_GAP,
     GENESIS,
     TORN_LINE,
@@ -21,6 +19,8 @@ from remedy.service.audit import (
     line_hash,
     rotated_paths,
 )
+from remedy.engine.decisions import INTENT
+from remedy.policy.durations import parse_duration
 
 __all__ = [
     "EXIT_BROKEN",

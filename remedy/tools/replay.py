@@ -46,8 +46,8 @@ from remedy.policy import Policy, PolicySet, Step, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Mode, SignalSettings
 from remedy.sensors.records import SensorRecord
-from remedy.service.agent import signal_settings
-from remedy.service.trace import TraceEntry, TraceHeader, read_trace
+from remedy.sensors.startup import signal_settings
+from remedy.tools.trace import TraceEntry, TraceHeader, read_trace
 
 __all__ = [
     "DIVERGED",

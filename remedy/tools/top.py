@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from remedy.policy.durations import parse_duration
-from remedy.service.control import DEFAULT_SOCKET, ControlError, request
+from remedy.status import DEFAULT_SOCKET, ControlError, request
 
 __all__ = [
     "DEFAULT_SOCKET",
