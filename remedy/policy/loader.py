@@ -24,6 +24,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from remedy.actions.params import PARAMS, ActionParams
+from remedy.compiler.compile import plan_problems
 from remedy.errors import ConfigError, ConfigErrors
 from remedy.policy.model import (
     Breaker,
@@ -253,11 +254,6 @@ def _selector(spec: MatchDoc) -> Selector:
     )
 
 
-def _filter_of(policy: Policy) -> tuple[float, int, int, float]:
-    """What the kernel filter of a policy's signal holds (one per signal; see signal_settings)."""
-    return (policy.window_s, policy.threshold, policy.sustain, policy.lifetime_s)
-
-
 def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -424,6 +420,7 @@ class _Loader:
             scope="cgroup" if per_cgroup else spec.scope,
             exclude=_selector(spec.exclude),
             breaker=Breaker(max_offenders=spec.breaker.max_offenders, per_s=spec.breaker.per),
+            kernel=spec.kernel,
         )
         self.policies.append((policy, doc))
 
@@ -574,21 +571,11 @@ class _Loader:
             playbooks.setdefault(playbook.name, playbook)
 
         names = self._unique("Policy", ((p.name, doc) for p, doc in self.policies))
-        by_signal: dict[str, Policy] = {}
+        docs = {id(policy): doc for policy, doc in self.policies}
+        # Limits of the kernel's tiers and window classes, with the policy's file and line.
+        for problem in plan_problems(policy for policy, _ in self.policies):
+            self.error(docs[id(problem.policy)], problem.key, problem.message)
         for policy, doc in self.policies:
-            first = by_signal.setdefault(policy.signal, policy)
-            if first is not policy and _filter_of(first) != _filter_of(policy):
-                # The kernel filter holds a single threshold and window per signal, so a second
-                # policy could never see events the first one's filter did not already pass.
-                # Policies that share the filter exactly (they differ in whom they select and
-                # what they do) see the same records: the engine evaluates each.
-                self.error(
-                    doc,
-                    "signal",
-                    f"policy {first.name!r} in {first.file} already watches {policy.signal!r}; "
-                    "only one policy per signal is supported, unless both have the same "
-                    "threshold, window, for and lifetime",
-                )
             if SIGNALS[policy.signal].key == "cgroup" and policy.playbook in playbooks:
                 self._check_cgroup_playbook(doc, policy, playbooks[policy.playbook])
             if policy.playbook not in playbooks and policy.playbook not in self.broken["Playbook"]:

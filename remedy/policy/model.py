@@ -183,6 +183,7 @@ class Policy:
     exclude: Selector = field(default_factory=lambda: NOTHING)  # never act on these
     breaker: Breaker = field(default_factory=Breaker)
     scope: str = "process"  # one of SCOPES: the process, its tree, or its whole cgroup
+    kernel: str | None = None  # "kill" / "stop": the kernel enforces at the threshold itself
 
     @property
     def mode(self) -> str:
@@ -227,8 +228,7 @@ class PolicySet:
     """Every policy and playbook of one configuration, cross-checked by the loader.
 
     Invariant (when built by the loader): every policy's playbook is in ``playbooks``, names are
-    unique, and the policies watching one signal share its kernel filter (threshold, window,
-    sustain, lifetime).
+    unique, and the set compiles (:func:`remedy.compiler.plan_problems` finds nothing).
     """
 
     policies: tuple[Policy, ...]

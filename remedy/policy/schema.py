@@ -282,6 +282,9 @@ class PolicyDoc(_KindDoc):
     # The old spelling of ``for``; the loader refuses both in one document.
     sustain: int = Field(default=1, ge=1, le=1000, json_schema_extra={"deprecated": True})
     lifetime: PositiveDuration = 0.1
+    # In-kernel enforcement at the threshold: the kernel itself signals the forker on every
+    # fork at or over it (fork_rate only; see remedy/compiler). None: user space decides alone.
+    kernel: Literal["kill", "stop"] | None = None
 
     @field_validator("signal")
     @classmethod

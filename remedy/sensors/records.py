@@ -30,6 +30,11 @@ class SensorRecord:
     kstack_id: int = -1  # ids in the sensor's stack map; -1 when none
     ustack_id: int = -1
     sampled: bool = False  # from the /proc sampler: lower timing precision
+    # The tier that crossed (remedy.compiler.plan.Tier.rule; 0: none) and the plan generation
+    # it was written with: the engine routes by these, so a record in flight across a reload
+    # reaches the policy that produced it.
+    rule: int = 0
+    generation: int = 0
 
     def describe(self, threshold: int, noun: str = "events") -> str:
         """Human wording, e.g. "200 forks in 0.08 s (≥ 200 per 1 s)"."""

@@ -347,11 +347,49 @@ def test_unknown_kind_lists_every_kind(tmp_path: Path) -> None:
     assert "Policy, Playbook, Silence or Protection" in error.message
 
 
-def test_one_policy_per_signal_still_holds(tmp_path: Path) -> None:
-    other = POLICY.replace("name: fork-bomb", "name: other").replace("200", "9")
-    error = only(errors(tmp_path, POLICY, other))
+def test_several_policies_load_on_one_signal(tmp_path: Path) -> None:
+    notify = POLICY.replace("name: fork-bomb", "name: notify").replace("200", "100")
+    ci = POLICY.replace("name: fork-bomb", "name: ci").replace("200", "300")
+    ci += "match: {cgroups: ['/ci/*']}\n"
+    slow = POLICY.replace("name: fork-bomb", "name: slow").replace("window: 1s", "window: 5s")
+    policies = load(tmp_path, POLICY, notify, ci, slow)
+    assert [p.name for p in policies.for_signal("fork_rate")] == [
+        "fork-bomb",
+        "notify",
+        "ci",
+        "slow",
+    ]
+
+
+def test_too_many_window_lengths_on_one_signal_names_the_file_and_line(tmp_path: Path) -> None:
+    docs = [
+        POLICY.replace("name: fork-bomb", f"name: w{i}").replace("window: 1s", f"window: {i}s")
+        for i in range(1, 6)
+    ]
+    error = only(errors(tmp_path, *docs))
+    assert error.key == "window"
+    assert "at most 4 per signal" in error.message
+    assert error.line is not None and error.line > 1  # the fifth document's window line
+
+
+def test_too_many_tiers_on_one_signal(tmp_path: Path) -> None:
+    docs = [POLICY.replace("name: fork-bomb", f"name: t{i}") for i in range(9)]
+    error = only(errors(tmp_path, *docs))
     assert error.key == "signal"
-    assert "only one policy per signal is supported" in error.message
+    assert "at most 8 tiers" in error.message
+
+
+def test_churn_policies_must_agree_on_lifetime(tmp_path: Path) -> None:
+    churn = POLICY.replace("fork_rate", "churn")
+    other = churn.replace("name: fork-bomb", "name: other") + "lifetime: 500ms\n"
+    error = only(errors(tmp_path, churn, other))
+    assert error.key == "lifetime"
+
+
+def test_kernel_enforcement_only_where_the_kernel_can_signal(tmp_path: Path) -> None:
+    assert load(tmp_path, POLICY + "kernel: kill\n").policies[0].kernel == "kill"
+    error = only(errors(tmp_path, POLICY.replace("fork_rate", "open_rate") + "kernel: kill\n"))
+    assert error.key == "kernel"
 
 
 # --- file safety --------------------------------------------------------------------------------
