@@ -561,6 +561,7 @@ def test_after_a_bad_policy_edit_reconcile_reverts_the_quarantine_on_time_with_n
             repo_root,
             *("run", "--policies", str(policies), "--playbooks", str(playbooks)),
             *("--journal", str(journal), "--duration", "30"),
+            *("--control-socket", str(tmp_path / "refused.sock")),
         )
         # Then the timer, with no agent: passes until the quarantine is gone (bounded).
         passes += _timer(

@@ -31,6 +31,9 @@ def test_enforce_on_a_host_that_cannot_enforce_fails_at_start(
         "/cgroup.procs/remedy",
         "--duration",
         "5",
+        # Its own socket: an agent elsewhere on the host must not decide this test.
+        "--control-socket",
+        str(tmp_path / "control.sock"),
     ]
     done = subprocess.run(
         argv, check=False, cwd=repo_root, capture_output=True, text=True, timeout=60
