@@ -218,14 +218,20 @@ def test_invalid_playbook_does_not_also_report_unknown_playbook(tmp_path: Path) 
     assert error.key == "steps.0.params.pids_max"
 
 
-def test_duplicate_signal_names_both_files(tmp_path: Path) -> None:
-    # A second policy on one signal needs the same kernel filter; this one's threshold differs.
-    second = POLICY.replace("name: fork-bomb", "name: other").replace("200", "300")
-    error = only(errors_of({"a.yaml": POLICY, "b.yaml": second}, tmp_path))
-    assert error.file.name == "b.yaml"
-    assert (error.key, error.line) == ("signal", 4)
-    assert "a.yaml" in error.message
-    assert "fork-bomb" in error.message
+def test_a_limit_of_the_kernel_names_the_file_and_line_of_the_policy_past_it(
+    tmp_path: Path,
+) -> None:
+    # Four window lengths fit one signal; the fifth policy's file and line are named.
+    files = {
+        f"{i}.yaml": POLICY.replace("name: fork-bomb", f"name: w{i}").replace(
+            "window: 1s", f"window: {i}s"
+        )
+        for i in range(1, 6)
+    }
+    error = only(errors_of(files, tmp_path))
+    assert error.file.name == "5.yaml"
+    assert error.key == "window" and error.line is not None
+    assert "at most 4 per signal" in error.message
 
 
 def test_duplicate_names(tmp_path: Path) -> None:
@@ -394,9 +400,9 @@ def test_check_paths_mixed(tmp_path: Path) -> None:
     policy_set = check_paths([mixed, mixed / "a-policy.yaml"])
     assert [p.name for p in policy_set.policies] == ["fork-bomb"]  # the same file counts once
     assert list(policy_set.playbooks) == ["contain"]
-    with pytest.raises(ConfigErrors) as info:
-        check_paths([mixed, extra])
-    assert only(info.value.errors).key == "signal"
+    # A second policy on the signal, with another window: a second tier, not an error.
+    both = check_paths([mixed, extra])
+    assert [p.name for p in both.for_signal("fork_rate")] == ["fork-bomb", "second"]
 
 
 def test_check_paths_needs_the_playbook_among_the_paths(tmp_path: Path) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from remedy.clock import FakeClock
+from remedy.compiler import compile_plan
 from remedy.engine.decisions import Decision
 from remedy.engine.engine import Engine, facts_of
 from remedy.engine.guards import Protector, ends_process
 from remedy.engine.offender import Subject
-from remedy.errors import ConfigErrors, ProcessGone
+from remedy.errors import ProcessGone
 from remedy.policy import Policy, PolicySet, Step, load_policy_set
 from remedy.sensors.records import SensorRecord
 
@@ -186,19 +187,17 @@ def test_every_process_gets_exactly_one_fork_policy(cgroup: str, uid: int) -> No
     assert len(applies) == 1, applies
 
 
-def test_the_policies_of_one_signal_must_share_its_kernel_filter(tmp_path: Path) -> None:
-    # Two policies on fork_rate load only because their threshold, window, for and lifetime are
-    # the same: the kernel holds one filter per signal.
+def test_the_shipped_policies_of_one_signal_compile_to_tiers(tmp_path: Path) -> None:
+    # Another threshold on the service policy is another tier of fork_rate, not a refusal.
     service = (REPO / "policies" / "service-fork-storm.yaml").read_text()
     (tmp_path / "service-fork-storm.yaml").write_text(service.replace("200", "300"))
-    with pytest.raises(ConfigErrors) as info:
-        load_policy_set(
-            [REPO / "policies" / "fork-bomb.yaml", tmp_path], [REPO / "playbooks"],
-            require_secure=False,
-        )  # fmt: skip
-    (error,) = info.value.errors
-    assert error.key == "signal"
-    assert "same threshold, window, for and lifetime" in error.message
+    policies = load_policy_set(
+        [REPO / "policies" / "fork-bomb.yaml", tmp_path], [REPO / "playbooks"],
+        require_secure=False,
+    )  # fmt: skip
+    plan = compile_plan(policies)
+    thresholds = sorted(t.threshold for t in plan.signals["fork_rate"].slots)
+    assert 300 in thresholds and len(thresholds) == len(policies.for_signal("fork_rate"))
 
 
 SLOW_LADDER = """\
