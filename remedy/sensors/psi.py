@@ -16,6 +16,7 @@ notify-only, enforced when policies load (docs/psi.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -224,6 +225,31 @@ class _Trigger:
     inode: int  # of the cgroup2 directory (0 for the host)
 
 
+# include/uapi/linux/capability.h
+_CAP_SYS_RESOURCE = 24
+
+
+def has_cap_sys_resource(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process may arm any PSI window: without CAP_SYS_RESOURCE the kernel takes
+    only windows that are a multiple of 2 s (kernel/sched/psi.c, psi_trigger_create)."""
+    try:
+        for line in status.read_text().split("\n"):
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _why_refused(rule: PsiRule, err: OSError) -> str:
+    if err.errno == errno.EINVAL and rule.window_us % 2_000_000 and not has_cap_sys_resource():
+        return (
+            f" (window {rule.window_us / 1e6:g} s: without CAP_SYS_RESOURCE the kernel takes "
+            "only windows that are a multiple of 2 s)"
+        )
+    return ""
+
+
 def _boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -261,6 +287,7 @@ class PsiSensor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.last_refusal = ""  # why the kernel refused the last trigger, for messages
         self._events: dict[str, int] = {}  # per signal, for signal_counters()
         self._emitted: dict[str, int] = {}
         self._refused: dict[str, int] = {}
@@ -370,8 +397,8 @@ class PsiSensor:
         with self._lock:
             if not self._arm(index, rule, "/", path, 0):
                 raise SensorError(
-                    f"cannot arm the host PSI trigger {path} for policy {rule.policy} "
-                    "(is PSI enabled? psi=1 on the kernel command line, CONFIG_PSI)"
+                    f"cannot arm the host PSI trigger for policy {rule.policy}: "
+                    f"{self.last_refusal or path} (is PSI enabled? psi=1, CONFIG_PSI)"
                 )
 
     def _arm(self, index: int, rule: PsiRule, rel: str, directory: Path, inode: int) -> bool:
@@ -396,7 +423,8 @@ class PsiSensor:
             os.close(fd)
             self._stats.triggers_failed += 1
             self._refused[rule.signal] = self._refused.get(rule.signal, 0) + 1
-            log.warning("PSI: trigger %r refused by %s: %s", rule.trigger(), path, err.strerror)
+            self.last_refusal = f"{path}: {err.strerror}{_why_refused(rule, err)}"
+            log.warning("PSI: trigger %r refused by %s", rule.trigger(), self.last_refusal)
             return False
         trigger = _Trigger(rule, rel, path, fd, inode)
         self._triggers[fd] = trigger
