@@ -64,6 +64,15 @@ _log = logging.getLogger(__name__)
 _ALIASES = {"dry_run": "mode", "sustain": "for"}
 
 
+#: What a host pressure policy matches: the host's records, named by the root cgroup (which no
+#: cgroup offender is), so that it never takes a cgroup's records.
+HOST_MATCH = Selector(cgroups=("/",))
+
+
+def _host(pressure: Pressure | None) -> bool:
+    return pressure is not None and pressure.scope == "host"
+
+
 def _heaviest(pressure: Pressure | None) -> bool:
     return pressure is not None and pressure.offender == "heaviest"
 
@@ -425,7 +434,8 @@ class _Loader:
             rate_limit=RateLimit(
                 max_actions=spec.rate_limit.max_actions, per_s=spec.rate_limit.per
             ),
-            match=_selector(spec.match),
+            # The host is no cgroup: its pressure records name the root, and only those.
+            match=HOST_MATCH if _host(pressure) else _selector(spec.match),
             description=spec.description,
             sustain=spec.for_ if "for" in data else spec.sustain,
             lifetime_s=spec.lifetime,

@@ -39,6 +39,7 @@ from remedy.sensors.records import SensorRecord
 
 if TYPE_CHECKING:
     from remedy.actions.cgroups import CgroupDriver
+    from remedy.compiler import SensorPlan
     from remedy.engine.engine import Identifier
     from remedy.policy.model import PolicySet
 
@@ -57,7 +58,6 @@ __all__ = [
     "heaviest",
     "parse_pressure",
     "psi_rules",
-    "rule_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class PsiRule:
     cgroups: tuple[str, ...] = ()  # fnmatch globs on cgroup2 paths ("/a/b")
     heaviest: bool = False  # the offender is the heaviest process of the cgroup
     notify_only: bool = False  # every step of its playbook only notifies
+    generation: int = 0  # of the plan that numbered ``rule``
 
     def __post_init__(self) -> None:
         if self.signal not in PRESSURE_SIGNALS:
@@ -164,9 +165,15 @@ class PsiRule:
         return not self.host and rel != "/" and any(fnmatchcase(rel, g) for g in self.cgroups)
 
 
-def psi_rules(policies: PolicySet, rule_ids: Mapping[str, int]) -> tuple[PsiRule, ...]:
-    """The rules of every pressure policy; ``rule_ids``: policy name → rule id (the
-    compiler's, so records route as kernel ones do); a policy missing there gets none (0)."""
+def psi_rules(policies: PolicySet, plan: SensorPlan | None = None) -> tuple[PsiRule, ...]:
+    """The rules of every pressure policy, numbered as ``plan`` (compiled from ``policies``;
+    default: compiled here) numbers them, with its generation: records route to their policy
+    by these, as kernel records do. A policy the plan lacks gets rule 0."""
+    if plan is None:
+        from remedy.compiler import compile_plan  # noqa: PLC0415 (the compiler imports policies)
+
+        plan = compile_plan(policies)
+    rule_ids = {tier.policy: tier.rule for sp in plan.signals.values() for _, tier in sp.tiers()}
     rules: list[PsiRule] = []
     for p in policies.policies:
         spec = p.pressure
@@ -186,17 +193,10 @@ def psi_rules(policies: PolicySet, rule_ids: Mapping[str, int]) -> tuple[PsiRule
                 cgroups=p.match.cgroups,
                 heaviest=spec.offender == "heaviest",
                 notify_only=all(s.action == "notify" for s in steps),
+                generation=plan.generation,
             )
         )
     return tuple(rules)
-
-
-def rule_ids(policies: PolicySet) -> dict[str, int]:
-    """Policy name → rule id, as the compiler numbers them (records route by it)."""
-    from remedy.compiler import compile_plan  # noqa: PLC0415 (the compiler imports policies)
-
-    plan = compile_plan(policies)
-    return {tier.policy: tier.rule for sp in plan.signals.values() for _, tier in sp.tiers()}
 
 
 @dataclass
@@ -513,6 +513,7 @@ class PsiSensor:
             ts_boot_ns=self._boot_ns(),
             key=trigger.inode,
             rule=rule.rule,
+            generation=rule.generation,
         )
 
 

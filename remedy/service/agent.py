@@ -24,6 +24,7 @@ from remedy.actions.journal import Journal, RevertFailure
 from remedy.actions.registry import ACTIONS, ActionExecutor
 from remedy.actions.undoer import Undoer
 from remedy.clock import Clock, SystemClock
+from remedy.compiler import SensorPlan, compile_plan
 from remedy.engine.decisions import Decision, DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
@@ -33,7 +34,7 @@ from remedy.proc import ProcFS
 from remedy.sensors.catalog import Sensor, SignalCounters, SignalSettings, needs_bpf
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor
-from remedy.sensors.psi import PsiIdentifier, PsiRule, PsiSensor, psi_rules, rule_ids
+from remedy.sensors.psi import PsiIdentifier, PsiRule, PsiSensor, psi_rules
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.startup import (
@@ -130,10 +131,6 @@ def _bpf_settings(policies: PolicySet) -> dict[str, SignalSettings]:
     return {n: s for n, s in signal_settings(policies).items() if needs_bpf(n)}
 
 
-def _psi_rules(policies: PolicySet) -> dict[int, PsiRule]:
-    return {r.rule: r for r in psi_rules(policies, rule_ids(policies))}
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -218,6 +215,9 @@ class Agent:
         self._undoer: Undoer | None = None
         self._psi: PsiSensor | None = None  # started when a policy watches pressure
         self._psi_rules: dict[int, PsiRule] = {}  # shared with the engine's identifier
+        # Compiled as the engine compiles (start, then each reload), so pressure records carry
+        # the rule ids and generation it routes by.
+        self._psi_plan: SensorPlan | None = None
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
@@ -255,6 +255,10 @@ class Agent:
         self.stats.reloads += 1
         self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
 
+    def _pressure_rules(self, policies: PolicySet) -> dict[int, PsiRule]:
+        self._psi_plan = compile_plan(policies, self._psi_plan)
+        return {r.rule: r for r in psi_rules(policies, self._psi_plan)}
+
     def _start_psi(self, records: queue.Queue[SensorRecord], stack: contextlib.ExitStack) -> None:
         """The PSI sensor, feeding the same queue, when a policy watches pressure."""
         if self._psi_rules:
@@ -264,7 +268,7 @@ class Agent:
 
     def _reload_psi(self, policies: PolicySet) -> None:
         """New pressure rules for the running PSI sensor (started here if it is the first)."""
-        rules = _psi_rules(policies)
+        rules = self._pressure_rules(policies)
         self._psi_rules.clear()
         self._psi_rules.update(rules)
         if self._psi is not None:
@@ -342,7 +346,7 @@ class Agent:
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
         settings = _bpf_settings(policies)
-        self._psi_rules.update(_psi_rules(policies))
+        self._psi_rules.update(self._pressure_rules(policies))
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
         # Everything started is stopped in reverse order, whatever fails on the way.
@@ -461,7 +465,12 @@ class Agent:
             mode = "enforce" + (f", dry-run: {', '.join(audit_only)}" if audit_only else "")
         how = "kernel funnel" if sensor.kind == "kernel" else "/proc sampler (degraded fidelity)"
         naive = ", naive" if self.options.naive else ""
-        return f"ready: {how}{naive}; watching {watched(settings)}; mode {mode}"
+        pressure = "".join(
+            f"; {r.signal} {r.stall} ≥ {r.threshold_pct}% of {r.window_us / 1e6:g} s "
+            f"({'host' if r.host else ', '.join(r.cgroups)})"
+            for r in self._psi_rules.values()
+        )
+        return f"ready: {how}{naive}; watching {watched(settings)}{pressure}; mode {mode}"
 
     def _work(
         self,

@@ -8,6 +8,7 @@ pids-limited sandbox the test made (cgroup2 directory included), removed even on
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -24,6 +25,7 @@ from remedy.errors import IdentityUnverified
 from remedy.proc import ProcFS
 from remedy.sensors.psi import PsiIdentifier, PsiRule, PsiSensor
 from remedy.sensors.records import SensorRecord
+from testkit.launcher import AgentProcess
 from testkit.sandbox import CgroupSandbox
 
 pytestmark = pytest.mark.root
@@ -240,3 +242,95 @@ def test_on_a_hybrid_host_a_cgroup2_offender_may_only_be_notified_about(
     assert subject.is_cgroup and subject.cgroup == test_cgroup.rel
     assert subject.cgroup_inode == top.stat().st_ino
     assert subject.handle is not None and not subject.handle.has_exited()
+
+
+AGENT_POLICIES = """\
+apiVersion: remedy/v1
+kind: Policy
+name: test-cg-pressure
+signal: cpu_pressure
+threshold: 20
+window: 2s
+pressure: {{stall: some, scope: cgroup}}
+match:
+  cgroups: ["{hot}", "{quiet}"]
+playbook: test-notify
+mode: monitor
+cooldown: 30s
+release_after: 60s
+---
+apiVersion: remedy/v1
+kind: Policy
+name: test-host-pressure
+signal: cpu_pressure
+threshold: 5
+window: 2s
+pressure: {{stall: some, scope: host}}
+playbook: test-notify
+mode: monitor
+cooldown: 30s
+release_after: 60s
+"""
+
+AGENT_PLAYBOOK = """\
+apiVersion: remedy/v1
+kind: Playbook
+name: test-notify
+steps:
+  - action: notify
+    params: {message: "pressure"}
+"""
+
+
+def test_the_agent_trips_cgroup_and_host_pressure_policies_and_spares_the_quiet_cgroup(
+    tmp_path: Path, test_cgroup: CgroupSandbox, quiet_cgroup: CgroupSandbox, repo_root: Path
+) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "policies" / "p.yaml").write_text(
+        AGENT_POLICIES.format(hot=test_cgroup.rel, quiet=quiet_cgroup.rel)
+    )
+    (tmp_path / "playbooks" / "notify.yaml").write_text(AGENT_PLAYBOOK)
+    audit, stats_path = tmp_path / "audit.jsonl", tmp_path / "stats.json"
+    agent = AgentProcess(
+        [
+            "--policies",
+            str(tmp_path / "policies"),
+            "--playbooks",
+            str(tmp_path / "playbooks"),
+            "--audit",
+            str(audit),
+            "--stats",
+            str(stats_path),
+            "--duration",
+            "60",
+        ],
+        cwd=repo_root,
+        log_path=tmp_path / "agent.log",
+    )
+    try:
+        agent.wait_ready()
+        quiet_cgroup.spawn(["sleep", str(SECONDS + 4)])
+        _contend(test_cgroup)
+        deadline = time.monotonic() + SECONDS + 4
+        while time.monotonic() < deadline:
+            lines = audit.read_text() if audit.exists() else ""
+            if "test-cg-pressure" in lines and "test-host-pressure" in lines:
+                break
+            time.sleep(0.2)
+    finally:
+        agent.stop()
+    print(agent.output())
+    decisions = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+    cg = [d for d in decisions if d["policy"] == "test-cg-pressure"]
+    host = [d for d in decisions if d["policy"] == "test-host-pressure"]
+    assert cg, "the cgroup pressure policy never tripped"
+    hot = str(_v2_dir(test_cgroup))
+    assert {d["cgroup"] for d in cg} == {hot}, "only the pressured cgroup trips"
+    assert all(d["signal"] == "cpu_pressure" and d["action"] == "notify" for d in cg)
+    assert cg[0]["outcome"] == "would-act"
+    assert host, "the host pressure policy never tripped"
+    # The host notifies (nothing is reached), and only about the host's own records.
+    assert {(d["cgroup"], d["outcome"]) for d in host} == {("host", "would-act")}
+    stats = json.loads(stats_path.read_text())
+    assert stats["psi"]["records_emitted"] >= 2 and stats["psi"]["triggers_failed"] == 0
