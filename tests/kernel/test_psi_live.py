@@ -334,3 +334,18 @@ def test_the_agent_trips_cgroup_and_host_pressure_policies_and_spares_the_quiet_
     assert {(d["cgroup"], d["outcome"]) for d in host} == {("host", "would-act")}
     stats = json.loads(stats_path.read_text())
     assert stats["psi"]["records_emitted"] >= 2 and stats["psi"]["triggers_failed"] == 0
+
+
+def test_a_cgroup_replaced_under_the_same_name_is_not_the_offender(
+    test_cgroup: CgroupSandbox,
+) -> None:
+    child = _v2_dir(test_cgroup) / "job"
+    child.mkdir()
+    counted = child.stat().st_ino
+    child.rmdir()
+    child.mkdir()  # a new cgroup, same path: another inode
+    assert child.stat().st_ino != counted
+    ident = _identifier([_rule(1, "tells", (f"{test_cgroup.rel}/*",), notify_only=True)])
+    with pytest.raises(IdentityUnverified, match="removed since"):
+        ident.identify(_record(counted, 1))
+    assert ident.identify(_record(child.stat().st_ino, 1)).cgroup == f"{test_cgroup.rel}/job"
