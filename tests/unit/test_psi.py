@@ -173,7 +173,7 @@ def errors(tmp_path: Path, *policies: str) -> list[ConfigError]:
 
 def test_a_cgroup_pressure_policy_loads_with_defaults_and_becomes_a_rule(tmp_path: Path) -> None:
     policies = load(tmp_path, POLICY, HOST)
-    mem, host = policies.policies
+    mem, _host = policies.policies
     assert mem.pressure is not None and mem.scope == "cgroup"
     assert (mem.pressure.stall, mem.pressure.scope, mem.pressure.offender) == (
         "some",
