@@ -256,11 +256,13 @@ def test_a_host_policy_may_only_notify(tmp_path: Path) -> None:
 
 
 def test_the_shipped_pressure_examples_load(tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    examples = [
-        repo / "policies" / "examples" / f for f in ("memory-pressure.yaml", "cpu-pressure.yaml")
-    ]
-    policies = load_policy_set(examples, [repo / "playbooks"], require_secure=False)
+    examples = Path(__file__).resolve().parents[2] / "policies" / "examples"
+    names = ("memory-pressure", "host-memory-pressure", "cpu-pressure")
+    policies = load_policy_set(
+        [examples / f"{n}.yaml" for n in names],
+        [examples / "notify-pressure.yaml", examples / "relieve-pressure.yaml"],
+        require_secure=False,
+    )
     assert {p.signal for p in policies.policies} == {"memory_pressure", "cpu_pressure"}
     assert {r.policy for r in psi_rules(policies)} == {p.name for p in policies.policies}
 
