@@ -366,19 +366,20 @@ class PsiSensor:
     # -- following cgroups ---------------------------------------------------------------------
 
     def rescan(self) -> None:
-        """Arm triggers on cgroups that appeared and match, drop those of cgroups gone."""
-        cgroup_rules = [(i, r) for i, r in enumerate(self.rules) if not r.host]
-        if not cgroup_rules:
-            return
-        present = dict(self._walk())
+        """Arm triggers on cgroups that appeared and match, drop those of cgroups gone. Rules
+        are read under the lock: a rescan racing a reload never arms for rules replaced."""
+        present = dict(self._walk()) if any(not r.host for r in self.rules) else {}
         with self._lock:
             self._stats.rescans += 1
-            for trigger in list(self._by_key.values()):
-                if not trigger.rule.host and present.get(trigger.rel) != trigger.inode:
+            rules = self.rules
+            for (index, rel), trigger in list(self._by_key.items()):
+                if index >= len(rules) or rules[index] is not trigger.rule:
+                    self._drop(trigger)  # armed for a rule a reload replaced
+                elif not trigger.rule.host and present.get(rel) != trigger.inode:
                     self._stats.cgroups_gone += 1
                     self._drop(trigger)
             for rel, inode in present.items():
-                for index, rule in cgroup_rules:
+                for index, rule in enumerate(rules):
                     if (index, rel) not in self._by_key and rule.wants(rel):
                         self._arm(index, rule, rel, self._cgroup2 / rel.lstrip("/"), inode)
 

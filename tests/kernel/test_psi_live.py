@@ -349,3 +349,18 @@ def test_a_cgroup_replaced_under_the_same_name_is_not_the_offender(
     with pytest.raises(IdentityUnverified, match="removed since"):
         ident.identify(_record(counted, 1))
     assert ident.identify(_record(child.stat().st_ino, 1)).cgroup == f"{test_cgroup.rel}/job"
+
+
+def test_a_reload_rearms_triggers_for_the_new_rules(
+    test_cgroup: CgroupSandbox, quiet_cgroup: CgroupSandbox
+) -> None:
+    sensor = PsiSensor([_rule(1, "old", (test_cgroup.rel,))], lambda _r: None, rescan_s=0.2)
+    sensor.start()
+    try:
+        assert sensor.armed() == [("old", test_cgroup.rel)]
+        sensor.reconfigure([_rule(2, "new", (quiet_cgroup.rel,)), _rule(3, "h", host=True)])
+        assert sensor.armed() == [("h", "/"), ("new", quiet_cgroup.rel)]
+        time.sleep(0.5)  # rescans keep only the new rules' triggers
+        assert sensor.armed() == [("h", "/"), ("new", quiet_cgroup.rel)]
+    finally:
+        sensor.close()
