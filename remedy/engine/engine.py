@@ -495,9 +495,17 @@ class Engine:
     def _protected(self, case: _Case, now: float) -> str | None:
         subject = case.offender.subject
         if subject.is_cgroup:
+            if subject.cgroup in ("", "/") and self._notify_only(case.policy):
+                # The host (a host pressure policy: remedy/sensors/psi.py): notify-only, so
+                # nothing is reached; any other step on the root stays refused, here and at
+                # the reach gate.
+                return None
             return self._protected_cgroup(subject)
         why = self._protector.why_protected(subject)
         return None if why is None else f"protected: {why}"
+
+    def _notify_only(self, policy: Policy) -> bool:
+        return all(s.action == "notify" for s in self.policies.playbook_for(policy).steps)
 
     def _protected_cgroup(self, subject: Subject) -> str | None:
         """A cgroup is protected when it is a hierarchy root, or when its subtree held a

@@ -31,11 +31,13 @@ from remedy.policy.model import (
     Playbook,
     Policy,
     PolicySet,
+    Pressure,
     RateLimit,
     Selector,
     Silence,
     Step,
 )
+from remedy.policy.pressure import host_playbook_problem, pressure_of, pressure_problems
 from remedy.policy.schema import (
     API_VERSION,
     KINDS,
@@ -60,6 +62,20 @@ _log = logging.getLogger(__name__)
 
 # Old spellings still accepted, each with its new name; giving both in one document is an error.
 _ALIASES = {"dry_run": "mode", "sustain": "for"}
+
+
+#: What a host pressure policy matches: the host's records, named by the root cgroup (which no
+#: cgroup offender is), so that it never takes a cgroup's records.
+HOST_MATCH = Selector(cgroups=("/",))
+
+
+def _host(pressure: Pressure | None) -> bool:
+    return pressure is not None and pressure.scope == "host"
+
+
+def _heaviest(pressure: Pressure | None) -> bool:
+    return pressure is not None and pressure.offender == "heaviest"
+
 
 # Pydantic speaks of Python types ("a valid dictionary or instance of StepDoc"); users wrote YAML.
 _TYPE_MESSAGES = {
@@ -395,7 +411,14 @@ class _Loader:
         spec: PolicyDoc | None = self._validate(doc, PolicyDoc, data)
         if spec is None or both:
             return
-        per_cgroup = SIGNALS[spec.signal].key == "cgroup"
+        psi = pressure_problems(spec, data)
+        for key, message in psi:
+            self.error(doc, key, message)
+        pressure = pressure_of(spec)
+        if psi:
+            return
+        # offender: heaviest makes a pressure policy's offender a process, not the cgroup.
+        per_cgroup = SIGNALS[spec.signal].key == "cgroup" and not _heaviest(pressure)
         if per_cgroup and not self._fits_cgroup_signal(doc, spec, data):
             return
         policy = Policy(
@@ -411,7 +434,8 @@ class _Loader:
             rate_limit=RateLimit(
                 max_actions=spec.rate_limit.max_actions, per_s=spec.rate_limit.per
             ),
-            match=_selector(spec.match),
+            # The host is no cgroup: its pressure records name the root, and only those.
+            match=HOST_MATCH if _host(pressure) else _selector(spec.match),
             description=spec.description,
             sustain=spec.for_ if "for" in data else spec.sustain,
             lifetime_s=spec.lifetime,
@@ -421,6 +445,7 @@ class _Loader:
             exclude=_selector(spec.exclude),
             breaker=Breaker(max_offenders=spec.breaker.max_offenders, per_s=spec.breaker.per),
             kernel=spec.kernel,
+            pressure=pressure,
         )
         self.policies.append((policy, doc))
 
@@ -576,8 +601,13 @@ class _Loader:
         for problem in plan_problems(policy for policy, _ in self.policies):
             self.error(docs[id(problem.policy)], problem.key, problem.message)
         for policy, doc in self.policies:
-            if SIGNALS[policy.signal].key == "cgroup" and policy.playbook in playbooks:
+            per_cgroup = SIGNALS[policy.signal].key == "cgroup" and not _heaviest(policy.pressure)
+            if per_cgroup and policy.playbook in playbooks:
                 self._check_cgroup_playbook(doc, policy, playbooks[policy.playbook])
+            if policy.playbook in playbooks:
+                host = host_playbook_problem(policy, playbooks[policy.playbook])
+                if host is not None:
+                    self.error(doc, "playbook", host)
             if policy.playbook not in playbooks and policy.playbook not in self.broken["Playbook"]:
                 known = ", ".join(sorted(playbooks)) or "none"
                 self.error(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from remedy.actions.params import ActionParams
 from remedy.policy.regex import CmdlinePattern, compile_cmdline
-from remedy.sensors.catalog import CATALOGUE
+from remedy.sensors.catalog import SIGNALS as _CATALOGUE_SIGNALS
 
 __all__ = [
     "NOTHING",
@@ -25,6 +25,7 @@ __all__ = [
     "Playbook",
     "Policy",
     "PolicySet",
+    "Pressure",
     "RateLimit",
     "Selector",
     "Silence",
@@ -40,7 +41,7 @@ SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 SCOPES: tuple[str, ...] = ("process", "tree", "cgroup")
 
 #: Signals a policy can watch: the catalogue in remedy/sensors/catalog.py.
-SIGNALS: tuple[str, ...] = tuple(s.name for s in CATALOGUE)
+SIGNALS: tuple[str, ...] = tuple(_CATALOGUE_SIGNALS)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,17 @@ class Silence:
 
 
 @dataclass(frozen=True)
+class Pressure:
+    """``pressure:`` of a pressure-signal policy (docs/psi.md): which PSI line the trigger
+    watches, where, and who the offender is. The stall threshold is the policy's ``threshold``
+    (percent of ``window``, which is the PSI window: 500 ms to 10 s)."""
+
+    stall: str = "some"  # "some": at least one task stalled; "full": all non-idle tasks
+    scope: str = "cgroup"  # "cgroup": the cgroups ``match.cgroups`` names; "host": the host
+    offender: str = "cgroup"  # "cgroup", or "heaviest": its heaviest unprotected process
+
+
+@dataclass(frozen=True)
 class Policy:
     """When a signal crosses a threshold for a process, run a playbook against it."""
 
@@ -184,6 +196,7 @@ class Policy:
     breaker: Breaker = field(default_factory=Breaker)
     scope: str = "process"  # one of SCOPES: the process, its tree, or its whole cgroup
     kernel: str | None = None  # "kill" / "stop": the kernel enforces at the threshold itself
+    pressure: Pressure | None = None  # set exactly for the pressure signals (psi.py)
 
     @property
     def mode(self) -> str:

@@ -41,6 +41,7 @@ __all__ = [
     "MatchDoc",
     "PlaybookDoc",
     "PolicyDoc",
+    "PressureDoc",
     "ProtectionDoc",
     "RateLimitDoc",
     "SilenceDoc",
@@ -258,6 +259,15 @@ class BreakerDoc(_Doc):
     per: PositiveDuration = Breaker.per_s
 
 
+class PressureDoc(_Doc):
+    """``pressure:`` of a pressure-signal policy (cpu_pressure, memory_pressure, io_pressure):
+    the PSI trigger fires when ``stall`` time reaches ``threshold`` percent of ``window``."""
+
+    stall: Literal["some", "full"] = "some"
+    scope: Literal["cgroup", "host"] = "cgroup"
+    offender: Literal["cgroup", "heaviest"] = "cgroup"
+
+
 class PolicyDoc(_KindDoc):
     """A ``kind: Policy`` document."""
 
@@ -285,6 +295,8 @@ class PolicyDoc(_KindDoc):
     # In-kernel enforcement at the threshold: the kernel itself signals the forker on every
     # fork at or over it (fork_rate only; see remedy/compiler). None: user space decides alone.
     kernel: Literal["kill", "stop"] | None = None
+    # Pressure signals only (remedy/sensors/psi.py): the loader checks the pairing.
+    pressure: PressureDoc | None = None
 
     @field_validator("signal")
     @classmethod

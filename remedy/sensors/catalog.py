@@ -155,9 +155,38 @@ CATALOGUE: tuple[Signal, ...] = (
         "outbound connect() calls per process",
     ),
 )
-SIGNALS: Mapping[str, Signal] = {s.name: s for s in CATALOGUE}
+#: Pressure signals (PSI, remedy/sensors/psi.py): the kernel filters them through its own
+#: triggers, so section "psi" needs no BPF. Kept out of CATALOGUE, whose ids index the BPF
+#: program's arrays; their ids start at PSI_ID_BASE and never reach the kernel sensor.
+PSI_ID_BASE = 100
+PSI_CATALOGUE: tuple[Signal, ...] = tuple(
+    _S(
+        f"{resource}_pressure",
+        PSI_ID_BASE + index,
+        "psi",
+        "cgroup",
+        Mode.LEVEL,
+        "percent of the window stalled",
+        "% stalled",
+        (),
+        f"{resource} pressure (PSI) per cgroup or for the host: share of the window in which "
+        f"{what} stalled waiting for {resource}",
+    )
+    for index, (resource, what) in enumerate(
+        (("cpu", "runnable tasks"), ("memory", "tasks"), ("io", "tasks"))
+    )
+)
+SIGNALS: Mapping[str, Signal] = {s.name: s for s in (*CATALOGUE, *PSI_CATALOGUE)}
 BY_ID: Mapping[int, Signal] = {s.id: s for s in CATALOGUE}
 SECTIONS: tuple[str, ...] = ("sched", "cpu", "memory", "files", "net")
+#: Sections a sensor other than the BPF program serves.
+NO_BPF_SECTIONS: tuple[str, ...] = ("psi",)
+
+
+def needs_bpf(name: str) -> bool:
+    """Whether the kernel sensor (or its /proc sampler fallback) watches signal ``name``; the
+    pressure signals are the PSI sensor's."""
+    return SIGNALS[name].section not in NO_BPF_SECTIONS
 
 
 def sections_for(names: Iterable[str]) -> tuple[str, ...]:

@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from remedy.errors import SensorError
 from remedy.sensors import bpf, btf
-from remedy.sensors.catalog import BY_ID, SIGNALS, SignalCounters, SignalSettings, sections_for
+from remedy.sensors.catalog import (
+    BY_ID,
+    SIGNALS,
+    SignalCounters,
+    SignalSettings,
+    needs_bpf,
+    sections_for,
+)
 from remedy.sensors.context import key_hierarchy
 from remedy.sensors.records import SensorRecord
 
@@ -219,7 +226,7 @@ class KernelSensor:
 
     def start(self, settings: Mapping[str, SignalSettings]) -> None:
         """Compile the sections the signals need, load, attach, then arm the filter."""
-        unknown = set(settings) - set(SIGNALS)
+        unknown = {n for n in settings if n not in SIGNALS or not needs_bpf(n)}
         if unknown:
             raise SensorError(f"unknown signal(s): {', '.join(sorted(unknown))}")
         for name in settings:
@@ -255,7 +262,7 @@ class KernelSensor:
                 f"section(s) {', '.join(sorted(missing))} not loaded; restart to add signals"
             )
         table = self._table("signal_config")
-        for sig in SIGNALS.values():
+        for sig in BY_ID.values():  # the BPF program's signals (not the PSI sensor's)
             s = settings.get(sig.name)
             table[ctypes.c_int(sig.id)] = self._config(sig.name, s) if s else SignalConfigC()
         self.settings = dict(settings)
@@ -275,8 +282,7 @@ class KernelSensor:
         sums = bpf.percpu_sums(self._table("counters"), SIG_MAX * len(Counter))
         n = len(Counter)
         return {
-            sig.name: SignalCounters(*sums[sig.id * n : (sig.id + 1) * n])
-            for sig in SIGNALS.values()
+            sig.name: SignalCounters(*sums[sig.id * n : (sig.id + 1) * n]) for sig in BY_ID.values()
         }
 
     def window_value(self, name: str, key: int, birth: int | None = None) -> int | None:

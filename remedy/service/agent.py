@@ -24,15 +24,17 @@ from remedy.actions.journal import Journal, RevertFailure
 from remedy.actions.registry import ACTIONS, ActionExecutor
 from remedy.actions.undoer import Undoer
 from remedy.clock import Clock, SystemClock
+from remedy.compiler import SensorPlan, compile_plan
 from remedy.engine.decisions import Decision, DecisionSink
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
 from remedy.errors import ConfigErrors, RemedyError, SensorError
 from remedy.policy import PolicySet, Silence, load_policy_set
 from remedy.proc import ProcFS
-from remedy.sensors.catalog import Sensor, SignalCounters, SignalSettings
+from remedy.sensors.catalog import Sensor, SignalCounters, SignalSettings, needs_bpf
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor
+from remedy.sensors.psi import PsiIdentifier, PsiRule, PsiSensor, psi_rules
 from remedy.sensors.reader import RingBufferReader
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.startup import (
@@ -112,6 +114,7 @@ class AgentStats:
     reloads: int = 0
     reloads_failed: int = 0
     max_rss_mib: float = 0.0  # peak resident memory of the agent process
+    psi: dict[str, int] = field(default_factory=dict)  # the PSI sensor's counters, when used
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +123,12 @@ class AgentStats:
 def _added(engine: Engine, silence: Silence) -> dict[str, Any]:
     engine.add_silence(silence)
     return {"added": silence.name}
+
+
+def _bpf_settings(policies: PolicySet) -> dict[str, SignalSettings]:
+    """What the kernel sensor (or the sampler) watches: every signal but the pressure ones,
+    which the PSI sensor serves."""
+    return {n: s for n, s in signal_settings(policies).items() if needs_bpf(n)}
 
 
 def _cpu_seconds() -> float:
@@ -204,6 +213,11 @@ class Agent:
         self._sinks: tuple[DecisionSink, ...] = (self._recent, *self._extra_sinks)
         self._inbox = WorkerInbox()  # control requests that must run on the worker thread
         self._undoer: Undoer | None = None
+        self._psi: PsiSensor | None = None  # started when a policy watches pressure
+        self._psi_rules: dict[int, PsiRule] = {}  # shared with the engine's identifier
+        # Compiled as the engine compiles (start, then each reload), so pressure records carry
+        # the rule ids and generation it routes by.
+        self._psi_plan: SensorPlan | None = None
         mode = "naive" if options.naive else "funnel"
         self.stats = AgentStats(mode=mode, dry_run=options.dry_run)
 
@@ -220,8 +234,9 @@ class Agent:
         opts = self.options
         try:
             policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-            settings = signal_settings(policies)
+            settings = _bpf_settings(policies)
             sensor.configure(settings)
+            self._reload_psi(policies)
         except (ConfigErrors, SensorError) as err:
             self.stats.reloads_failed += 1
             self._say(f"reload refused, keeping the running policies:\n{err}")
@@ -239,6 +254,27 @@ class Agent:
         self.health.policies_loaded(len(policies.policies))
         self.stats.reloads += 1
         self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
+
+    def _pressure_rules(self, policies: PolicySet) -> dict[int, PsiRule]:
+        self._psi_plan = compile_plan(policies, self._psi_plan)
+        return {r.rule: r for r in psi_rules(policies, self._psi_plan)}
+
+    def _start_psi(self, records: queue.Queue[SensorRecord], stack: contextlib.ExitStack) -> None:
+        """The PSI sensor, feeding the same queue, when a policy watches pressure."""
+        if self._psi_rules:
+            self._psi = PsiSensor(self._psi_rules.values(), records.put_nowait)
+            self._psi.start()
+            stack.callback(self._psi.close)
+
+    def _reload_psi(self, policies: PolicySet) -> None:
+        """New pressure rules for the running PSI sensor (started here if it is the first)."""
+        rules = self._pressure_rules(policies)
+        self._psi_rules.clear()
+        self._psi_rules.update(rules)
+        if self._psi is not None:
+            self._psi.reconfigure(rules.values())
+        elif rules:
+            self._say("reload: pressure policies need the PSI sensor; restart to start it")
 
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
@@ -260,9 +296,17 @@ class Agent:
         self._journal = Journal(self.options.journal_path, self._clock)
         undoer = self._undoer = Undoer(self._journal, ctx, self._clock, ACTIONS)
         executor = ActionExecutor(ctx, undoer, self._fastpath(sensor))
+        # Pressure records are identified by the PSI side (cgroup2 inode, or the heaviest
+        # unprotected process, spared as the engine spares: bound once the engine exists).
+        identifier = PsiIdentifier(
+            identifier_for(sensor, procfs, cgroups, self.options.cgroup_root),
+            self._psi_rules,
+            procfs,
+            cgroups,
+        )
         engine = Engine(
             policies,
-            identifier=identifier_for(sensor, procfs, cgroups, self.options.cgroup_root),
+            identifier=identifier,
             executor=executor,
             sink=sink,
             clock=self._clock,
@@ -272,6 +316,7 @@ class Agent:
             undo=undoer,
             keep_on_close=self.options.keep_throttles,
         )
+        identifier.spare = engine.spare
         # Actions that reach beyond the offender (scope tree, cgroup) spare what the engine
         # protects, including the protected executables the configuration adds.
         executor.ctx = undoer.ctx = dataclasses.replace(ctx, spare=engine.spare)
@@ -300,7 +345,8 @@ class Agent:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-        settings = signal_settings(policies)
+        settings = _bpf_settings(policies)
+        self._psi_rules.update(self._pressure_rules(policies))
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
         # Everything started is stopped in reverse order, whatever fails on the way.
@@ -329,6 +375,7 @@ class Agent:
             reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
             reader.start()
             stack.callback(reader.stop)
+            self._start_psi(records, stack)
             self.health.sensor_up(sensor.kind, lambda: reader.alive and reader.error is None)
             worker = self._start_worker(engine, records, reader, sensor, settings)
             self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
@@ -418,7 +465,12 @@ class Agent:
             mode = "enforce" + (f", dry-run: {', '.join(audit_only)}" if audit_only else "")
         how = "kernel funnel" if sensor.kind == "kernel" else "/proc sampler (degraded fidelity)"
         naive = ", naive" if self.options.naive else ""
-        return f"ready: {how}{naive}; watching {watched(settings)}; mode {mode}"
+        pressure = "".join(
+            f"; {r.signal} {r.stall} ≥ {r.threshold_pct}% of {r.window_us / 1e6:g} s "
+            f"({'host' if r.host else ', '.join(r.cgroups)})"
+            for r in self._psi_rules.values()
+        )
+        return f"ready: {how}{naive}; watching {watched(settings)}{pressure}; mode {mode}"
 
     def _work(
         self,
@@ -477,6 +529,10 @@ class Agent:
         now = self._clock.monotonic()
         counters = sensor.counters()
         losses.update(counters, reader.queue_full, now)
+        if self._psi is not None:
+            if self._psi.error is not None:
+                raise SensorError(f"PSI sensor failed: {self._psi.error}") from self._psi.error
+            counters = {**counters, **self._psi.signal_counters()}
         self._observe(sensor, counters, reader, engine)
 
     def _contained(self, site: str, call: Callable[[], object]) -> None:
@@ -587,6 +643,9 @@ class Agent:
 
     def _fill_stats(self, sensor: Sensor, reader: RingBufferReader, engine: Engine) -> None:
         counters = sensor.counters()
+        if self._psi is not None:
+            counters = {**counters, **self._psi.signal_counters()}
+            self.stats.psi = self._psi.counters().as_dict()
         used = {n: c for n, c in counters.items() if c.events_seen or c.records_emitted}
         self.stats.signals = {n: dataclasses.asdict(c) for n, c in used.items()}
         self.stats.events_seen = sum(c.events_seen for c in counters.values())

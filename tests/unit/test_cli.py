@@ -74,4 +74,4 @@ def test_the_example_policies_for_every_signal_validate(
 ) -> None:
     examples = repo_root / "policies" / "examples"
     assert main(["check", str(examples), str(repo_root / "playbooks")]) == 0
-    assert "ok: 9 policy(ies)" in capsys.readouterr().out
+    assert "ok: 12 policy(ies)" in capsys.readouterr().out
