@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import select
 import signal
@@ -21,6 +23,8 @@ from remedy.errors import ActionError, IdentityUnverified, PermissionDenied, Pro
 from remedy.proc import ProcessInfo, ProcFS
 
 __all__ = ["Birth", "BirthRegistry", "ProcessHandle", "signal_pinned"]
+
+log = logging.getLogger(__name__)
 
 
 class BirthRegistry(Protocol):
@@ -78,13 +82,74 @@ class Birth:
 _EXITED = select.POLLIN | select.POLLHUP
 
 
+# What an fd number must still refer to for a handle to use it: the pidfd's (st_dev, st_ino)
+# and, where that inode is shared by every anonymous file (pidfds before pidfs, Linux 6.9), the
+# pid its fdinfo names. A number can change under a handle: code that closes a descriptor it
+# does not own (libbcc < 0.33 closes an uninitialised ModulePath::fd_, bcc #5193) frees it,
+# and the next open anywhere in the process reuses it (another process's pidfd, a file).
+_Pin = tuple[int, int, int | None]
+
+
+@functools.cache
+def _anon_inode() -> tuple[int, int]:
+    """(st_dev, st_ino) of the kernel's shared anonymous inode (an eventfd lives there)."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+    finally:
+        os.close(fd)
+
+
+def _fdinfo_pid(fd: int) -> int | None:
+    """The pid a pidfd refers to, from /proc/self/fdinfo (``Pid:``; -1 once reaped)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _pin_of(fd: int) -> _Pin | None:
+    """What ``fd`` refers to now, or None when the number is closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) != _anon_inode():
+        return st.st_dev, st.st_ino, None  # pidfs: one inode per process
+    return st.st_dev, st.st_ino, _fdinfo_pid(fd)
+
+
+def _still(pin: _Pin, now: _Pin | None) -> bool:
+    """Whether ``now`` (what the number refers to) can still be the pidfd pinned as ``pin``.
+    Before pidfs only the pid tells pidfds apart, and a reaped process's shows -1: a number
+    that now holds a pidfd of another holder of the same pid goes unnoticed there."""
+    if now is None or now[:2] != pin[:2]:
+        return False
+    return pin[2] is None or now[2] in (pin[2], -1)
+
+
 class ProcessHandle:
     """A process pinned by a pidfd opened when the offender was identified: signals through it
-    can never hit a reused pid."""
+    can never hit a reused pid.
+
+    The handle also remembers what its fd number referred to when it was opened (:data:`_Pin`)
+    and checks it before every signal and poll: a number closed behind its back (and perhaps
+    reused by another pidfd) is refused with :class:`IdentityUnverified`, never signalled
+    through, and never closed by it (it is someone else's now)."""
 
     def __init__(self, fd: int, info: ProcessInfo, *, policy: str | None = None) -> None:
         """Wrap an already-verified pidfd; use :meth:`bind` instead."""
+        pin = _pin_of(fd)
+        if pin is None:
+            raise ActionError(f"fd {fd} is not open", pid=info.pid, policy=policy)
         self._fd: int | None = fd
+        self._pin = pin
+        self._lost: int | None = None  # the number, once found closed or replaced
         self._info = info
         self._policy = policy
 
@@ -176,6 +241,11 @@ class ProcessHandle:
         except OSError as err:
             raise _translate(err, f"signal {sig}", self.pid, self._policy) from err
 
+    def verify(self) -> None:
+        """Raise :class:`IdentityUnverified` unless the fd is still the pidfd this handle
+        opened (see the class)."""
+        self._require_fd()
+
     def has_exited(self) -> bool:
         """True once the process has exited (a zombie counts: it can no longer act)."""
         return _poll_exited(self._require_fd(), 0, self.pid, self._policy)
@@ -194,10 +264,20 @@ class ProcessHandle:
         return _poll_exited(self._require_fd(), timeout_ms, self.pid, self._policy)
 
     def close(self) -> None:
-        """Release the pidfd. Idempotent."""
+        """Release the pidfd. Idempotent. A number that no longer refers to this handle's pidfd
+        is left alone: closing it would close whatever reused it."""
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        if fd is None:
+            return
+        if not _still(self._pin, _pin_of(fd)):
+            self._lost = fd
+            log.error(
+                "pidfd %d of pid %d was closed or replaced behind its back; not closing it",
+                fd,
+                self.pid,
+            )
+            return
+        os.close(fd)
 
     def __enter__(self) -> ProcessHandle:
         return self
@@ -215,9 +295,20 @@ class ProcessHandle:
         return f"<ProcessHandle pid={self.pid} comm={self.comm!r} {state}>"
 
     def _require_fd(self) -> int:
-        if self._fd is None:
+        """The pidfd, once checked to be the very one this handle opened."""
+        fd = self._fd
+        if fd is None and self._lost is None:
             raise ActionError("process handle is closed", pid=self.pid, policy=self._policy)
-        return self._fd
+        if fd is not None and _still(self._pin, _pin_of(fd)):
+            return fd
+        # Never used again, never closed by us: the number belongs to someone else now.
+        self._fd, self._lost = None, fd if fd is not None else self._lost
+        raise IdentityUnverified(
+            f"its pidfd (fd {self._lost}) was closed or replaced behind its back; refusing to "
+            "use it",
+            pid=self.pid,
+            policy=self._policy,
+        )
 
 
 def _poll_exited(fd: int, timeout_ms: int, pid: int, policy: str | None) -> bool:

@@ -38,8 +38,8 @@ from remedy.engine.guards import (
     changes_process,
     ends_process,
 )
-from remedy.engine.offender import Offender, Subject, attach, detach, fire, new_machine
-from remedy.errors import ActionError
+from remedy.engine.offender import Handle, Offender, Subject, attach, detach, fire, new_machine
+from remedy.errors import ActionError, IdentityUnverified
 from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Silence, Step
 from remedy.proc import ProcessInfo
 from remedy.sensors.catalog import SIGNALS
@@ -712,7 +712,7 @@ class Engine:
         """Judge, cool down or release one offender whose time has come."""
         policy = self._by_name[offender.policy]
         handle = offender.subject.handle
-        exited = handle is not None and handle.has_exited()
+        exited = handle is not None and _gone(handle)
         judge = offender.judge_at
         if offender.state == "cooldown" and judge is not None and now >= judge and not exited:
             self._judge(offender, policy, now)
@@ -842,6 +842,16 @@ class Engine:
                 failure = failure or err
         if failure is not None:
             raise failure
+
+
+def _gone(handle: Handle) -> bool:
+    """Exited, or its pidfd was lost (closed behind its back): either way nothing can be done
+    to it through the pin any more, so it is released like an exited one (a revert pins anew)."""
+    try:
+        return handle.has_exited()
+    except IdentityUnverified as err:
+        log.error("offender pid lost its pin: %s", err)
+        return True
 
 
 def _holds_fd(subject: Subject) -> bool:

@@ -154,6 +154,10 @@ class ProcIdentifier:
         subject.parents = parents
         subject.context = context
         subject.stack = self._stack_of(record) if self._stack_of else ()
+        # Symbolizing runs native code that has closed descriptors it did not own (libbcc
+        # < 0.33, bcc #5193): the pin must still be the pidfd opened above, or the record is
+        # dropped (IdentityUnverified) rather than acted on through whatever took its number.
+        handle.verify()
         return subject
 
     def _check_cgroup_id(self, record: SensorRecord, pid: int, cgroup: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import functools
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -367,6 +369,8 @@ class KernelSensor:
             del stacks[stacks.Key(stack_id)]
         if user_pid is None:
             return [self._bpf.ksym(addr).decode("utf-8", "replace") for addr in frames]
+        if not _user_symbols_safe():
+            return [f"0x{addr:x}" for addr in frames]
         try:
             return [self._bpf.sym(addr, user_pid).decode("utf-8", "replace") for addr in frames]
         finally:
@@ -384,6 +388,21 @@ class KernelSensor:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+
+
+@functools.cache
+def _user_symbols_safe() -> bool:
+    """Whether bcc may build a process's symbol cache. libbcc before 0.33.0 leaves
+    ``ModulePath::fd_`` uninitialised for the global /tmp/perf-PID.map of a process whose root
+    link cannot be read (one exiting: a zombie) and its destructor closes that junk number
+    (bcc #5193): some descriptor of the agent's, an offender's pidfd included, whose number is
+    then reused by the next open. User frames stay addresses there."""
+    try:
+        from bcc.version import __version__  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return False
+    numbers = tuple(int(n) for n in re.findall(r"\d+", str(__version__))[:2])
+    return numbers >= (0, 33)
 
 
 def _drop_symbol_cache(loaded: Any, pid: int) -> None:
