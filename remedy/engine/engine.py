@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from remedy.clock import Clock
+from remedy.compiler import SensorPlan, compile_plan
 from remedy.engine.decisions import (
     ACTED,
     BREAKER_TRIPPED,
@@ -148,9 +149,28 @@ class Undo(Protocol):
     def revert_all(self, reason: str) -> list[str]: ...
 
 
-# The current window's value of a signal's key (signal, key, birth of the key's process), in the
-# signal's unit; None when unknown.
-Measure = Callable[[str, int, int], int | None]
+# Plans kept for routing: a record names the generation its tier was written with, and may
+# still be in flight (queued, or in the ring buffer) a few reloads later.
+KEEP_PLANS = 4
+# A held incident is re-measured this often per window (the sensor no longer re-emits it): a
+# storm that goes on is seen before its window ends, whatever the phase of the ticks.
+MEASURES_PER_WINDOW = 4
+
+
+class Incidents(Protocol):
+    """What the engine asks of the sensor about an open incident (catalog.Sensor has it)."""
+
+    def measure(self, record: SensorRecord) -> int | None:
+        """The current value of the record's window, in the signal's unit; None: unknown."""
+        ...
+
+    def hold(self, record: SensorRecord) -> None:
+        """An incident is open for the record's key: do not re-emit tiers already emitted."""
+        ...
+
+    def unhold(self, record: SensorRecord) -> None:
+        """The incident ended: the next crossing emits again."""
+        ...
 
 
 class Engine:
@@ -166,7 +186,8 @@ class Engine:
         clock: Clock,
         protector: Protector,
         dry_run: bool = False,
-        measure: Measure | None = None,
+        sensor: Incidents | None = None,
+        plan: SensorPlan | None = None,
         undo: Undo | None = None,
         keep_on_close: bool = False,
         max_offenders: int = DEFAULT_MAX_OFFENDERS,
@@ -176,7 +197,11 @@ class Engine:
         (default: :func:`handle_budget`). When a new offender does not fit, the least recently
         seen idle one (observed, nothing applied) is evicted, its pidfd closed; one that is
         remediating, cooling down or has applied a change is never evicted. When none can be,
-        the new offender is refused and its record audited as skipped."""
+        the new offender is refused and its record audited as skipped.
+
+        ``plan`` is the sensor plan compiled from ``policies`` (default: compiled here); records
+        route to a policy by their rule id through the plan of their generation. ``sensor`` is
+        asked to hold an incident while its offender is tracked, and re-measures it."""
         if max_offenders < 1 or (max_handles is not None and max_handles < 1):
             raise ValueError("max_offenders and max_handles must be at least 1")
         self.policies = policies
@@ -190,7 +215,12 @@ class Engine:
         self._protector = protector.extended(policies)
         self.dry_run = dry_run
         self._runtime_silences: list[Silence] = []  # added over the control socket
-        self._measure = measure
+        self._sensor = sensor
+        self.plan = plan if plan is not None else compile_plan(policies)
+        self._plans: OrderedDict[int, SensorPlan] = OrderedDict({self.plan.generation: self.plan})
+        # Incidents held in the sensor, by (signal, window class, key, key birth): several
+        # policies tracking one process share the sensor's hold, released with the last.
+        self._incidents: Counter[tuple[str, int, int, int]] = Counter()
         self._undo = undo
         self._keep_on_close = keep_on_close
         self._breakers = Breakers()
@@ -266,9 +296,8 @@ class Engine:
         self.stats["records"] += 1
         if record.degraded:
             self._degraded_at[record.signal] = self._clock.monotonic()
-        policies = self.policies.for_signal(record.signal)
+        policies = self._route(record)
         if not policies:
-            self.stats["unmatched"] += 1
             return
         try:
             subject = self._identifier.identify(record)
@@ -284,6 +313,64 @@ class Engine:
         if subject.handle is not None and not self._tracked(subject):
             subject.handle.close()
         self._refile(subject.key, seen=True)
+
+    def _route(self, record: SensorRecord) -> tuple[Policy, ...]:
+        """The policy a record is for: its rule through the plan of its generation (a record in
+        flight across a reload reaches the policy that produced it). Rule 0 (an old trace, a
+        sensor without tiers) falls back to every policy of the signal. A rule no kept plan
+        knows, or whose policy is gone, is counted and audited, never given to another policy."""
+        if record.rule == 0:
+            # Without a rule the record says only that the signal's lowest filter crossed: it
+            # reaches no policy whose threshold its count does not (warn at 100 / contain at
+            # 500 on a sensor without tiers must not contain at 150).
+            policies = tuple(
+                p for p in self.policies.for_signal(record.signal) if record.count >= p.threshold
+            )
+            if not policies:
+                self.stats["unmatched"] += 1
+            return policies
+        plan = self._plans.get(record.generation)
+        found = plan.rule(record.rule) if plan is not None else None
+        if plan is None:
+            why = (
+                f"plan generation {record.generation} is not kept (running {self.plan.generation})"
+            )
+        elif found is None or found[0] != record.signal:
+            why = f"generation {record.generation} has no rule {record.rule} on {record.signal}"
+        elif found[2].policy not in self._by_name:
+            why = f"rule {record.rule} was policy {found[2].policy}, removed since"
+        else:
+            return (self._by_name[found[2].policy],)
+        self._unroutable(record, found[2].policy if found else "-", why)
+        return ()
+
+    def _unroutable(self, record: SensorRecord, policy: str, why: str) -> None:
+        self.stats["unroutable"] += 1
+        log.warning("record for pid %d (%s) not routed: %s", record.tgid, record.comm, why)
+        self._sink.record(
+            Decision(
+                time=self._clock.wall(),
+                policy=policy,
+                signal=record.signal,
+                pid=record.tgid,
+                start_ticks=0,
+                comm=record.comm,
+                ppid=record.ppid,
+                exe=None,
+                cgroup="",
+                count=record.count,
+                window_s=record.window_s,
+                action=None,
+                step=0,
+                dry_run=self.dry_run,
+                outcome=SKIPPED,
+                reason=f"unroutable: {why}",
+                message=f"skipped (unroutable: {why}): pid {record.tgid} ({record.comm})",
+                state="observed",
+                degraded=record.degraded,
+            )
+        )
+        self.stats[f"decision-{SKIPPED}"] += 1
 
     def _offender(self, policy: Policy, subject: Subject, now: float) -> Offender | None:
         """The offender this record is about, made when new; None when the table is full of
@@ -345,6 +432,7 @@ class Engine:
         group = self._by_subject.pop(skey)
         for offender in group.values():
             fire(offender, "release")
+            self._end_incident(offender)
             detach(self._machine, offender)
             key = (skey[0], skey[1], offender.policy)
             del self._offenders[key]
@@ -384,12 +472,19 @@ class Engine:
             "none idle to evict",
         )
 
-    def reload(self, policies: PolicySet) -> None:
+    def reload(self, policies: PolicySet, plan: SensorPlan | None = None) -> None:
         """Swap in a new, already validated policy set, keeping what was learned: offenders of
         policies that still exist keep their state, escalation step and cooldown; rate limits
         keep their history when unchanged; a policy demoted by its breaker starts over.
-        Offenders of removed policies are released."""
+        Offenders of removed policies are released. ``plan`` (default: compiled here from the
+        running one) routes new records; the last KEEP_PLANS plans still route records of
+        their generation."""
         old_limits = {p.name: p.rate_limit for p in self.policies.policies}
+        self.plan = plan if plan is not None else compile_plan(policies, previous=self.plan)
+        self._plans[self.plan.generation] = self.plan
+        self._plans.move_to_end(self.plan.generation)
+        while len(self._plans) > KEEP_PLANS:
+            self._plans.popitem(last=False)
         self.policies = policies
         self._by_name = {p.name: p for p in policies.policies}
         self._protector = self._base_protector.extended(policies)
@@ -432,8 +527,9 @@ class Engine:
         step = case.step
 
         if offender.state == "cooldown":
-            left = offender.cooldown_until - now
-            self._emit(case, SKIPPED, f"cooldown, {left:.1f} s left")
+            # Sensed, not a decision: the audit gets a line per step of the ladder, not one per
+            # window (a sensor without holds still sends a record every window).
+            self.stats["records-in-cooldown"] += 1
             return
         offender.last_record = record
         fire(offender, "suspect")
@@ -452,7 +548,7 @@ class Engine:
         fire(offender, "act")
         plan = self._executor.describe(step, offender.subject)
         if case.dry_run:
-            self._after_action(offender, policy, step, now)
+            self._after_action(offender, policy, step, now, case.record)
             demoted = self._breakers.demoted(policy.name)
             why = "monitor mode" if policy.dry_run and not self.dry_run else "dry-run"
             if demoted is not None:
@@ -486,7 +582,7 @@ class Engine:
             self._emit(case, "error", f"{type(err).__name__}: {err}", plan)
             raise
         self._breakers.record(policy, offender.subject, now)
-        self._after_action(offender, policy, step, now)
+        self._after_action(offender, policy, step, now, case.record)
         self._emit(case, ACTED, "threshold crossed", f"{plan}; {detail}" if detail else plan)
 
     # -- guards: each returns a reason to skip, or None. Order matters: the rate limiter
@@ -590,8 +686,11 @@ class Engine:
     def _tracked(self, subject: Subject) -> bool:
         return any(o.subject.handle is subject.handle for o in self._offenders_of(subject))
 
-    def _after_action(self, offender: Offender, policy: Policy, step: Step, now: float) -> None:
+    def _after_action(
+        self, offender: Offender, policy: Policy, step: Step, now: float, record: SensorRecord
+    ) -> None:
         key = (offender.subject.pid, offender.subject.start_ticks, offender.policy)
+        self._start_incident(offender, record, now)
         if changes_process(step):
             self._holders.add(key)
         else:
@@ -602,6 +701,60 @@ class Engine:
         judged = step.until_below is not None or step.settle_s > 0
         offender.judge_at = now + step.settle_s if judged else None
         fire(offender, "acted")
+
+    # -- one record per incident: the sensor holds it while the offender is tracked ----------
+
+    def _hold_key(self, record: SensorRecord) -> tuple[str, int, int, int] | None:
+        plan = self._plans.get(record.generation)
+        found = plan.rule(record.rule) if plan is not None and record.rule else None
+        if found is None:
+            return None  # no tier behind it (rule 0): nothing the sensor could hold
+        return (record.signal, found[1].index, record.key, record.key_birth_ns)
+
+    def _start_incident(self, offender: Offender, record: SensorRecord, now: float) -> None:
+        """The offender is tracked now (acted on, or followed in dry-run): ask the sensor to
+        stop re-emitting its window; the engine re-measures it instead (see _remeasure)."""
+        offender.measure_at = now + record.window_s / MEASURES_PER_WINDOW
+        if offender.held is not None or self._sensor is None:
+            return
+        hold = self._hold_key(record)
+        if hold is None:
+            return
+        offender.held = record
+        self._incidents[hold] += 1
+        if self._incidents[hold] == 1:
+            self._sensor.hold(record)
+
+    def _end_incident(self, offender: Offender) -> None:
+        """Released or recovered: the next crossing of its key emits again."""
+        record, offender.held = offender.held, None
+        if record is None or self._sensor is None:
+            return
+        hold = self._hold_key(record)
+        if hold is None or self._incidents[hold] <= 0:
+            return
+        self._incidents[hold] -= 1
+        if self._incidents[hold] == 0:
+            del self._incidents[hold]
+            self._sensor.unhold(record)
+
+    def _remeasure(self, offender: Offender, policy: Policy, now: float) -> bool:
+        """A held incident between steps: the sensor sends no more records for it, so read its
+        window. Still over the policy's threshold → seen again (not quiet), and the next step
+        is evaluated as for a fresh record. Whether it escalated."""
+        record = offender.held
+        if record is None or self._sensor is None or now < offender.measure_at:
+            return False
+        offender.measure_at = now + record.window_s / MEASURES_PER_WINDOW
+        value = self._sensor.measure(record)
+        if value is None or value < policy.threshold:
+            return False
+        self.stats["remeasured-over"] += 1
+        measured = dataclasses.replace(record, count=value)
+        if now - self._degraded_at.get(record.signal, -math.inf) < 2 * record.window_s:
+            measured = dataclasses.replace(measured, degraded=True)
+        self._evaluate(policy, measured, offender.subject)
+        return True
 
     def _emit(self, case: _Case, outcome: str, reason: str, detail: str = "") -> None:
         policy, record, offender = case.policy, case.record, case.offender
@@ -720,10 +873,15 @@ class Engine:
             cooled = offender.state == "cooldown" and (now >= offender.cooldown_until or exited)
             if cooled:
                 fire(offender, "cooled")
+            went_on = (
+                offender.state == "observed"
+                and not exited
+                and self._remeasure(offender, policy, now)
+            )
             quiet = now - offender.last_seen >= policy.release_after_s
             if offender.state == "observed" and (quiet or exited):
                 self._release(key, offender)
-            elif not cooled:
+            elif not cooled and not went_on:
                 return  # nothing changed: its place among the idle stays as it was
         self._refile(key[:2])  # out of cooldown, or released: evictable now, or gone
 
@@ -743,14 +901,15 @@ class Engine:
         # Without `until`, a step with a settle time is a timed stage: the offender is still
         # there when it ends, so the ladder goes on (stop, then terminate).
         value = None
-        if below is not None and self._measure is not None:
-            value = self._measure(record.signal, record.key, record.key_birth_ns)
+        if below is not None and self._sensor is not None:
+            value = self._sensor.measure(record)
         fire(offender, "cooled")
         if below is not None and value is not None and value < below:
             reverted = (
                 self._undo.revert_offender(offender.subject, "recovered") if self._undo else []
             )
             offender.step = 0
+            self._end_incident(offender)  # recovered: a new crossing is a new incident
             self.stats["recovered"] += 1
             case = self._case(policy, dataclasses.replace(record, count=value), offender)
             detail = "; ".join(reverted) if reverted else "nothing to revert"
@@ -787,6 +946,7 @@ class Engine:
     ) -> None:
         fire(offender, "release")
         self.stats["released"] += 1
+        self._end_incident(offender)
         failure: Exception | None = None
         if revert and self._undo is not None:
             # Quiet for release_after (or gone): it recovered. Take back what was changed.

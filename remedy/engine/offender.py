@@ -146,6 +146,10 @@ class Offender:
     # the undo journal may hold its change, so the engine never evicts this offender; only a
     # release (which reverts) ends it.
     applied: bool = False
+    # The record whose incident the sensor holds for this offender (one record per incident:
+    # the sensor stops re-emitting it), and when the engine next re-measures it instead.
+    held: SensorRecord | None = None
+    measure_at: float = 0.0
     state: str = field(default="observed", init=False)
 
 
