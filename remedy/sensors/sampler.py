@@ -34,6 +34,13 @@ Fidelity limits, by signal (everything happening *between* two tables is invisib
   between samples (and failed connects) are missed. Reading them costs a walk of every
   process's descriptors, so it is done only when a policy uses the signal.
 
+Tiers (issue 12) are the kernel's: each signal's plan has window classes (one window per key
+and class) holding tiers, each with its own threshold, sustain, rule id and cgroup globs (matched
+with fnmatchcase on the process's cgroup path, or the key cgroup's, like ``Facts.cgroup``). A key
+emits at most one record per window and tier, naming the tier's rule and the plan's generation;
+while the engine holds the key's incident, only tiers not yet emitted during it emit again.
+``rss_growth`` is the anonymous RSS now minus at the window's first sample, in MiB.
+
 Records name the process to act on: the parent for parent- and cgroup-keyed signals (the
 children are usually gone by the time the engine looks), the process itself otherwise.
 """
@@ -44,14 +51,16 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Literal, Protocol
 
 import psutil
 
 from remedy.clock import Clock, SystemClock
+from remedy.compiler import SensorPlan, SignalPlan, Tier, WindowClass
 from remedy.errors import ActionError, SensorError
 from remedy.proc import ProcFS
-from remedy.sensors.catalog import SIGNALS, Mode, SignalCounters, SignalSettings
+from remedy.sensors.catalog import SIGNALS, Mode, SignalCounters
 from remedy.sensors.records import SensorRecord
 
 __all__ = [
@@ -67,6 +76,9 @@ __all__ = [
 _MIB = 1 << 20
 _CGROUP_SIGNALS = frozenset({"fork_rate_cgroup", "exec_rate_cgroup"})
 _FD_SIGNALS = frozenset({"open_rate", "fd_growth"})
+# Growth since the window's first sample (a level, differenced against the window's start).
+# Named here as well as in the catalogue (the kernel half adds it there, id 10).
+_GROWTH_SIGNALS = frozenset({"rss_growth"})
 # TCP states of a connection this process initiated or is using; LISTEN and the closing states
 # are not connects.
 _CONNECTED_STATES = frozenset({psutil.CONN_SYN_SENT, psutil.CONN_ESTABLISHED})
@@ -83,16 +95,21 @@ class Needs:
     cgroup: bool = False
 
     @classmethod
-    def for_signals(cls, names: Iterable[str]) -> Needs:
-        """The fields the given signals need."""
+    def for_signals(cls, names: Iterable[str], *, cgroup: bool = False) -> Needs:
+        """The fields the given signals need; ``cgroup``: a tier matches on cgroups."""
         wanted = set(names)
         return cls(
             cpu="cpu" in wanted,
-            rss="rss" in wanted,
+            rss=bool(wanted & {"rss", *_GROWTH_SIGNALS}),
             fds=bool(wanted & _FD_SIGNALS),
             connections="connect_rate" in wanted,
-            cgroup=bool(wanted & _CGROUP_SIGNALS),
+            cgroup=cgroup or bool(wanted & _CGROUP_SIGNALS),
         )
+
+    @classmethod
+    def for_plan(cls, plan: SensorPlan) -> Needs:
+        scoped = any(t.cgroups for sp in plan.signals.values() for _, t in sp.tiers())
+        return cls.for_signals(plan.signals, cgroup=scoped)
 
 
 @dataclass(frozen=True)
@@ -233,10 +250,14 @@ _UNKNOWN_START = -1.0  # create_time of a parent that is not in either table
 @dataclass
 class _Window:
     start: float
-    carry: int  # crossing windows immediately before this one (for `sustain`)
+    carry: dict[int, int]  # per rule: crossing windows immediately before this one (`sustain`)
     value: float = 0.0
-    crossed: bool = False
-    streak: int = 0  # carry + 1 once this window crossed
+    base: float | None = None  # growth signals: the level at the window's first sample
+    crossed: set[int] = field(default_factory=set)  # rules whose threshold this window reached
+    streaks: dict[int, int] = field(default_factory=dict)  # carry + 1, per crossed rule
+
+
+_ClassKey = tuple[str, int]  # (signal, window class index)
 
 
 @dataclass
@@ -298,8 +319,12 @@ class ProcSampler:
         self._source: ProcessSource = source or PsutilSource()
         # Injected with the clock so that tests drive poll() with FakeClock.advance.
         self._sleep = sleep or time.sleep
-        self._settings: dict[str, SignalSettings] = {}
-        self._windows: dict[str, dict[_Key, _Window]] = {}
+        self._plan = SensorPlan({})
+        self._windows: dict[_ClassKey, dict[_Key, _Window]] = {}
+        # The identity behind a record's bare key (the last one that emitted), for measure/hold.
+        self._emitters: dict[tuple[str, int, int], _Key] = {}
+        # Open incidents (hold): the rules already emitted during each.
+        self._held: dict[tuple[str, int, _Key], set[int]] = {}
         self._counts: dict[str, _Counts] = {}
         self._needs = Needs()
         self._callback: Callable[[SensorRecord], None] | None = None
@@ -310,29 +335,72 @@ class ProcSampler:
 
     # --- the Sensor interface -------------------------------------------------------------
 
-    def start(self, settings: Mapping[str, SignalSettings]) -> None:
-        """Watch the given signals; the first table is read now, as the baseline."""
+    def start(self, plan: SensorPlan) -> None:
+        """Watch the plan's signals; the first table is read now, as the baseline."""
         if self._next_due is not None or self._closed:
             raise SensorError("the /proc sampler was already started")
-        _validate(settings)
-        self._settings = dict(settings)
-        self._windows = {name: {} for name in settings}
-        self._counts = {name: _Counts() for name in settings}
-        self._needs = Needs.for_signals(settings)
+        _validate(plan)
+        self._plan = plan
+        self._windows = {}
+        self._counts = {name: _Counts() for name in plan.signals}
+        self._needs = Needs.for_plan(plan)
         self._previous = self._remember(self._read(), None)
         self._next_due = self._clock.monotonic() + self.interval_s
 
-    def configure(self, settings: Mapping[str, SignalSettings]) -> None:
-        """Change windows and thresholds live. Open windows keep their start and value; a
-        lowered threshold can make the next event of an open window cross."""
-        unknown = sorted(set(settings) - set(self._settings))
+    def configure(self, plan: SensorPlan) -> None:
+        """New tiers, thresholds and generation, live. Open windows keep their start and value;
+        a lowered threshold can make the next event of an open window cross. Like the kernel
+        sensor, only the signals passed to start() can be watched."""
+        unknown = sorted(set(plan.signals) - set(self._counts))
         if unknown:
             raise SensorError(
                 f"signal(s) {', '.join(unknown)} were not started; the sampler, like the kernel "
                 "sensor, only reconfigures signals passed to start()"
             )
-        _validate(settings)
-        self._settings.update(settings)
+        _validate(plan)
+        self._plan = plan
+        self._needs = Needs.for_plan(plan)
+
+    def measure(self, record: SensorRecord) -> int | None:
+        """The current value of the record's window (its rule's class, its key) in the
+        signal's unit: 0 when that window has ended with no event since; None when the plan
+        does not know the record's rule."""
+        found = self._class_of(record)
+        if found is None:
+            return None
+        cls = found
+        ident = self._emitters.get((record.signal, cls.index, record.key))
+        w = self._windows.get((record.signal, cls.index), {}).get(ident) if ident else None
+        if w is None or self._clock.monotonic() - w.start >= cls.window_s:
+            return 0
+        return _in_unit(record.signal, w.value, cls.window_s)
+
+    def hold(self, record: SensorRecord) -> None:
+        """An incident is open for the record's key in its rule's class: tiers already emitted
+        during it (this window's, and the record's) are not emitted again."""
+        cls = self._class_of(record)
+        ident = self._emitters.get((record.signal, cls.index, record.key)) if cls else None
+        if cls is None or ident is None:
+            return
+        w = self._windows.get((record.signal, cls.index), {}).get(ident)
+        emitted = {record.rule, *(w.crossed if w is not None else ())}
+        self._held.setdefault((record.signal, cls.index, ident), set()).update(emitted)
+
+    def unhold(self, record: SensorRecord) -> None:
+        """The incident ended: the key's next crossing emits again."""
+        cls = self._class_of(record)
+        ident = self._emitters.get((record.signal, cls.index, record.key)) if cls else None
+        if cls is not None and ident is not None:
+            self._held.pop((record.signal, cls.index, ident), None)
+
+    def _class_of(self, record: SensorRecord) -> WindowClass | None:
+        found = self._plan.rule(record.rule) if record.rule else None
+        if found is not None and found[0] == record.signal:
+            return found[1]
+        sp = self._plan.signals.get(record.signal)
+        if sp is None or record.rule:
+            return None  # a rule the running plan no longer has: no window to name
+        return next((c for c in sp.classes if c.window_s == record.window_s), None)
 
     def open_ring_buffer(self, callback: Callable[[SensorRecord], None]) -> None:
         """Deliver records to ``callback`` from poll(); without one they are dropped."""
@@ -377,6 +445,8 @@ class ProcSampler:
         self._closed = True
         self._previous = None
         self._windows = {}
+        self._emitters = {}
+        self._held = {}
         self._cgroup_paths = {}
 
     # --- extras ---------------------------------------------------------------------------
@@ -436,9 +506,11 @@ class ProcSampler:
             parent = _parent(s, child)
             who = _who(parent, child.ppid)
             pkey = _pkey(parent, child.ppid)
-            self._observe(s, "fork_rate", pkey, 1.0, who)
+            # A child is born in its parent's cgroup: the forker's cgroup decides cgroup tiers.
+            self._observe(s, "fork_rate", pkey, 1.0, who, cgroup=child.cgroup)
             if child.cgroup is not None:
-                self._observe(s, "fork_rate_cgroup", (cgroup_key(child.cgroup), 0.0), 1.0, who)
+                ckey = (cgroup_key(child.cgroup), 0.0)
+                self._observe(s, "fork_rate_cgroup", ckey, 1.0, who, cgroup=child.cgroup)
             if parent is not None and child.comm != parent.comm:
                 self._exec(s, child, pkey, who)
         for snap in s.current.values():
@@ -448,14 +520,15 @@ class ProcSampler:
                 self._exec(s, snap, _pkey(parent, snap.ppid), _who(parent, snap.ppid))
 
     def _exec(self, s: _Sample, proc: ProcessSnapshot, pkey: _Key, who: _Who) -> None:
-        self._observe(s, "exec_rate", pkey, 1.0, who)
+        self._observe(s, "exec_rate", pkey, 1.0, who, cgroup=proc.cgroup)
         if proc.cgroup is not None:
-            self._observe(s, "exec_rate_cgroup", (cgroup_key(proc.cgroup), 0.0), 1.0, who)
+            ckey = (cgroup_key(proc.cgroup), 0.0)
+            self._observe(s, "exec_rate_cgroup", ckey, 1.0, who, cgroup=proc.cgroup)
 
     def _exits(self, s: _Sample) -> None:
         """churn: children that exited since the last table, young when last seen alive."""
-        settings = self._settings.get("churn")
-        if settings is None:
+        churn = self._plan.signals.get("churn")
+        if churn is None:
             return
         exited: list[tuple[ProcessSnapshot, float]] = []
         for old in s.previous.values():
@@ -469,9 +542,10 @@ class ProcSampler:
                 exited.append((snap, s.taken_at - snap.create_time))
         exited.sort(key=lambda e: (e[0].create_time, e[0].pid))
         for child, age in exited:
-            if age < settings.lifetime_s:
+            if age < churn.lifetime_s:
                 parent = _parent(s, child)
-                self._observe(s, "churn", _pkey(parent, child.ppid), 1.0, _who(parent, child.ppid))
+                pkey, who = _pkey(parent, child.ppid), _who(parent, child.ppid)
+                self._observe(s, "churn", pkey, 1.0, who, cgroup=child.cgroup)
 
     def _levels(self, s: _Sample) -> None:
         """cpu, rss, open_rate, fd_growth, connect_rate: per-process levels and their deltas."""
@@ -486,90 +560,139 @@ class ProcSampler:
                 # A process born since the last table used all of its CPU time since then.
                 base = 0.0 if before is None else before.cpu_s
                 if base is not None and snap.cpu_s > base:
-                    self._observe(s, "cpu", key, snap.cpu_s - base, who)
+                    self._observe(s, "cpu", key, snap.cpu_s - base, who, cgroup=snap.cgroup)
             if snap.rss_anon is not None:
-                self._observe(s, "rss", key, float(snap.rss_anon // _MIB), who)
+                mib = float(snap.rss_anon // _MIB)
+                self._observe(s, "rss", key, mib, who, cgroup=snap.cgroup)
+                self._observe(s, "rss_growth", key, mib, who, cgroup=snap.cgroup)
             if snap.num_fds is not None and before is not None and before.num_fds is not None:
                 delta = snap.num_fds - before.num_fds
                 if delta > 0:
-                    self._observe(s, "open_rate", key, float(delta), who)
+                    self._observe(s, "open_rate", key, float(delta), who, cgroup=snap.cgroup)
                 if delta != 0:
-                    self._observe(s, "fd_growth", key, float(delta), who)
+                    self._observe(s, "fd_growth", key, float(delta), who, cgroup=snap.cgroup)
             if snap.connections is not None:
                 prior = frozenset[str]() if before is None else before.connections
                 if prior is not None and (new := len(snap.connections - prior)):
-                    self._observe(s, "connect_rate", key, float(new), who)
+                    self._observe(s, "connect_rate", key, float(new), who, cgroup=snap.cgroup)
 
-    def _observe(self, s: _Sample, name: str, key: _Key, amount: float, who: _Who) -> None:
-        """Feed one event into ``key``'s window; emit a record the first time it crosses."""
-        settings = self._settings.get(name)
-        if settings is None:
+    def _observe(
+        self, s: _Sample, name: str, key: _Key, amount: float, who: _Who, *, cgroup: str | None
+    ) -> None:
+        """Feed one event into ``key``'s window of every class with a tier that applies to
+        ``cgroup``; emit a record the first time the window reaches a tier."""
+        sp = self._plan.signals.get(name)
+        if sp is None:
             return
         counts = self._counts[name]
         counts.events_seen += 1
-        windows = self._windows[name]
+        for cls in sp.classes:
+            tiers = [t for t in cls.tiers if _applies(t, cgroup)]
+            if tiers:
+                self._count(s, sp, cls, tiers=tiers, key=key, amount=amount, who=who)
+
+    def _count(
+        self,
+        s: _Sample,
+        sp: SignalPlan,
+        cls: WindowClass,
+        *,
+        tiers: list[Tier],
+        key: _Key,
+        amount: float,
+        who: _Who,
+    ) -> None:
+        name, counts = sp.signal, self._counts[sp.signal]
+        windows = self._windows.setdefault((name, cls.index), {})
         w = windows.get(key)
-        if w is None or s.now - w.start >= settings.window_s:
+        if w is None or s.now - w.start >= cls.window_s:
             # Windows are consecutive when the new one opens within a window of the old one's end.
-            adjacent = w is not None and w.crossed and s.now - w.start < 2 * settings.window_s
-            w = _Window(start=s.now, carry=w.streak if adjacent and w is not None else 0)
+            adjacent = w is not None and w.crossed and s.now - w.start < 2 * cls.window_s
+            w = _Window(start=s.now, carry=dict(w.streaks) if adjacent and w is not None else {})
             windows[key] = w
             counts.windows_opened += 1
-        if SIGNALS[name].mode is Mode.LEVEL:
+        if name in _GROWTH_SIGNALS:
+            if w.base is None:
+                w.base = amount
+            w.value = amount - w.base
+        elif SIGNALS[name].mode is Mode.LEVEL:
             w.value = amount
         else:
             w.value += amount
-        if w.crossed:
-            return  # once per window, like the kernel
-        value = _in_unit(name, w.value, settings)
-        if value < settings.threshold:
-            return
-        w.crossed = True
-        w.streak = w.carry + 1
-        if w.streak < settings.sustain:
-            return
-        counts.records_emitted += 1
-        s.records.append(
-            SensorRecord(
-                signal=name,
-                tgid=who.tgid,
-                pid=who.tgid,
-                ppid=who.ppid,
-                comm=who.comm,
-                cgroup_id=0,
-                count=value,
-                window_s=settings.window_s,
-                elapsed_s=s.now - w.start,
-                ts_boot_ns=s.boot_ns,
-                key=key[0],
-                sampled=True,
+        value = _in_unit(name, w.value, cls.window_s)
+        held = self._held.get((name, cls.index, key))
+        for tier in tiers:  # ascending threshold: a jump past two tiers emits for each
+            if tier.rule in w.crossed or value < tier.threshold:
+                continue  # once per window and tier, like the kernel
+            w.crossed.add(tier.rule)
+            w.streaks[tier.rule] = w.carry.get(tier.rule, 0) + 1
+            if w.streaks[tier.rule] < tier.sustain:
+                continue
+            if held is not None:
+                if tier.rule in held:
+                    continue  # the engine follows this incident: it re-measures instead
+                held.add(tier.rule)
+            counts.records_emitted += 1
+            self._emitters[(name, cls.index, key[0])] = key
+            s.records.append(
+                SensorRecord(
+                    signal=name,
+                    tgid=who.tgid,
+                    pid=who.tgid,
+                    ppid=who.ppid,
+                    comm=who.comm,
+                    cgroup_id=0,
+                    count=value,
+                    window_s=cls.window_s,
+                    elapsed_s=s.now - w.start,
+                    ts_boot_ns=s.boot_ns,
+                    key=key[0],
+                    sampled=True,
+                    rule=tier.rule,
+                    generation=self._plan.generation,
+                )
             )
-        )
 
     def _prune(self, now: float) -> None:
         """Drop windows that can no longer count or carry a streak: memory stays bounded by the
-        number of keys active in the last two windows."""
-        for name, windows in self._windows.items():
-            horizon = 2 * self._settings[name].window_s
-            for key in [k for k, w in windows.items() if now - w.start >= horizon]:
+        number of keys active in the last two windows (and the incidents the engine holds)."""
+        live: set[tuple[str, int, _Key]] = set()
+        for (name, index), windows in self._windows.items():
+            sp = self._plan.signals.get(name)
+            window_s = next((c.window_s for c in sp.classes if c.index == index), 0.0) if sp else 0
+            for key in [k for k, w in windows.items() if now - w.start >= 2 * window_s]:
                 del windows[key]
+            live.update((name, index, k) for k in windows)
+        live.update(self._held)
+        self._emitters = {
+            ek: ident for ek, ident in self._emitters.items() if (ek[0], ek[1], ident) in live
+        }
 
 
-def _validate(settings: Mapping[str, SignalSettings]) -> None:
-    for name, st in settings.items():
-        if name not in SIGNALS:
+def _applies(tier: Tier, cgroup: str | None) -> bool:
+    """Everywhere, or the event's cgroup (the key cgroup for cgroup-keyed signals) matches one
+    of the tier's globs, as ``Facts.cgroup`` is matched: fnmatchcase on the path."""
+    if tier.everywhere:
+        return True
+    return cgroup is not None and any(fnmatchcase(cgroup, g) for g in tier.cgroups)
+
+
+def _validate(plan: SensorPlan) -> None:
+    for name, sp in plan.signals.items():
+        if name not in SIGNALS and name not in _GROWTH_SIGNALS:
             raise SensorError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}")
-        if st.window_s <= 0 or st.threshold < 1 or st.sustain < 1 or st.lifetime_s <= 0:
-            raise SensorError(
-                f"signal {name!r}: window_s > 0, threshold >= 1, sustain >= 1 and "
-                f"lifetime_s > 0 are required, got {st}"
-            )
+        for cls, t in sp.tiers():
+            if cls.window_s <= 0 or t.threshold < 1 or t.sustain < 1 or sp.lifetime_s <= 0:
+                raise SensorError(
+                    f"signal {name!r} rule {t.rule}: window_s > 0, threshold >= 1, sustain >= 1 "
+                    f"and lifetime_s > 0 are required, got {cls.window_s}, {t}"
+                )
 
 
-def _in_unit(name: str, value: float, settings: SignalSettings) -> int:
+def _in_unit(name: str, value: float, window_s: float) -> int:
     """A window's raw value in the unit its threshold counts (Signal.unit)."""
     if name == "cpu":
-        return int(value * 100 / settings.window_s)  # CPU seconds -> percent of one core
+        return int(value * 100 / window_s)  # CPU seconds -> percent of one core
     return int(value)
 
 

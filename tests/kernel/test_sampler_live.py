@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from remedy.sensors.catalog import SignalSettings
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.sampler import ProcSampler
+from testkit.plans import Filter, plan_of
 from testkit.sandbox import CgroupSandbox
 
 pytestmark = [
@@ -27,15 +27,15 @@ pytestmark = [
 ]
 
 SETTINGS = {
-    "fork_rate": SignalSettings(window_s=1.0, threshold=40),
-    "fork_rate_cgroup": SignalSettings(window_s=1.0, threshold=40),
-    "exec_rate": SignalSettings(window_s=1.0, threshold=20),
-    "churn": SignalSettings(window_s=1.0, threshold=20, lifetime_s=0.2),
-    "cpu": SignalSettings(window_s=0.5, threshold=50),
-    "rss": SignalSettings(window_s=1.0, threshold=100),
-    "open_rate": SignalSettings(window_s=1.0, threshold=200),
-    "fd_growth": SignalSettings(window_s=1.0, threshold=200),
-    "connect_rate": SignalSettings(window_s=1.0, threshold=30),
+    "fork_rate": Filter(window_s=1.0, threshold=40),
+    "fork_rate_cgroup": Filter(window_s=1.0, threshold=40),
+    "exec_rate": Filter(window_s=1.0, threshold=20),
+    "churn": Filter(window_s=1.0, threshold=20, lifetime_s=0.2),
+    "cpu": Filter(window_s=0.5, threshold=50),
+    "rss": Filter(window_s=1.0, threshold=100),
+    "open_rate": Filter(window_s=1.0, threshold=200),
+    "fd_growth": Filter(window_s=1.0, threshold=200),
+    "connect_rate": Filter(window_s=1.0, threshold=30),
 }
 
 # 300 children over ~1.5 s; each execs sleep 0.15 so a 0.1 s sampler sees nearly all of them,
@@ -98,7 +98,7 @@ def sampler() -> Iterator[tuple[ProcSampler, list[SensorRecord]]]:
     s = ProcSampler(interval_s=0.1)
     records: list[SensorRecord] = []
     s.open_ring_buffer(records.append)
-    s.start(SETTINGS)
+    s.start(plan_of(SETTINGS))
     try:
         yield s, records
     finally:

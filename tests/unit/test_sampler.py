@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from remedy.clock import FakeClock
+from remedy.compiler import SensorPlan, SignalPlan, Tier, WindowClass
 from remedy.errors import SensorError
-from remedy.sensors.catalog import Sensor, SignalSettings
+from remedy.sensors.catalog import Sensor
 from remedy.sensors.records import SensorRecord
 from remedy.sensors.sampler import (
     Needs,
@@ -18,6 +19,7 @@ from remedy.sensors.sampler import (
     ProcSampler,
     cgroup_key,
 )
+from testkit.plans import Filter, plan_of
 
 TICK = 0.25
 
@@ -50,7 +52,7 @@ class FakeTable:
 class Rig:
     """A started sampler over a fake table; ``tick()`` is one poll that samples once."""
 
-    def __init__(self, settings: dict[str, SignalSettings], setup: Any = None) -> None:
+    def __init__(self, settings: dict[str, Filter] | SensorPlan, setup: Any = None) -> None:
         self.clock = FakeClock()
         self.table = FakeTable(self.clock)
         self.table.add(1, ppid=0, comm="init", create_time=0.0)
@@ -61,7 +63,7 @@ class Rig:
         )
         self.records: list[SensorRecord] = []
         self.sampler.open_ring_buffer(self.records.append)
-        self.sampler.start(settings)
+        self.sampler.start(settings if isinstance(settings, SensorPlan) else plan_of(settings))
 
     def tick(self) -> list[SensorRecord]:
         before = len(self.records)
@@ -72,8 +74,8 @@ class Rig:
         return [r for r in self.records if r.signal == signal]
 
 
-def one(signal: str, threshold: int, window_s: float = 1.0, **kw: Any) -> dict[str, SignalSettings]:
-    return {signal: SignalSettings(window_s=window_s, threshold=threshold, **kw)}
+def one(signal: str, threshold: int, window_s: float = 1.0, **kw: Any) -> dict[str, Filter]:
+    return {signal: Filter(window_s=window_s, threshold=threshold, **kw)}
 
 
 def _spawn(rig: Rig, parent: int, first: int, n: int, **kw: Any) -> list[int]:
@@ -140,8 +142,8 @@ def test_fork_rate_cgroup_sums_many_parents_of_one_cgroup() -> None:
 def test_exec_rate_counts_children_that_changed_name() -> None:
     rig = Rig(
         {
-            "exec_rate": SignalSettings(window_s=1.0, threshold=20),
-            "exec_rate_cgroup": SignalSettings(window_s=1.0, threshold=20),
+            "exec_rate": Filter(window_s=1.0, threshold=20),
+            "exec_rate_cgroup": Filter(window_s=1.0, threshold=20),
         },
         lambda t: t.add(100, comm="supervisor", cgroup="/app"),
     )
@@ -242,8 +244,8 @@ def test_rss_level_once_per_window() -> None:
 def test_open_rate_counts_growth_and_fd_growth_the_net_change() -> None:
     rig = Rig(
         {
-            "open_rate": SignalSettings(window_s=1.0, threshold=100),
-            "fd_growth": SignalSettings(window_s=1.0, threshold=100),
+            "open_rate": Filter(window_s=1.0, threshold=100),
+            "fd_growth": Filter(window_s=1.0, threshold=100),
         },
         lambda t: t.add(100, num_fds=10),
     )
@@ -299,23 +301,23 @@ def test_configure_changes_thresholds_live() -> None:
     rig = Rig(one("fork_rate", 50), lambda t: t.add(100))
     _spawn(rig, 100, 1000, 30)
     assert rig.tick() == []
-    rig.sampler.configure(one("fork_rate", 35))
+    rig.sampler.configure(plan_of(one("fork_rate", 35)))
     _spawn(rig, 100, 2000, 10)
     assert [r.count for r in rig.tick()] == [35]  # the open window kept its 30
-    rig.sampler.configure(one("fork_rate", 1000))
+    rig.sampler.configure(plan_of(one("fork_rate", 1000)))
     for i in range(8):
         _spawn(rig, 100, 3000 + 100 * i, 100)
         assert rig.tick() == []
     with pytest.raises(SensorError, match="not started"):
-        rig.sampler.configure(one("cpu", 50))
+        rig.sampler.configure(plan_of(one("cpu", 50)))
     with pytest.raises(SensorError, match="threshold"):
-        rig.sampler.configure(one("fork_rate", 0))
+        rig.sampler.configure(plan_of(one("fork_rate", 0)))
 
 
 def test_start_rejects_unknown_signals() -> None:
     sampler = ProcSampler(source=FakeTable(FakeClock()))
     with pytest.raises(SensorError, match="unknown signal 'forks'"):
-        sampler.start(one("forks", 1))
+        sampler.start(plan_of(one("forks", 1)))
 
 
 def test_poll_waits_for_the_next_sample_within_its_timeout() -> None:
@@ -329,3 +331,105 @@ def test_poll_waits_for_the_next_sample_within_its_timeout() -> None:
     rig.sampler.close()
     with pytest.raises(SensorError):
         rig.sampler.poll(0)
+
+
+# --- issue 12: tiers, window classes, cgroup-scoped tiers, holds, rss_growth ---------------------
+
+
+def tiered(
+    signal: str, *classes: tuple[float, tuple[Tier, ...]], generation: int = 3
+) -> SensorPlan:
+    return SensorPlan(
+        {
+            signal: SignalPlan(
+                signal, tuple(WindowClass(i, w, t) for i, (w, t) in enumerate(classes))
+            )
+        },
+        generation,
+    )
+
+
+WARN_CONTAIN = tiered("fork_rate", (1.0, (Tier(1, "warn", 10), Tier(2, "contain", 30))))
+
+
+def test_a_key_emits_once_per_window_and_tier_naming_rule_and_generation() -> None:
+    rig = Rig(WARN_CONTAIN, lambda t: t.add(100))
+    _spawn(rig, 100, 1000, 12)
+    assert [(r.rule, r.generation, r.count) for r in rig.tick()] == [(1, 3, 10)]
+    _spawn(rig, 100, 2000, 20)
+    assert [(r.rule, r.count) for r in rig.tick()] == [(2, 30)]  # a higher tier: again
+    _spawn(rig, 100, 3000, 12)
+    assert rig.tick() == []  # both tiers emitted in this window
+    rig.clock.advance(1.0)
+    _spawn(rig, 100, 4000, 40)
+    assert [r.rule for r in rig.tick()] == [1, 2]  # a new window: each tier once more
+
+
+def test_a_held_incident_emits_only_tiers_not_yet_emitted_until_unheld() -> None:
+    rig = Rig(WARN_CONTAIN, lambda t: t.add(100))
+    _spawn(rig, 100, 1000, 12)
+    [warn] = rig.tick()
+    rig.sampler.hold(warn)
+    assert rig.sampler.measure(warn) == 12
+    rig.clock.advance(1.0)
+    _spawn(rig, 100, 2000, 35)
+    # The warning tier is not re-emitted while held; the contain tier was never emitted: it is.
+    assert [(r.rule, r.count) for r in rig.tick()] == [(2, 30)]  # at its 30th fork
+    assert rig.sampler.measure(warn) == 35  # the engine re-measures instead
+    rig.clock.advance(1.0)
+    _spawn(rig, 100, 3000, 40)
+    assert rig.tick() == []  # held: nothing more for this key
+    rig.sampler.unhold(warn)
+    rig.clock.advance(1.0)
+    _spawn(rig, 100, 4000, 40)
+    assert [r.rule for r in rig.tick()] == [1, 2]
+
+
+def test_measure_is_zero_once_the_window_ended_quiet() -> None:
+    rig = Rig(WARN_CONTAIN, lambda t: t.add(100))
+    _spawn(rig, 100, 1000, 12)
+    [warn] = rig.tick()
+    rig.clock.advance(1.5)
+    assert rig.sampler.measure(warn) == 0
+    assert rig.sampler.measure(replace(warn, rule=99)) is None  # a rule the plan has not
+
+
+def test_window_classes_count_separately() -> None:
+    plan = tiered("fork_rate", (1.0, (Tier(1, "fast", 30),)), (5.0, (Tier(2, "slow", 50),)))
+    rig = Rig(plan, lambda t: t.add(100))
+    for i in range(5):
+        _spawn(rig, 100, 1000 + 100 * i, 12)
+        rig.tick()
+        rig.clock.advance(0.75)  # one second a step: 12 a second never reaches 30
+    assert [(r.rule, r.window_s) for r in rig.records] == [(2, 5.0)]
+
+
+def test_a_cgroup_scoped_tier_applies_only_to_processes_of_matching_cgroups() -> None:
+    plan = tiered("fork_rate", (1.0, (Tier(1, "ci", 10, cgroups=("/ci/*",)), Tier(2, "all", 30))))
+
+    def setup(t: FakeTable) -> None:
+        t.add(100, cgroup="/ci/job-1")
+        t.add(200, cgroup="/web")
+        t.add(300, cgroup="/ci")  # fnmatchcase: "/ci/*" does not match "/ci"
+
+    rig = Rig(plan, setup)
+    assert rig.table.asked[-1].cgroup  # cgroups are read because a tier matches on them
+    for parent, cgroup in ((100, "/ci/job-1"), (200, "/web"), (300, "/ci")):
+        _spawn(rig, parent, parent * 10, 15, cgroup=cgroup)
+    assert [(r.key, r.rule) for r in rig.tick()] == [(100, 1)]
+    for parent, cgroup in ((100, "/ci/job-1"), (200, "/web"), (300, "/ci")):
+        _spawn(rig, parent, parent * 100, 20, cgroup=cgroup)
+    assert sorted((r.key, r.rule) for r in rig.tick()) == [(100, 2), (200, 2), (300, 2)]
+
+
+def test_rss_growth_is_mib_gained_since_the_windows_start() -> None:
+    plan = tiered("rss_growth", (2.0, (Tier(1, "leak", 50),)))
+    mib = 1 << 20
+    rig = Rig(plan, lambda t: t.add(100, rss_anon=900 * mib))
+    assert rig.table.asked[-1].rss
+    rig.tick()  # the window opens at 900 MiB: a big process is no leak
+    rig.table.set(100, rss_anon=940 * mib)
+    assert rig.tick() == []
+    rig.table.set(100, rss_anon=960 * mib)
+    [rec] = rig.tick()
+    assert (rec.signal, rec.count, rec.rule) == ("rss_growth", 60, 1)
