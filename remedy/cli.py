@@ -287,9 +287,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so `remedy check` works on a host without bcc or cgroups.
+    from remedy.compiler import compile_plan  # noqa: PLC0415
     from remedy.policy import load_policy_set  # noqa: PLC0415
     from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
-    from remedy.sensors.startup import signal_settings  # noqa: PLC0415
+    from remedy.sensors.startup import bpf_plan, legacy_settings  # noqa: PLC0415
     from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
 
     if args.config is not None:
@@ -298,7 +299,9 @@ def _run(args: argparse.Namespace) -> int:
     playbook_paths = tuple(args.playbooks or [Path("playbooks")])
     if args.print_bpf:
         policies = load_policy_set(policy_paths, playbook_paths)
-        print(KernelSensor(naive=args.naive).source(signal_settings(policies)))
+        plan = compile_plan(policies)
+        # SHIM until i12-kernel lands: its KernelSensor.source takes the plan itself.
+        print(KernelSensor(naive=args.naive).source(legacy_settings(bpf_plan(plan))))
         return 0
     options = AgentOptions(
         policy_paths=policy_paths,

@@ -12,9 +12,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from remedy.sensors.records import SensorRecord
+
+if TYPE_CHECKING:
+    from remedy.compiler import SensorPlan
 
 
 class Mode(enum.IntEnum):
@@ -217,30 +220,25 @@ class SignalCounters:
 
 
 class Sensor(Protocol):
-    """A source of records: the kernel funnel, or the /proc sampler where BPF cannot run."""
+    """A source of records: the kernel funnel, or the /proc sampler where BPF cannot run.
+
+    Issue 12 contract: ``start`` begins watching ``plan.signals``; ``configure`` takes new
+    tiers/thresholds/generation and never recompiles when the signal set is unchanged;
+    ``measure`` is the current value of the record's window (its rule's class, key, key_birth)
+    in the signal's unit; ``hold``: an incident is open for (signal, rule's class, key,
+    key_birth), tiers already emitted for it are not re-emitted in later windows; ``unhold``:
+    the incident ended, the next crossing emits again."""
 
     kind: Literal["kernel", "sampler"]
 
-    def start(self, settings: Mapping[str, SignalSettings]) -> None:
-        """Begin watching the given signals (by name)."""
-        ...
-
-    def configure(self, settings: Mapping[str, SignalSettings]) -> None:
-        """Change windows and thresholds of running signals; never recompiles."""
-        ...
-
-    def open_ring_buffer(self, callback: _Callback) -> None:
-        """Route each record to ``callback`` (called from poll())."""
-        ...
-
-    def poll(self, timeout_ms: int) -> None:
-        """Deliver pending records, waiting up to ``timeout_ms`` for the first."""
-        ...
-
-    def counters(self) -> Mapping[str, SignalCounters]:
-        """Counters by signal name."""
-        ...
-
+    def start(self, plan: SensorPlan) -> None: ...
+    def configure(self, plan: SensorPlan) -> None: ...
+    def open_ring_buffer(self, callback: _Callback) -> None: ...
+    def poll(self, timeout_ms: int) -> None: ...
+    def counters(self) -> Mapping[str, SignalCounters]: ...
+    def measure(self, record: SensorRecord) -> int | None: ...
+    def hold(self, record: SensorRecord) -> None: ...
+    def unhold(self, record: SensorRecord) -> None: ...
     def close(self) -> None: ...
 
 

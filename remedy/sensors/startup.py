@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from remedy.actions.cgroups import CgroupDriver
+from remedy.compiler import SensorPlan
+from remedy.engine.engine import Incidents
 from remedy.errors import SensorError
-from remedy.policy import PolicySet
 from remedy.proc import ProcFS
-from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings
+from remedy.sensors.catalog import SIGNALS, Sensor, SignalCounters, SignalSettings, needs_bpf
 from remedy.sensors.context import CgroupIndex, Enricher, ParentChain, PodIndex
 from remedy.sensors.identify import ProcIdentifier
 from remedy.sensors.kernel import KernelSensor, Sizes
@@ -22,8 +23,11 @@ __all__ = [
     "STACK_FRAMES",
     "LossWatch",
     "SensorChoice",
+    "bpf_plan",
+    "configure_sensor",
     "identifier_for",
-    "signal_settings",
+    "incidents_of",
+    "legacy_settings",
     "start_sensor",
     "watched",
 ]
@@ -43,8 +47,67 @@ def _stack_reader(sensor: KernelSensor) -> Callable[[SensorRecord], tuple[str, .
     return frames
 
 
+def legacy_settings(plan: SensorPlan) -> dict[str, SignalSettings]:
+    """SHIM until the kernel half (branch i12-kernel) lands: a kernel sensor that still takes one
+    threshold per signal is given each signal's lowest tier (its records carry rule 0, and the
+    engine gives a rule-0 record only to policies whose threshold it reaches)."""
+    out: dict[str, SignalSettings] = {}
+    for name, sp in plan.signals.items():
+        cls, tier = min(sp.tiers(), key=lambda ct: (ct[1].threshold, ct[0].window_s))
+        out[name] = SignalSettings(cls.window_s, tier.threshold, tier.sustain, sp.lifetime_s)
+    return out
+
+
+def bpf_plan(plan: SensorPlan) -> SensorPlan:
+    """What the kernel sensor (or the sampler) watches: every signal but the pressure ones,
+    which the PSI sensor serves (same rule ids and generation)."""
+    return SensorPlan({n: sp for n, sp in plan.signals.items() if needs_bpf(n)}, plan.generation)
+
+
+def _takes_plan(sensor: object) -> bool:
+    """Whether ``sensor`` speaks the plan protocol (hold/unhold), or is a kernel sensor of
+    before issue 12 (SHIM, see legacy_settings)."""
+    return callable(getattr(sensor, "hold", None))
+
+
+def _start(sensor: Any, plan: SensorPlan) -> None:
+    plan = bpf_plan(plan)
+    sensor.start(plan if _takes_plan(sensor) else legacy_settings(plan))
+
+
+def configure_sensor(sensor: Sensor, plan: SensorPlan) -> None:
+    """New tiers, thresholds and generation for a running sensor (a reload)."""
+    target: Any = sensor
+    plan = bpf_plan(plan)
+    target.configure(plan if _takes_plan(sensor) else legacy_settings(plan))
+
+
+class _LegacyIncidents:
+    """SHIM: a pre-issue-12 kernel sensor measures by (signal, key, birth) and cannot hold."""
+
+    def __init__(self, sensor: Any) -> None:
+        self._sensor = sensor
+
+    def measure(self, record: SensorRecord) -> int | None:
+        value = self._sensor.measure(record.signal, record.key, record.key_birth_ns)
+        return None if value is None else int(value)
+
+    def hold(self, record: SensorRecord) -> None:
+        """Nothing to hold: the old kernel emits every window (the engine absorbs them)."""
+
+    def unhold(self, record: SensorRecord) -> None:
+        """See hold."""
+
+
+def incidents_of(sensor: Sensor) -> Incidents:
+    """What the engine holds and re-measures incidents through."""
+    if _takes_plan(sensor):
+        return sensor
+    return _LegacyIncidents(sensor)
+
+
 def start_sensor(
-    settings: Mapping[str, SignalSettings],
+    plan: SensorPlan,
     choice: SensorChoice,
     *,
     ringbuf_pages: int = 16,
@@ -56,8 +119,9 @@ def start_sensor(
     if choice != "sampler":
         kernel = KernelSensor(Sizes(ringbuf_pages=ringbuf_pages), naive=naive)
         try:
-            kernel.start(settings)
-            return kernel
+            _start(kernel, plan)
+            # SHIM: the kernel sensor of before i12-kernel takes settings, not a plan.
+            return cast("Sensor", kernel)
         except SensorError as err:
             if choice == "kernel":
                 raise
@@ -68,7 +132,7 @@ def start_sensor(
     from remedy.sensors.sampler import ProcSampler  # noqa: PLC0415
 
     sampler = ProcSampler()
-    sampler.start(settings)
+    sampler.start(bpf_plan(plan))
     return sampler
 
 
@@ -91,20 +155,18 @@ def identifier_for(
     )
 
 
-def watched(settings: Mapping[str, SignalSettings]) -> str:
-    """ "fork_rate ≥ 200 forks per 1 s, …" for ready lines."""
+def watched(plan: SensorPlan) -> str:
+    """ "fork_rate ≥ 200 forks per 1 s (fork-bomb), …" for ready lines: every tier."""
     return ", ".join(
-        f"{name} ≥ {s.threshold:,} {SIGNALS[name].noun} per {s.window_s:g} s"
-        for name, s in sorted(settings.items())
+        f"{name} ≥ {t.threshold:,} {SIGNALS[name].noun} per {c.window_s:g} s ({t.policy})"
+        for name, sp in sorted(plan.signals.items())
+        for c, t in sp.tiers()
     )
 
 
-def signal_settings(policies: PolicySet) -> dict[str, SignalSettings]:
-    """What the sensor must watch: one entry per signal a policy uses."""
-    return {
-        p.signal: SignalSettings(p.window_s, p.threshold, p.sustain, p.lifetime_s)
-        for p in policies.policies
-    }
+def longest_windows(plan: SensorPlan) -> dict[str, float]:
+    """Each signal's longest window: how long a loss can taint its records."""
+    return {name: max(c.window_s for c in sp.classes) for name, sp in plan.signals.items()}
 
 
 class LossWatch:
@@ -112,23 +174,23 @@ class LossWatch:
     key, or the queue dropped a record. A loss taints its signal (the queue: every signal) for
     two windows, the longest a lost record's window can still be open."""
 
-    def __init__(self, settings: Mapping[str, SignalSettings]) -> None:
-        self._settings = dict(settings)
+    def __init__(self, plan: SensorPlan) -> None:
+        self._windows = longest_windows(plan)
         self._last: dict[str, int] = {}
         self._last_queue_full = 0
         self._until: dict[str, float] = {}
 
     def update(self, counters: Mapping[str, SignalCounters], queue_full: int, now: float) -> None:
-        for name, s in self._settings.items():
+        for name, window_s in self._windows.items():
             c = counters.get(name)
             lost = c.ringbuf_failed + c.key_init_failed if c else 0
             if lost > self._last.get(name, 0) or queue_full > self._last_queue_full:
-                self._until[name] = now + 2 * s.window_s
+                self._until[name] = now + 2 * window_s
             self._last[name] = lost
         self._last_queue_full = queue_full
 
-    def reconfigure(self, settings: Mapping[str, SignalSettings]) -> None:
-        self._settings = dict(settings)
+    def reconfigure(self, plan: SensorPlan) -> None:
+        self._windows = longest_windows(plan)
 
     def mark(self, record: SensorRecord, now: float) -> SensorRecord:
         if not record.degraded and now < self._until.get(record.signal, 0.0):

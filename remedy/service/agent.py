@@ -31,7 +31,7 @@ from remedy.engine.guards import Protector
 from remedy.errors import ConfigErrors, RemedyError, SensorError
 from remedy.policy import PolicySet, Silence, load_policy_set
 from remedy.proc import ProcFS
-from remedy.sensors.catalog import Sensor, SignalCounters, SignalSettings, needs_bpf
+from remedy.sensors.catalog import Sensor, SignalCounters
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.psi import PsiIdentifier, PsiRule, PsiSensor, psi_rules
@@ -40,8 +40,11 @@ from remedy.sensors.records import SensorRecord
 from remedy.sensors.startup import (
     LossWatch,
     SensorChoice,
+    bpf_plan,
+    configure_sensor,
     identifier_for,
-    signal_settings,
+    incidents_of,
+    legacy_settings,
     start_sensor,
     watched,
 )
@@ -123,12 +126,6 @@ class AgentStats:
 def _added(engine: Engine, silence: Silence) -> dict[str, Any]:
     engine.add_silence(silence)
     return {"added": silence.name}
-
-
-def _bpf_settings(policies: PolicySet) -> dict[str, SignalSettings]:
-    """What the kernel sensor (or the sampler) watches: every signal but the pressure ones,
-    which the PSI sensor serves."""
-    return {n: s for n, s in signal_settings(policies).items() if needs_bpf(n)}
 
 
 def _cpu_seconds() -> float:
@@ -234,30 +231,33 @@ class Agent:
         opts = self.options
         try:
             policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-            settings = _bpf_settings(policies)
-            sensor.configure(settings)
-            self._reload_psi(policies)
-        except (ConfigErrors, SensorError) as err:
+            # Stable rule ids, generation + 1: records of the running plan still in flight
+            # route by it (the engine keeps the last few plans).
+            plan = compile_plan(policies, previous=engine.plan)
+            configure_sensor(sensor, plan)
+            self._reload_psi(policies, plan)
+        except (ConfigErrors, SensorError, ValueError) as err:
             self.stats.reloads_failed += 1
             self._say(f"reload refused, keeping the running policies:\n{err}")
             return
         self._notifier.reloading()
         try:
-            engine.reload(policies)
+            engine.reload(policies, plan)
         except Exception:
             # Failed half way (the worker contains it): systemd must not be left believing a
             # reload is still under way.
             self._notifier.ready("reload failed, see the log")
             raise
         self._notifier.ready(f"reloaded: {len(policies.policies)} policy(ies)")
-        losses.reconfigure(settings)
+        losses.reconfigure(plan)
         self.health.policies_loaded(len(policies.policies))
         self.stats.reloads += 1
         self._say(f"reloaded: {len(policies.policies)} policy(ies); offender state kept")
 
-    def _pressure_rules(self, policies: PolicySet) -> dict[int, PsiRule]:
-        self._psi_plan = compile_plan(policies, self._psi_plan)
-        return {r.rule: r for r in psi_rules(policies, self._psi_plan)}
+    def _pressure_rules(self, policies: PolicySet, plan: SensorPlan) -> dict[int, PsiRule]:
+        """Numbered by the plan the engine routes by (the one compile of this load)."""
+        self._psi_plan = plan
+        return {r.rule: r for r in psi_rules(policies, plan)}
 
     def _start_psi(self, records: queue.Queue[SensorRecord], stack: contextlib.ExitStack) -> None:
         """The PSI sensor, feeding the same queue, when a policy watches pressure."""
@@ -266,9 +266,9 @@ class Agent:
             self._psi.start()
             stack.callback(self._psi.close)
 
-    def _reload_psi(self, policies: PolicySet) -> None:
+    def _reload_psi(self, policies: PolicySet, plan: SensorPlan) -> None:
         """New pressure rules for the running PSI sensor (started here if it is the first)."""
-        rules = self._pressure_rules(policies)
+        rules = self._pressure_rules(policies, plan)
         self._psi_rules.clear()
         self._psi_rules.update(rules)
         if self._psi is not None:
@@ -279,7 +279,9 @@ class Agent:
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
 
-    def _engine(self, policies: PolicySet, sink: DecisionSink, sensor: Sensor) -> Engine:
+    def _engine(
+        self, policies: PolicySet, plan: SensorPlan, sink: DecisionSink, sensor: Sensor
+    ) -> Engine:
         procfs = ProcFS(self.options.proc_root)
         cgroups = detect(self.options.cgroup_root, procfs)
         ctx = ActionContext(cgroups, procfs, self.options.quarantine_root)
@@ -312,7 +314,8 @@ class Agent:
             clock=self._clock,
             protector=Protector.for_this_agent(procfs, os.getpid()),
             dry_run=self.options.dry_run,
-            measure=sensor.measure if isinstance(sensor, KernelSensor) else None,
+            sensor=incidents_of(sensor),
+            plan=plan,
             undo=undoer,
             keep_on_close=self.options.keep_throttles,
         )
@@ -335,18 +338,18 @@ class Agent:
         fastpath.protect(default_protected(self.options.proc_root))
         return fastpath
 
-    def _start_sensor(self, settings: Mapping[str, SignalSettings]) -> Sensor:
+    def _start_sensor(self, plan: SensorPlan) -> Sensor:
         opts = self.options
         return start_sensor(
-            settings, opts.sensor, ringbuf_pages=opts.ringbuf_pages, naive=opts.naive, say=self._say
+            plan, opts.sensor, ringbuf_pages=opts.ringbuf_pages, naive=opts.naive, say=self._say
         )
 
     def run(self) -> AgentStats:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-        settings = _bpf_settings(policies)
-        self._psi_rules.update(self._pressure_rules(policies))
+        plan = compile_plan(policies)
+        self._psi_rules.update(self._pressure_rules(policies, plan))
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()
         # Everything started is stopped in reverse order, whatever fails on the way.
@@ -361,10 +364,10 @@ class Agent:
             self._sinks = tuple(sinks)
             self.health.policies_loaded(len(policies.policies))
             self.health.audit_at(opts.audit_path)
-            sensor = self._start_sensor(settings)
+            sensor = self._start_sensor(plan)
             stack.callback(sensor.close)
             self.stats.sensor = sensor.kind
-            engine = self._engine(policies, FanOut(sinks), sensor)
+            engine = self._engine(policies, plan, FanOut(sinks), sensor)
             if self._journal is not None:
                 stack.callback(self._journal.close)
             stack.callback(self._close_engine, engine)
@@ -377,9 +380,9 @@ class Agent:
             stack.callback(reader.stop)
             self._start_psi(records, stack)
             self.health.sensor_up(sensor.kind, lambda: reader.alive and reader.error is None)
-            worker = self._start_worker(engine, records, reader, sensor, settings)
+            worker = self._start_worker(engine, records, reader, sensor, plan)
             self.stats.ready_cpu_s = round(_cpu_seconds() - started_cpu, 3)
-            ready = self._ready_line(sensor, settings, policies)
+            ready = self._ready_line(sensor, plan, policies)
             self._say(ready)
             self._notifier.ready(ready.removeprefix("ready: "))
             self._supervise()
@@ -417,13 +420,13 @@ class Agent:
         records: queue.Queue[SensorRecord],
         reader: RingBufferReader,
         sensor: Sensor,
-        settings: Mapping[str, SignalSettings],
+        plan: SensorPlan,
     ) -> threading.Thread:
         """Start the worker thread, supervised: what ends it is kept for the fatal report."""
 
         def run() -> None:
             try:
-                self._work(engine, records, reader, sensor, settings)
+                self._work(engine, records, reader, sensor, plan)
             except BaseException as err:
                 self.health.worker_died(err)
                 raise  # threading's excepthook prints the traceback: loud, on stderr
@@ -455,9 +458,7 @@ class Agent:
                 print(f"remedy: FATAL: at shutdown, {problem}", file=sys.stderr, flush=True)
                 self._abort(EXIT_WORKER_FAILED)
 
-    def _ready_line(
-        self, sensor: Sensor, settings: Mapping[str, SignalSettings], policies: PolicySet
-    ) -> str:
+    def _ready_line(self, sensor: Sensor, plan: SensorPlan, policies: PolicySet) -> str:
         if self.options.dry_run:
             mode = "dry-run for every policy (audit only)"
         else:
@@ -470,7 +471,7 @@ class Agent:
             f"({'host' if r.host else ', '.join(r.cgroups)})"
             for r in self._psi_rules.values()
         )
-        return f"ready: {how}{naive}; watching {watched(settings)}{pressure}; mode {mode}"
+        return f"ready: {how}{naive}; watching {watched(bpf_plan(plan))}{pressure}; mode {mode}"
 
     def _work(
         self,
@@ -478,10 +479,15 @@ class Agent:
         records: queue.Queue[SensorRecord],
         reader: RingBufferReader,
         sensor: Sensor,
-        settings: Mapping[str, SignalSettings],
+        plan: SensorPlan,
     ) -> None:
-        naive = {n: WindowCounter(s.window_s, s.threshold) for n, s in settings.items()}
-        losses = LossWatch(settings)
+        # Naive mode: the kernel sends every event, and each signal's lowest filter is applied
+        # here; its records carry no rule (the engine routes them by threshold).
+        naive = {
+            n: WindowCounter(s.window_s, s.threshold)
+            for n, s in legacy_settings(bpf_plan(plan)).items()
+        }
+        losses = LossWatch(plan)
         next_check = 0.0
         watchdog = self._notifier.watchdog_s
         next_feed = 0.0

@@ -37,6 +37,7 @@ from remedy.actions.base import ActionContext
 from remedy.actions.cgroups import CgroupV2Driver
 from remedy.actions.registry import ACTIONS
 from remedy.clock import FakeClock
+from remedy.compiler import SensorPlan
 from remedy.engine.decisions import Decision
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
@@ -46,7 +47,7 @@ from remedy.policy import Policy, PolicySet, Step, load_policy_set
 from remedy.proc import ProcFS
 from remedy.sensors.catalog import SIGNALS, Mode, SignalSettings
 from remedy.sensors.records import SensorRecord
-from remedy.sensors.startup import signal_settings
+from remedy.sensors.startup import legacy_settings
 from remedy.tools.trace import TraceEntry, TraceHeader, read_trace
 
 __all__ = [
@@ -167,6 +168,23 @@ def crossing(
     return dataclasses.replace(record, count=wanted.threshold, elapsed_s=elapsed)
 
 
+def _crossings(record: SensorRecord, header: TraceHeader, plan: SensorPlan) -> list[SensorRecord]:
+    """The records the replayed plan's funnel would have sent for a recorded one: one per tier
+    of its signal that it crosses, naming that tier's rule in this plan's generation (so the
+    engine routes by rule, as it does live)."""
+    sp = plan.signals.get(record.signal)
+    if sp is None:
+        return []
+    recorded = header.signals.get(record.signal)
+    out = []
+    for cls, tier in sp.tiers():
+        wanted = SignalSettings(cls.window_s, tier.threshold, tier.sustain, sp.lifetime_s)
+        crossed = crossing(record, recorded, wanted)
+        if crossed is not None:
+            out.append(dataclasses.replace(crossed, rule=tier.rule, generation=plan.generation))
+    return out
+
+
 def _describe(name: str, s: SignalSettings) -> str:
     sustain = f" for {s.sustain} windows" if s.sustain > 1 else ""
     return f"{name} ≥ {s.threshold:,} {SIGNALS[name].noun} per {s.window_s:g} s{sustain}"
@@ -232,7 +250,8 @@ def replay(
         protector=Protector(agent_pid=0, agent_ancestors=frozenset()),
         dry_run=False,
     )
-    wanted = signal_settings(policies)
+    plan = engine.plan
+    wanted = legacy_settings(plan)
     result = Replay(policies, sink.decisions, _notes(header, wanted), records=len(entries))
 
     def move_to(t: float) -> None:
@@ -243,16 +262,13 @@ def replay(
         for entry in entries:
             move_to(entry.t)
             engine.tick()
-            settings = wanted.get(entry.record.signal)
-            record = entry.record
-            if settings is not None:
-                crossed = crossing(record, header.signals.get(record.signal), settings)
-                if crossed is None:
-                    continue
-                record = crossed
+            crossings = _crossings(entry.record, header, plan)
+            if not crossings:
+                continue
             result.crossed += 1
             identifier.entry = entry
-            engine.on_record(record)
+            for record in crossings:  # one per tier it crosses, as the tiered funnel sends
+                engine.on_record(record)
             identifier.entry = None
             engine.tick()
         last = entries[-1].t if entries else 0.0

@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from remedy.actions.cgroups import detect
+from remedy.compiler import compile_plan
 from remedy.engine.offender import Subject
 from remedy.errors import ActionError, RemedyError, SensorError
 from remedy.policy import load_policy_set
@@ -51,7 +52,7 @@ from remedy.sensors.startup import (
     LossWatch,
     SensorChoice,
     identifier_for,
-    signal_settings,
+    legacy_settings,
     start_sensor,
     watched,
 )
@@ -427,14 +428,17 @@ class Recorder:
 
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-        settings = signal_settings(policies)
+        plan = compile_plan(policies)
+        # The header keeps each signal's lowest tier (the trace format's one filter per
+        # signal); records carry their rule and generation.
+        settings = legacy_settings(plan)
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started = time.monotonic()
         sensor: Sensor | None = None
         reader: RingBufferReader | None = None
         try:
             sensor = start_sensor(
-                settings, opts.sensor, ringbuf_pages=opts.ringbuf_pages, say=self._say
+                plan, opts.sensor, ringbuf_pages=opts.ringbuf_pages, say=self._say
             )
             self.stats.sensor = sensor.kind
             procfs = ProcFS(opts.proc_root)
@@ -445,11 +449,9 @@ class Recorder:
                 reader = RingBufferReader(sensor, records, poll_ms=opts.poll_ms)
                 reader.start()
                 origin = time.monotonic()
-                self._say(
-                    f"ready: recording ({sensor.kind}); watching {watched(settings)}; no actions"
-                )
+                self._say(f"ready: recording ({sensor.kind}); watching {watched(plan)}; no actions")
                 deadline = None if opts.duration_s is None else origin + opts.duration_s
-                losses = LossWatch(settings)
+                losses = LossWatch(plan)
                 next_check = 0.0
                 while True:
                     now = time.monotonic()

@@ -342,7 +342,8 @@ def test_the_engine_lets_the_host_be_notified_about_and_nothing_more(
         clock=FakeClock(),
         protector=Protector(999, frozenset({1})),
     )
-    engine.on_record(SensorRecord("cpu_pressure", 0, 0, 0, "", 0, 40, 10.0, 10.0, 0, key=0, rule=1))
+    record = SensorRecord("cpu_pressure", 0, 0, 0, "", 0, 40, 10.0, 10.0, 0, key=0, rule=1)
+    engine.on_record(replace(record, generation=engine.plan.generation))
     assert executor.ran == ran
     assert sink.outcomes and sink.outcomes[0][0] == outcome
     if outcome == "skipped":

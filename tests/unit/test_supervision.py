@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import pytest
 
 from remedy.clock import FakeClock
+from remedy.compiler import SensorPlan
 from remedy.engine.decisions import Decision
 from remedy.errors import RemedyError
 from remedy.sensors.catalog import SignalCounters
@@ -134,7 +135,7 @@ class Harness:
             self.records,
             FakeReader(),  # type: ignore[arg-type]
             FakeSensor(),  # type: ignore[arg-type]
-            {},
+            SensorPlan({}),
         )
         return self.worker
 
