@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from remedy.errors import SensorError
-from remedy.sensors import bpf, btf
+from remedy.sensors import bpf, btf, memory
 from remedy.sensors.catalog import (
     BY_ID,
     SIGNALS,
@@ -177,6 +177,7 @@ class KernelSensor:
         # CLOCK_BOOTTIME once every probe was attached: a process born later has its birth in
         # the births map (or a counted insert failure), one born earlier may not.
         self.started_ns = 0
+        self.released: memory.Released | None = None  # what start() gave back after compiling
 
     def offsets(self) -> btf.TaskOffsets:
         """task_struct offsets of the running kernel (from its BTF, read once)."""
@@ -236,6 +237,14 @@ class KernelSensor:
                 bpf.require_tracepoint(*tp.split(":"))
         self.sections = sections_for(settings)
         self._bpf = bpf.load(PROGRAM, self.defines(self.sections))
+        # The parsed BTF (~20 MiB of objects) and the compiler's leftovers, given back: the
+        # offsets are cached, and nothing recompiles before a restart (docs/memory.md).
+        self._btf = None
+        if self.stacks:
+            # Parse kallsyms now, not while deciding the first offender: the table stays
+            # (~10 MiB), the garbage of parsing it is given back with the compiler's.
+            self._bpf.ksym(0)
+        self.released = memory.release_compiler_memory()
         self.started_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         self.configure(settings)
 

@@ -31,6 +31,7 @@ from remedy.engine.guards import Protector
 from remedy.errors import ConfigErrors, RemedyError, SensorError
 from remedy.policy import PolicySet, Silence, load_policy_set
 from remedy.proc import ProcFS
+from remedy.sensors import memory
 from remedy.sensors.catalog import Sensor, SignalCounters
 from remedy.sensors.fastpath import FastPath, default_protected
 from remedy.sensors.kernel import KernelSensor
@@ -116,7 +117,10 @@ class AgentStats:
     wall_s: float = 0.0
     reloads: int = 0
     reloads_failed: int = 0
-    max_rss_mib: float = 0.0  # peak resident memory of the agent process
+    max_rss_mib: float = 0.0  # peak resident memory of the agent process (the compile)
+    rss_mib: float = 0.0  # resident memory at exit, and its anonymous part (docs/memory.md)
+    rss_anon_mib: float = 0.0
+    released_mib: float = 0.0  # given back after compiling (remedy/sensors/memory.py)
     psi: dict[str, int] = field(default_factory=dict)  # the PSI sensor's counters, when used
 
     def to_json(self) -> dict[str, Any]:
@@ -340,9 +344,11 @@ class Agent:
 
     def _start_sensor(self, plan: SensorPlan) -> Sensor:
         opts = self.options
-        return start_sensor(
+        sensor = start_sensor(
             plan, opts.sensor, ringbuf_pages=opts.ringbuf_pages, naive=opts.naive, say=self._say
         )
+        self._say_released(sensor)
+        return sensor
 
     def run(self) -> AgentStats:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
@@ -396,10 +402,23 @@ class Agent:
             self._fill_stats(sensor, reader, engine)
         self.stats.cpu_s = round(_cpu_seconds() - started_cpu, 3)
         self.stats.wall_s = round(time.monotonic() - started_wall, 3)
-        # ru_maxrss is in KiB on Linux.
-        self.stats.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self._fill_memory()
         self._report()
         return self.stats
+
+    def _fill_memory(self) -> None:
+        # ru_maxrss is in KiB on Linux.
+        self.stats.max_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        with contextlib.suppress(OSError):
+            now = memory.usage()
+            self.stats.rss_mib = round(now.rss_kib / 1024, 1)
+            self.stats.rss_anon_mib = round(now.anon_kib / 1024, 1)
+
+    def _say_released(self, sensor: Sensor) -> None:
+        released = sensor.released if isinstance(sensor, KernelSensor) else None
+        if released is not None:
+            self.stats.released_mib = round((released.heap_kib + released.text_kib) / 1024, 1)
+            self._say(released.line())
 
     def _close_engine(self, engine: Engine) -> None:
         """Shutdown reverts through the engine; a failure there is said plainly, with what it
