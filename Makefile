@@ -32,6 +32,7 @@ bench: setup
 	$(PY) -m bench.fastpath
 	$(PY) -m bench.offenders
 	$(PY) -m bench.moves
+	$(PY) -m bench.agent_cost
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache audit.jsonl
