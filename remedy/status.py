@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from remedy.errors import RemedyError
 from remedy.sensors.catalog import SignalCounters
@@ -97,7 +97,9 @@ class StatusPayload(TypedDict):
     decisions: list[DecisionView]  # oldest first
     silences: list[SilenceView]
     cpu_s: float
-    max_rss_mib: float
+    max_rss_mib: float  # the peak: the compile at start
+    rss_mib: NotRequired[float]  # resident now, and its anonymous part (docs/memory.md)
+    rss_anon_mib: NotRequired[float]
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class AgentSnapshot:
     reverts_failing: int = 0  # of those, how many a revert failed for (retried with backoff)
     reloads: int = 0
     reloads_failed: int = 0
+    rss_mib: float = 0.0  # resident now (max_rss_mib is the peak: the compile at start)
+    rss_anon_mib: float = 0.0  # of it anonymous (docs/memory.md)
 
 
 def encode_line(obj: Mapping[str, Any]) -> bytes:

@@ -132,6 +132,15 @@ def _added(engine: Engine, silence: Silence) -> dict[str, Any]:
     return {"added": silence.name}
 
 
+def _resident() -> dict[str, float]:
+    """RSS now and its anonymous part, for the snapshot (statm: cheap once a second)."""
+    try:
+        now = memory.resident()
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"rss_mib": now.rss_kib / 1024, "rss_anon_mib": now.anon_kib / 1024}
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -646,6 +655,7 @@ class Agent:
             reverts_failing=sum(1 for r in active if r.id in failing),
             reloads=self.stats.reloads,
             reloads_failed=self.stats.reloads_failed,
+            **_resident(),
         )
         throttles = [{**r.to_json(), **_failure_view(failing.get(r.id))} for r in active]
         silences = [silence_view(x) for x in engine.silences()]

@@ -124,6 +124,8 @@ def status_from(
         "silences": [_silence_fields(s) for s in silences],
         "cpu_s": round(snapshot.cpu_s, 3),
         "max_rss_mib": round(snapshot.max_rss_mib, 1),
+        "rss_mib": round(snapshot.rss_mib, 1),
+        "rss_anon_mib": round(snapshot.rss_anon_mib, 1),
     }
 
 

@@ -327,6 +327,12 @@ class Metrics:
             rss = GaugeMetricFamily(
                 "remedy_agent_resident_memory_mib", "Peak resident memory of the agent, MiB."
             )
+            resident = GaugeMetricFamily(
+                "remedy_agent_rss_mib",
+                "Resident memory of the agent now, MiB, by kind: anon (heap, Python objects) "
+                "and file (libraries). The peak above is the compile at start.",
+                labels=["kind"],
+            )
             offenders = GaugeMetricFamily(
                 "remedy_offenders", "Offenders the engine tracks, by state.", labels=["state"]
             )
@@ -350,6 +356,8 @@ class Metrics:
                 drops.add_metric([], mono(("queue",), snap.queue_full))
                 cpu.add_metric([], mono(("cpu",), snap.cpu_s))
                 rss.add_metric([], snap.max_rss_mib)
+                resident.add_metric(["anon"], snap.rss_anon_mib)
+                resident.add_metric(["file"], snap.rss_mib - snap.rss_anon_mib)
                 by_state = {state: 0 for state in STATES}
                 for offender in snap.offenders:
                     by_state[offender.state] = by_state.get(offender.state, 0) + 1
@@ -360,7 +368,7 @@ class Metrics:
                 failing.add_metric([], snap.reverts_failing)
                 reloads.add_metric(["ok"], mono(("reloads",), snap.reloads))
                 reloads.add_metric(["refused"], mono(("reloads-failed",), snap.reloads_failed))
-            families += [received, drops, cpu, rss, offenders, sensor, throttles, failing]
+            families += [received, drops, cpu, rss, resident, offenders, sensor, throttles, failing]
             families.append(reloads)
             families += self._health_families()
             families += self._bpf_families(mono)

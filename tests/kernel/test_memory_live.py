@@ -103,6 +103,7 @@ def test_the_agent_gives_memory_back_then_still_symbolizes_reloads_and_records(
         cwd=repo_root,
         log_path=tmp_path / "agent.log",
     )
+    sock = agent.log_path.with_suffix(".sock")  # the launcher gives each agent its own
 
     def storm(forks: int) -> int:
         argv = [sys.executable, str(STORM), "fork", "--count", str(forks), "--seconds", "10"]
@@ -113,6 +114,17 @@ def test_the_agent_gives_memory_back_then_still_symbolizes_reloads_and_records(
 
     try:
         agent.wait_ready()
+        time.sleep(1.5)  # one snapshot published
+        status = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "remedy", "status", "--json", "--socket", str(sock)],
+                cwd=repo_root,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+        )
         before = storm(300)
         policy.write_text(POLICY.format(threshold=200, rel=test_cgroup.rel))
         agent.proc.send_signal(signal.SIGHUP)
@@ -132,3 +144,5 @@ def test_the_agent_gives_memory_back_then_still_symbolizes_reloads_and_records(
     stats = json.loads(stats_path.read_text())
     assert stats["reloads"] == 1 and stats["released_mib"] > 0
     assert 0 < stats["rss_anon_mib"] < stats["rss_mib"]
+    # status says what RSS is now, not only the compile's peak
+    assert 0 < status["rss_anon_mib"] < status["rss_mib"] < status["max_rss_mib"]

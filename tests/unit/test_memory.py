@@ -118,3 +118,14 @@ def test_breakdown_groups_rss_by_what_it_is_made_of() -> None:
     assert groups["bcc/libbpf"] == memory.Usage(512, 0)
     assert groups["other anonymous"] == memory.Usage(1024, 1024)
     assert groups["LLVM/clang"].file_kib == 1580
+
+
+def test_resident_reads_statm_pages_and_splits_off_the_shared_file_pages(tmp_path: Path) -> None:
+    statm = tmp_path / "statm"
+    page_kib = memory._PAGE_SIZE // 1024
+    statm.write_text("60000 23000 5000 1 0 20000 0\n")  # size resident shared text lib data dt
+    now = memory.resident(statm)
+    assert now == memory.Usage(23000 * page_kib, 18000 * page_kib)
+    assert now.file_kib == 5000 * page_kib
+    real = memory.resident()  # this process: some of it anonymous, some file-backed
+    assert 0 < real.anon_kib < real.rss_kib

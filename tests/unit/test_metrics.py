@@ -58,6 +58,8 @@ def snapshot(events: int = 10, cpu: float = 1.5, **kw: object) -> AgentSnapshot:
         ),
         "cpu_s": cpu,
         "max_rss_mib": 42.5,
+        "rss_mib": 30.0,
+        "rss_anon_mib": 20.0,
     }
     fields.update(kw)
     return AgentSnapshot(**fields)  # type: ignore[arg-type]
@@ -103,6 +105,9 @@ def test_funnel_decisions_offenders_and_agent_cost(metrics: Metrics) -> None:
     assert got[("remedy_offenders", (("state", "remediating"),))] == 0  # every state, even 0
     assert got[("remedy_agent_cpu_seconds_total", ())] == 1.5
     assert got[("remedy_agent_resident_memory_mib", ())] == 42.5
+    # Resident now, by kind (the peak above is the compile at start).
+    assert got[("remedy_agent_rss_mib", (("kind", "anon"),))] == 20.0
+    assert got[("remedy_agent_rss_mib", (("kind", "file"),))] == 10.0
     assert got[("remedy_sensor_info", (("kind", "kernel"),))] == 1
     assert got[("remedy_bpf_stats_enabled", ())] == 0
     promtool_check(text)
