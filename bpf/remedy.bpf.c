@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // remedy's kernel filter: every signal of the catalogue is counted here, per key, in windows;
-// exactly one record per key per window leaves the kernel when the key crosses its threshold.
+// exactly one record per (key, window, tier) leaves the kernel when the key crosses a tier's
+// threshold (issue 12: several tiers per signal, each a policy, in up to four window classes;
+// tiers may be scoped to cgroups; an open incident is held so it stops emitting every window).
 //
 // Layout: first what all signals share (config, windows, counters, ring buffer, the accounting
 // logic); then one section of tracepoint handlers per group of signals, each compiled in only
@@ -9,7 +11,8 @@
 // headers: bcc generates tracepoint argument structs only for the main file.)
 //
 // KEEP IN SYNC: enum remedy_signal with remedy/sensors/catalog.py (CATALOGUE ids);
-// struct signal_config, struct remedy_record with SignalConfigC, RecordC in
+// struct signal_config, struct tier_config, struct remedy_record with SignalConfigC, TierC,
+// RecordC in
 // remedy/sensors/kernel.py; enum remedy_counter with Counter there. The kernel tests compare
 // sizes and offsets of the structs through bcc's own view of this file.
 //
@@ -113,35 +116,45 @@ static __always_inline void ck_bump(u32 idx)
         (*v)++;
 }
 
-// The key of the current task's cgroup for cgroup signals; 0 (do not count) for the
-// hierarchy's root and for what cannot be read.
-static __always_inline u64 current_cgroup_key(void)
+// The key of the current task's cgroup; 0 (do not count) for the hierarchy's root and for what
+// cannot be read. `count`: bump the cgroup key counters (cgroup signals only: a process signal
+// asking for its cgroup rules is not an event counted against no cgroup).
+static __always_inline u64 cgroup_key_of_current(int count)
 {
 #if REMEDY_CGROUP_KEY_V1
     u64 cset = task_ptr(bpf_get_current_task(), TASK_OFF_CGROUPS);
     u64 css = cset ? task_ptr(cset, CSS_SET_OFF_SUBSYS + 8 * REMEDY_CGROUP_SUBSYS_ID) : 0;
     if (!css) {
-        ck_bump(CK_UNREADABLE);
+        if (count)
+            ck_bump(CK_UNREADABLE);
         return 0;
     }
     if (!task_ptr(css, CSS_OFF_PARENT)) {  // only a hierarchy's root css has no parent
-        ck_bump(CK_ROOT);
+        if (count)
+            ck_bump(CK_ROOT);
         return 0;
     }
     u64 cgrp = task_ptr(css, CSS_OFF_CGROUP);
     u64 kn = cgrp ? task_ptr(cgrp, CGROUP_OFF_KN) : 0;
     u64 id = kn ? task_ptr(kn, KERNFS_NODE_OFF_ID) : 0;
-    if (!id)
+    if (!id && count)
         ck_bump(CK_UNREADABLE);
     return id;
 #else
     u64 id = bpf_get_current_cgroup_id();
     if (id == bpf_get_current_ancestor_cgroup_id(0)) {  // ancestor level 0: the root
-        ck_bump(CK_ROOT);
+        if (count)
+            ck_bump(CK_ROOT);
         return 0;
     }
     return id;
 #endif
+}
+
+// The key of the current task's cgroup for cgroup signals (counted when it is none).
+static __always_inline u64 current_cgroup_key(void)
+{
+    return cgroup_key_of_current(1);
 }
 
 enum remedy_signal {
@@ -155,12 +168,14 @@ enum remedy_signal {
     SIG_OPEN = 7,
     SIG_FD = 8,
     SIG_CONNECT = 9,
-    SIG_MAX = 10,
+    SIG_RSS_GROWTH = 10,
+    SIG_MAX = 11,
 };
 
 enum remedy_mode {
-    MODE_COUNT = 0,  // events add signed deltas; cross when the window's sum reaches threshold
-    MODE_LEVEL = 1,  // events report a level; cross when a level is at or above threshold
+    MODE_COUNT = 0,   // events add signed deltas; cross when the window's sum reaches threshold
+    MODE_LEVEL = 1,   // events report a level; cross when a level is at or above threshold
+    MODE_GROWTH = 2,  // events report a level; the value is the level minus the window's first
 };
 
 enum remedy_counter {
@@ -172,24 +187,42 @@ enum remedy_counter {
     C_MAX,
 };
 
+// Issue 12: per signal up to MAX_TIERS tiers (one policy each) in up to MAX_CLASSES window
+// classes (tiers of one window length share one window). KEEP IN SYNC with
+// remedy/compiler/plan.py MAX_TIERS, MAX_CLASSES. A tier's bit in the masks below is its slot.
+#define MAX_TIERS 8
+#define MAX_CLASSES 4
+#define TIER_MASK ((1u << MAX_TIERS) - 1)
+
 #define CFG_STACKS 1       // capture kernel and user stack ids with each record
-#define W_CROSSED 1        // this window reached the threshold
-#define W_LOST 2           // this window's record was lost: retry, flagged degraded
+#define W_LOST 1           // a record of this window was lost: flagged degraded on the retry
 #define REC_DEGRADED 1     // a record of this window was lost before this one got through
 
-struct signal_config {
-    u64 window_ns;   // 0: signal disabled
+struct tier_config {
     s64 threshold;   // in kernel units: events, nanoseconds of CPU, bytes
-    u64 lifetime_ns; // churn: a child that exits sooner than this is short-lived
+    u32 rule;        // the compiler's rule id (>= 1), copied into records
+    u32 generation;  // the plan generation this tier was written with, copied into records
     u32 sustain;     // consecutive crossing windows before a record is emitted (>= 1)
-    u32 mode;        // enum remedy_mode
-    u32 naive;       // 1: every event crosses to user space (benchmark baseline)
-    u32 flags;       // CFG_*
+    u32 cls;         // window class index
+    u32 fastpath;    // fork_rate: Unix signal the kernel sends the forker at or over it; 0 none
+    u32 fp_dry_run;  // 1: the fast path only counts
+};
+
+struct signal_config {
+    u64 window_ns[MAX_CLASSES];  // 0: class unused; every class 0: signal disabled
+    u64 lifetime_ns;  // churn: a child that exits sooner than this is short-lived
+    u32 mode;         // enum remedy_mode
+    u32 naive;        // 1: every event crosses to user space (benchmark baseline)
+    u32 flags;        // CFG_*
+    u32 ntiers;       // 0: signal disabled
+    u32 everywhere;   // mask of tiers that apply to every event
+    u32 scoped;       // mask of tiers that apply only where cgroup_rules says so
+    struct tier_config tiers[MAX_TIERS];
 };
 
 struct window_key {
     u32 signal;
-    u32 _pad;
+    u32 cls;         // window class (issue 12)
     u64 id;          // tgid, parent tgid or cgroup key (current_cgroup_key), per the catalogue
     u64 birth;       // the birth of the process `id` names; 0 for cgroup keys
 };
@@ -197,9 +230,13 @@ struct window_key {
 struct window {
     u64 start_ns;
     s64 value;
-    u64 emits;       // atomic: the event that moves it from 0 emits
-    u32 streak;      // consecutive crossing windows before this one
+    s64 base;        // MODE_GROWTH: the level at the window's start
+    u64 emitted;     // atomic: tiers whose record left (or that an open incident holds);
+                     // u64 because BPF's 32-bit atomics need -mcpu=v3, which bcc does not pass
+    u64 crossed;     // atomic: tiers at or over their threshold in this window (for streaks)
     u32 flags;       // W_*
+    u32 _pad;
+    u8 streak[MAX_TIERS];  // per tier: consecutive crossing windows before this one
 };
 
 struct remedy_record {
@@ -218,6 +255,8 @@ struct remedy_record {
     u32 flags;       // REC_*
     s32 kstack_id;
     s32 ustack_id;
+    u32 rule;        // the tier that crossed (issue 12)
+    u32 generation;  // that tier's plan generation
     u32 _pad;
     char comm[TASK_COMM_LEN];
 };
@@ -231,12 +270,33 @@ struct lineage {
     char comm[TASK_COMM_LEN];
 };
 
+// (signal, cgroup key) -> mask of the signal's cgroup-scoped tiers that apply in that cgroup.
+// User space resolves the tiers' globs against the keyed hierarchy and follows cgroups as they
+// appear and go (remedy/sensors/kernel.py CgroupRules). No entry: only `everywhere` tiers.
+struct cgroup_rule_key {
+    u32 signal;
+    u32 _pad;
+    u64 cgroup;      // current_cgroup_key()
+};
+
+#ifndef REMEDY_CGROUP_RULES
+#define REMEDY_CGROUP_RULES 4096
+#endif
+#ifndef REMEDY_HELD_ENTRIES
+#define REMEDY_HELD_ENTRIES 4096
+#endif
+
 BPF_ARRAY(signal_config, struct signal_config, SIG_MAX);
 // LRU maps: when full, the least recently used window (or lineage entry) is evicted to make room,
 // which can only lose a count, never invent one; a failed insert is counted (C_KEY_INIT_FAILED)
 // and user space marks that signal's windows degraded.
 BPF_TABLE("lru_hash", struct window_key, struct window, windows, REMEDY_MAP_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct lineage, lineage, REMEDY_MAP_ENTRIES);
+BPF_HASH(cgroup_rules, struct cgroup_rule_key, u32, REMEDY_CGROUP_RULES);
+// Held incidents (issue 12, contract hold/unhold): window key -> tiers the open incident already
+// emitted. A window that opens for a held key starts with them claimed, so the incident emits
+// once per tier, not once per window. Not LRU: user space deletes entries when incidents end.
+BPF_HASH(held, struct window_key, u32, REMEDY_HELD_ENTRIES);
 // tgid -> birth of every process forked since the program was attached; deleted when the process
 // dies. Not LRU: an entry that vanished while its process lives would let a stranger pass as it.
 // User space compares the birth of the process its pidfd pins with this, at full resolution.
@@ -292,8 +352,10 @@ static __always_inline void id_bump(u32 idx)
         (*v)++;
 }
 
-static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u64 id,
-                                u64 key_birth, u64 now, u64 start, s64 value, u32 flags)
+
+static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg,
+                                struct tier_config *t, u64 id, u64 key_birth, u64 now,
+                                u64 window_ns, u64 start, s64 value, u32 flags)
 {
     struct remedy_record *rec = events.ringbuf_reserve(sizeof(struct remedy_record));
     if (!rec) {
@@ -304,7 +366,7 @@ static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u
     u32 tgid = pid_tgid >> 32;
     rec->ts_boot_ns = now;
     rec->window_start_ns = start;
-    rec->window_ns = cfg->window_ns;
+    rec->window_ns = window_ns;
     rec->value = value;
     rec->cgroup_id = bpf_get_current_cgroup_id();
     rec->key = id;
@@ -318,6 +380,8 @@ static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u
     rec->flags = flags;
     rec->kstack_id = -1;
     rec->ustack_id = -1;
+    rec->rule = t ? t->rule : 0;
+    rec->generation = t ? t->generation : 0;
     rec->_pad = 0;
     // Stacks only for records that really cross: a stack walk per event would cost more than
     // everything else here together.
@@ -331,106 +395,206 @@ static __always_inline int emit(void *ctx, u32 sig, struct signal_config *cfg, u
     return 1;
 }
 
-// Count one event of `sig` for key `id`. Everything a signal needs beyond its tracepoint
-// handler is here, so every signal gets the same window, sustain, exactly-once and loss rules.
-// `birth` is the birth of the process `id` names (0 for cgroup keys): a reused pid starts
-// from an empty window instead of inheriting its predecessor's count.
-static __always_inline void account(void *ctx, u32 sig, u64 id, u64 birth, s64 delta)
+// The tiers of `sig` that apply to the current event: the `everywhere` ones, and the scoped
+// ones the cgroup rule map grants the key's cgroup. Only signals with scoped tiers pay the
+// lookup. `cgroup` is the event's cgroup key when the caller has it (cgroup signals), else 0.
+static __always_inline u32 applicable(u32 sig, struct signal_config *cfg, u64 cgroup)
 {
-    struct signal_config *cfg = signal_config.lookup(&sig);
-    if (!cfg || cfg->window_ns == 0)
-        return;
-    bump(sig, C_EVENTS_SEEN);
-    u64 now = bpf_ktime_get_boot_ns();  // boot time, like /proc start times
-    if (cfg->naive) {
-        emit(ctx, sig, cfg, id, birth, now, now, delta, 0);
-        return;
-    }
+    u32 mask = cfg->everywhere;
+    if (!cfg->scoped)
+        return mask;
+    if (!cgroup)
+        cgroup = cgroup_key_of_current(0);
+    if (!cgroup)
+        return mask;  // the hierarchy's root matches no glob
+    struct cgroup_rule_key rk = {.signal = sig, ._pad = 0, .cgroup = cgroup};
+    u32 *granted = cgroup_rules.lookup(&rk);
+    return granted ? mask | (*granted & cfg->scoped) : mask;
+}
 
-    struct window_key k = {.signal = sig, ._pad = 0, .id = id, .birth = birth};
+// One window class of one signal: count the event, then give each applicable tier of the class
+// that is at or over its threshold (and sustained) its one record of this window. Returns the
+// mask of those tiers (the fast path signals on them).
+// One event, as account_class sees it (a BPF subprogram takes at most five arguments).
+struct acct {
+    struct signal_config *cfg;
+    u64 id;
+    u64 birth;
+    s64 delta;
+    u64 now;
+    u32 sig;
+    u32 mask;
+    u32 fp;  // fast path of the highest tier at or over: Unix signal | FP_DRY_BIT
+    u32 _pad;
+};
+#define FP_DRY_BIT (1u << 16)
+
+// Inlined in a loop the compiler must not unroll: one copy per class and tier would not fit the
+// kernel's per-program instruction limit (4096 here), so the verifier walks bounded loops.
+static __always_inline u32 account_class(void *ctx, struct acct *a, u32 c)
+{
+    struct signal_config *cfg = a->cfg;
+    u32 sig = a->sig, mask = a->mask;
+    u64 id = a->id, birth = a->birth, now = a->now;
+    s64 delta = a->delta;
+    if (c >= MAX_CLASSES)
+        return 0;
+    u64 window_ns = cfg->window_ns[c];
+    if (window_ns == 0)
+        return 0;
+    struct window_key k = {.signal = sig, .cls = c, .id = id, .birth = birth};
     struct window *w = windows.lookup(&k);
     if (!w) {
-        struct window fresh = {.start_ns = now};
+        u32 *h = held.lookup(&k);
+        struct window fresh = {.start_ns = now, .base = delta, .emitted = h ? *h : 0};
         if (windows.update(&k, &fresh) != 0) {
             bump(sig, C_KEY_INIT_FAILED);
-            return;
+            return 0;
         }
         bump(sig, C_WINDOWS_OPENED);
         w = windows.lookup(&k);
         if (!w) {
             bump(sig, C_KEY_INIT_FAILED);
-            return;
+            return 0;
         }
-    } else if (now - w->start_ns >= cfg->window_ns) {
-        // Roll over. A window that crossed and is followed at once by this one extends the
-        // streak that `sustain` counts. Two CPUs rolling the same window at once can lose a
-        // few events at the boundary: an under-count, never a false record.
-        u32 contiguous = now - w->start_ns < 2 * cfg->window_ns;
-        w->streak = ((w->flags & W_CROSSED) && contiguous) ? w->streak + 1 : 0;
+    } else if (now - w->start_ns >= window_ns) {
+        // Roll over. A tier that crossed in a window followed at once by this one extends the
+        // streak its `sustain` counts. Two CPUs rolling the same window at once can lose a few
+        // events at the boundary: an under-count, never a false record.
+        u32 contiguous = now - w->start_ns < 2 * window_ns;
+        u64 crossed = w->crossed;
+#pragma clang loop unroll(disable)
+        for (int i = 0; i < MAX_TIERS; i++) {
+            u8 s = w->streak[i];
+            w->streak[i] = ((crossed >> i) & 1) && contiguous ? (s < 255 ? s + 1 : s) : 0;
+        }
+        u32 *h = held.lookup(&k);
         w->start_ns = now;
         w->value = 0;
-        w->emits = 0;
+        w->base = delta;
+        w->crossed = 0;
+        w->emitted = h ? *h : 0;  // a held incident's tiers stay claimed
         w->flags = 0;
         bump(sig, C_WINDOWS_OPENED);
     }
 
-    s64 old = 0, cur = delta;
+    s64 cur = delta;
     if (cfg->mode == MODE_LEVEL) {
         // A level, not a sum. Teardown at exit does not cross: exit_mm() clears current->mm
         // before the counters fall, so those events have curr == 0 and are filtered out.
         w->value = delta;
+    } else if (cfg->mode == MODE_GROWTH) {
+        cur = delta - w->base;
+        w->value = cur;
     } else {
         // Atomic: concurrent events of one key on several CPUs see distinct old values.
-        old = __sync_fetch_and_add(&w->value, delta);
-        cur = old + delta;
+        cur = __sync_fetch_and_add(&w->value, delta) + delta;
     }
-    if (cur < cfg->threshold)
-        return;
+
+    // At most one record per event and class: the first unclaimed tier it crosses (a level
+    // that jumps over two tiers gives the higher one its record at the next event). One emit
+    // outside the loop keeps the verifier's walk of the loop small.
+    u32 over = 0;
+    int pick = -1;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < MAX_TIERS; i++) {
+        u64 bit = 1ull << i;
+        if (i >= cfg->ntiers)
+            break;
+        struct tier_config *t = &cfg->tiers[i];
+        if (!(mask & bit) || t->cls != c || cur < t->threshold)
+            continue;
+        if (!(w->crossed & bit))
+            __sync_fetch_and_or(&w->crossed, bit);
+        if ((u32)w->streak[i] + 1 < t->sustain)
+            continue;
+        over |= bit;
+        if (t->fastpath)  // the highest such tier decides (ascending within a class)
+            a->fp = t->fastpath | (t->fp_dry_run ? FP_DRY_BIT : 0);
+        if (pick >= 0 || (w->emitted & bit))
+            continue;  // this tier's record of this window already left (or is held)
+        if (__sync_fetch_and_or(&w->emitted, bit) & bit)
+            continue;  // another CPU claimed it: exactly one record per (key, window, tier)
+        pick = i;
+    }
+    if (pick < 0 || pick >= MAX_TIERS)
+        return over;
     u32 lost = w->flags & W_LOST;
-    if (cfg->mode == MODE_COUNT && old >= cfg->threshold && !lost)
-        return;  // crossed earlier in this window
-    w->flags |= W_CROSSED;
-    if (w->streak + 1 < cfg->sustain)
-        return;
-    if (__sync_fetch_and_add(&w->emits, 1) != 0)
-        return;  // exactly one record per key per window
-    if (emit(ctx, sig, cfg, id, birth, now, w->start_ns, cur, lost ? REC_DEGRADED : 0)) {
+    if (emit(ctx, sig, cfg, &cfg->tiers[pick], id, birth, now, window_ns, w->start_ns, cur,
+             lost ? REC_DEGRADED : 0)) {
         w->flags &= ~W_LOST;
     } else {
         // The ring buffer was full. Let the next event of this window try again; its record
         // says the window is degraded, so user space never escalates to a kill on it.
         w->flags |= W_LOST;
-        w->emits = 0;
+        __sync_fetch_and_and(&w->emitted, ~(1ull << pick));
     }
+    return over;
+}
+
+// Count one event of `sig` for key `id` in every window class of the signal. Everything a
+// signal needs beyond its tracepoint handler is here, so every signal gets the same window,
+// tier, sustain, exactly-once and loss rules. `birth` is the birth of the process `id` names
+// (0 for cgroup keys): a reused pid starts from an empty window instead of inheriting its
+// predecessor's count. `cgroup` is the event's cgroup key when known (cgroup signals), else 0.
+// Returns the tiers at or over their threshold for this event (the fast path's trigger).
+static __always_inline u32 account_in(void *ctx, u32 sig, u64 id, u64 birth, s64 delta,
+                                      u64 cgroup)
+{
+    struct signal_config *cfg = signal_config.lookup(&sig);
+    if (!cfg || cfg->ntiers == 0)
+        return 0;
+    bump(sig, C_EVENTS_SEEN);
+    u64 now = bpf_ktime_get_boot_ns();  // boot time, like /proc start times
+    if (cfg->naive) {
+        emit(ctx, sig, cfg, 0, id, birth, now, cfg->window_ns[0], now, delta, 0);
+        return 0;
+    }
+    u32 mask = applicable(sig, cfg, cgroup);
+    if (!mask)
+        return 0;  // no tier applies here: nothing to window
+    struct acct a = {.cfg = cfg, .id = id, .birth = birth, .delta = delta, .now = now,
+                     .sig = sig, .mask = mask, .fp = 0, ._pad = 0};
+#pragma clang loop unroll(disable)
+    for (u32 c = 0; c < MAX_CLASSES; c++)
+        account_class(ctx, &a, c);
+    return a.fp;
+}
+
+static __always_inline u32 account(void *ctx, u32 sig, u64 id, u64 birth, s64 delta)
+{
+    return account_in(ctx, sig, id, birth, delta, 0);
 }
 
 // Count one event of a cgroup signal against the current task's cgroup (never the root).
 static __always_inline void account_cgroup(void *ctx, u32 sig)
 {
     struct signal_config *cfg = signal_config.lookup(&sig);
-    if (!cfg || cfg->window_ns == 0)
+    if (!cfg || cfg->ntiers == 0)
         return;  // not watched: no pointer chase, and no root events counted
     u64 key = current_cgroup_key();
     if (key)
-        account(ctx, sig, key, 0, 1);
+        account_in(ctx, sig, key, 0, 1, key);
 }
 
 #if REMEDY_SECTION_SCHED
-// ===== Fast path (issue 5): the kernel itself signals a forking offender, with no user-space
-// round trip. Two triggers, both checked only in sched_process_fork below:
+// ===== Fast path (issues 5, 12): the kernel itself signals a forking offender, with no
+// user-space round trip. Two triggers, both checked only in sched_process_fork below:
 //   - armed: user space marks a process (fastpath_armed, keyed by tgid, holding its birth); its
 //     next fork is signalled. A different birth is a reused pid: never signalled. Arms are
-//     deleted when the process dies and when user space releases the offender;
-//   - threshold: fastpath_policy enabled; a process whose fork_rate window is at or over its
-//     threshold is signalled on every further fork of that window (cgroup_id filter: 0 = any).
+//     deleted when the process dies and when user space releases the offender (a playbook's
+//     `kernel: true` step);
+//   - policy: a fork_rate tier with `fastpath` (a policy's `kernel:`): every fork at or over
+//     that tier (its threshold, sustain and cgroup mask, exactly as its records) is signalled,
+//     with the tier's own dry run.
 // bpf_send_signal() signals the current task's whole process (the forker). Protected tgids
 // (fastpath_protected: the agent, its ancestors, pid 1) are never signalled; dry_run only counts.
-// KEEP IN SYNC: struct fastpath_arm, struct fastpath_policy and enum fastpath_counter with
-// ArmC, PolicyC and FastPathCounter in remedy/sensors/fastpath.py.
+// KEEP IN SYNC: struct fastpath_arm and enum fastpath_counter with ArmC and FastPathCounter in
+// remedy/sensors/fastpath.py.
 
 enum fastpath_counter {
     FP_ARMED_HITS = 0,      // forks of an armed process (dry run included)
-    FP_THRESHOLD_HITS,      // forks at or over the threshold that the policy matched
+    FP_THRESHOLD_HITS,      // forks at or over a fast-path tier
     FP_SIGNALS_SENT,        // bpf_send_signal() returned 0
     FP_SEND_FAILED,         // bpf_send_signal() failed
     FP_DRY_RUN,             // would have signalled
@@ -447,17 +611,8 @@ struct fastpath_arm {
     u64 hits;          // atomic
 };
 
-struct fastpath_policy {
-    u32 enabled;
-    u32 signal;
-    u32 dry_run;
-    u32 _pad;
-    u64 cgroup_id;     // 0: any task; else only tasks in this cgroup2 (bpf_get_current_cgroup_id)
-};
-
 BPF_HASH(fastpath_armed, u32, struct fastpath_arm, 1024);
 BPF_HASH(fastpath_protected, u32, u8, 1024);
-BPF_ARRAY(fastpath_policy, struct fastpath_policy, 1);
 BPF_PERCPU_ARRAY(fastpath_counters, u64, FP_MAX);
 
 static __always_inline void fp_bump(u32 idx)
@@ -495,23 +650,16 @@ static __always_inline void fastpath_armed_check(u32 tgid, u64 birth)
     fp_fire(tgid, a->signal, a->dry_run);
 }
 
-static __always_inline void fastpath_threshold_check(u32 tgid, u64 birth)
+// `fp`: account's answer for this fork: the fast path (Unix signal | FP_DRY_BIT) of the
+// highest fork_rate tier it is at or over, with that tier's cgroup scope and sustain; 0 none.
+// One signal per fork.
+static __always_inline void fastpath_tier_check(u32 tgid, u32 fp)
 {
-    u32 zero = 0, sig = SIG_FORK;
-    struct fastpath_policy *p = fastpath_policy.lookup(&zero);
-    if (!p || !p->enabled)
-        return;
-    if (p->cgroup_id && p->cgroup_id != bpf_get_current_cgroup_id())
-        return;
-    struct signal_config *cfg = signal_config.lookup(&sig);
-    if (!cfg || cfg->window_ns == 0 || cfg->naive)
-        return;
-    struct window_key k = {.signal = SIG_FORK, ._pad = 0, .id = tgid, .birth = birth};
-    struct window *w = windows.lookup(&k);
-    if (!w || w->value < cfg->threshold || w->streak + 1 < cfg->sustain)
+    u32 unix_sig = fp & 0xff;
+    if (!unix_sig)
         return;
     fp_bump(FP_THRESHOLD_HITS);
-    fp_fire(tgid, p->signal, p->dry_run);
+    fp_fire(tgid, unix_sig, (fp & FP_DRY_BIT) != 0);
 }
 #endif  // REMEDY_SECTION_SCHED (fast path)
 
@@ -520,6 +668,9 @@ static __always_inline void fastpath_threshold_check(u32 tgid, u64 birth)
 // start_boottime copy_process() has just set.
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
+#if REMEDY_SECTION_SCHED
+    account_cgroup(ctx, SIG_FORK_CGROUP);  // the forker's context, like the tracepoint's
+#endif
     u64 child = ctx->args[1];
     u32 pid = task_u32(child, TASK_OFF_PID);
     u32 tgid = task_u32(child, TASK_OFF_TGID);
@@ -555,9 +706,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     lineage.update(&child, &l);
 
     fastpath_armed_check(tgid, birth);  // fast path (issue 5): before the counting
-    account(args, SIG_FORK, tgid, birth, 1);
-    account_cgroup(args, SIG_FORK_CGROUP);
-    fastpath_threshold_check(tgid, birth);  // fast path (issue 5): reads the window just counted
+    u32 fp = account(args, SIG_FORK, tgid, birth, 1);
+    // fork_rate_cgroup is counted in the raw tracepoint's program: with both signals' tiers in
+    // one program the verifier's walk passes its limit.
+    fastpath_tier_check(tgid, fp);  // fast path from policy (issue 12): the tiers just counted
     return 0;
 }
 
@@ -570,8 +722,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 #if REMEDY_SECTION_MEMORY
     // A new program gets a new address space: the level the old image (often a fork of a
     // big parent, between fork and exec) reached in this window is not the new program's.
-    struct window_key rss = {.signal = SIG_RSS, ._pad = 0, .id = tgid, .birth = current_birth()};
-    windows.delete(&rss);
+    u64 birth = current_birth();
+#pragma clang loop unroll(disable)
+    for (u32 c = 0; c < MAX_CLASSES; c++) {
+        struct window_key rss = {.signal = SIG_RSS, .cls = c, .id = tgid, .birth = birth};
+        windows.delete(&rss);
+        rss.signal = SIG_RSS_GROWTH;
+        windows.delete(&rss);
+    }
 #endif
 #if REMEDY_SECTION_SCHED
     struct lineage *l = lineage.lookup(&tgid);
@@ -614,7 +772,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         u32 sig = SIG_CHURN;
         struct signal_config *cfg = signal_config.lookup(&sig);
         u64 birth = current_birth();
-        if (cfg && cfg->window_ns != 0 && birth != 0) {
+        if (cfg && cfg->ntiers != 0 && birth != 0) {
             u64 parent_birth = 0;
             u32 parent = current_spawner(&parent_birth);
             if (parent && bpf_ktime_get_boot_ns() - birth < cfg->lifetime_ns)
@@ -663,7 +821,10 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     // looks, for as long as it lasts.
     if (!args->curr || args->member != REMEDY_MM_ANONPAGES)
         return 0;
-    account(args, SIG_RSS, bpf_get_current_pid_tgid() >> 32, current_birth(), args->size);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 birth = current_birth();
+    account(args, SIG_RSS, tgid, birth, args->size);
+    account(args, SIG_RSS_GROWTH, tgid, birth, args->size);  // issue 12: growth per window
     return 0;
 }
 #endif  // REMEDY_SECTION_MEMORY

@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     from remedy.compiler import compile_plan  # noqa: PLC0415
     from remedy.policy import load_policy_set  # noqa: PLC0415
     from remedy.sensors.kernel import KernelSensor  # noqa: PLC0415
-    from remedy.sensors.startup import bpf_plan, legacy_settings  # noqa: PLC0415
+    from remedy.sensors.startup import bpf_plan  # noqa: PLC0415
     from remedy.service.agent import Agent, AgentOptions  # noqa: PLC0415
 
     if args.config is not None:
@@ -300,8 +300,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_bpf:
         policies = load_policy_set(policy_paths, playbook_paths)
         plan = compile_plan(policies)
-        # SHIM until i12-kernel lands: its KernelSensor.source takes the plan itself.
-        print(KernelSensor(naive=args.naive).source(legacy_settings(bpf_plan(plan))))
+        print(KernelSensor(naive=args.naive).source(bpf_plan(plan)))
         return 0
     options = AgentOptions(
         policy_paths=policy_paths,

@@ -25,6 +25,7 @@ class Mode(enum.IntEnum):
 
     COUNT = 0  # each event adds one (or a signed delta); cross when the sum reaches threshold
     LEVEL = 1  # each event reports a level; cross when a level is at or above threshold
+    GROWTH = 2  # each event reports a level; the value is the level minus the window's first
 
 
 KeyKind = Literal["process", "parent", "cgroup"]
@@ -157,6 +158,17 @@ CATALOGUE: tuple[Signal, ...] = (
         ("syscalls:sys_enter_connect",),
         "outbound connect() calls per process",
     ),
+    _S(
+        "rss_growth",
+        10,
+        "memory",
+        "process",
+        Mode.GROWTH,
+        "MiB of anonymous resident memory gained per window",
+        "MiB gained",
+        ("kmem:rss_stat", "sched:sched_process_exec"),
+        "anonymous resident memory now minus at the window's start: a leak, sustained with `for`",
+    ),
 )
 #: Pressure signals (PSI, remedy/sensors/psi.py): the kernel filters them through its own
 #: triggers, so section "psi" needs no BPF. Kept out of CATALOGUE, whose ids index the BPF
@@ -200,7 +212,9 @@ def sections_for(names: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SignalSettings:
-    """What the kernel filter needs of one policy; written into a BPF map at run time."""
+    """One threshold per signal, as before issue 12. Goes away with its last callers (the
+    engine half moves the sampler, replay and trace to the plan); the kernel sensor takes a
+    :class:`~remedy.compiler.plan.SensorPlan`."""
 
     window_s: float
     threshold: int  # in the signal's unit (Signal.unit)
@@ -222,23 +236,48 @@ class SignalCounters:
 class Sensor(Protocol):
     """A source of records: the kernel funnel, or the /proc sampler where BPF cannot run.
 
-    Issue 12 contract: ``start`` begins watching ``plan.signals``; ``configure`` takes new
-    tiers/thresholds/generation and never recompiles when the signal set is unchanged;
-    ``measure`` is the current value of the record's window (its rule's class, key, key_birth)
-    in the signal's unit; ``hold``: an incident is open for (signal, rule's class, key,
-    key_birth), tiers already emitted for it are not re-emitted in later windows; ``unhold``:
-    the incident ended, the next crossing emits again."""
+    Records: exactly one per (key, window, tier) at most; a key crossing a higher tier in the same
+    window emits again (the record names the higher tier's rule). The tier's generation is copied
+    into the record. While held, a key emits only for tiers not yet emitted during the incident.
+    """
 
     kind: Literal["kernel", "sampler"]
 
-    def start(self, plan: SensorPlan) -> None: ...
-    def configure(self, plan: SensorPlan) -> None: ...
-    def open_ring_buffer(self, callback: _Callback) -> None: ...
-    def poll(self, timeout_ms: int) -> None: ...
-    def counters(self) -> Mapping[str, SignalCounters]: ...
-    def measure(self, record: SensorRecord) -> int | None: ...
-    def hold(self, record: SensorRecord) -> None: ...
-    def unhold(self, record: SensorRecord) -> None: ...
+    def start(self, plan: SensorPlan) -> None:
+        """Begin watching ``plan.signals``."""
+        ...
+
+    def configure(self, plan: SensorPlan) -> None:
+        """New tiers, thresholds and generation; never recompiles when the signal set is
+        unchanged."""
+        ...
+
+    def open_ring_buffer(self, callback: _Callback) -> None:
+        """Route each record to ``callback`` (called from poll())."""
+        ...
+
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver pending records, waiting up to ``timeout_ms`` for the first."""
+        ...
+
+    def counters(self) -> Mapping[str, SignalCounters]:
+        """Counters by signal name."""
+        ...
+
+    def measure(self, record: SensorRecord) -> int | None:
+        """Current value of the record's window (its rule's class, key, key_birth) in the
+        signal's unit."""
+        ...
+
+    def hold(self, record: SensorRecord) -> None:
+        """An incident is open for (signal, rule's class, key, key_birth): tiers already
+        emitted for it are not re-emitted in later windows."""
+        ...
+
+    def unhold(self, record: SensorRecord) -> None:
+        """The incident ended: the next crossing emits again."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -7,9 +7,10 @@ Two triggers, both evaluated in ``sched:sched_process_fork`` (the sched section 
   signals the forking process itself: SIGKILL kills it, SIGSTOP stops it). The arm holds the
   process's birth: another process that later holds the pid is never hit, and the kernel
   deletes the arm when the process dies (``disarm`` deletes it on release).
-- ``set_policy(enabled, signal, dry_run, cgroup_id)``: every fork of a process whose fork_rate
-  window is at or over the sensor's fork_rate threshold is signalled, optionally only in one
-  cgroup2 (``cgroup_id``, 0 = the whole host).
+- policy mode (issue 12): a fork_rate tier with ``fastpath`` (a policy's ``kernel:``, compiled
+  into the plan) makes the kernel signal every fork at or over that tier, within its cgroup
+  scope and sustain, with the tier's dry run. It is configured with the plan
+  (``KernelSensor.configure``), not here.
 
 Protected tgids (``protect``; ``default_protected()`` is the agent, its ancestors and pid 1)
 are never signalled; dry run counts "would have" and signals nothing. Both are enforced in the
@@ -30,7 +31,7 @@ from remedy.errors import ActionError, SensorError
 from remedy.sensors import bpf
 from remedy.sensors.kernel import KernelSensor
 
-__all__ = ["ArmC", "FastPath", "FastPathCounter", "PolicyC", "default_protected"]
+__all__ = ["ArmC", "FastPath", "FastPathCounter", "default_protected"]
 
 
 class FastPathCounter(enum.IntEnum):
@@ -54,18 +55,6 @@ class ArmC(ctypes.Structure):
         ("dry_run", ctypes.c_uint32),
         ("birth_ns", ctypes.c_uint64),
         ("hits", ctypes.c_uint64),
-    )
-
-
-class PolicyC(ctypes.Structure):
-    """Mirror of struct fastpath_policy (KEEP IN SYNC with bpf/remedy.bpf.c)."""
-
-    _fields_ = (
-        ("enabled", ctypes.c_uint32),
-        ("signal", ctypes.c_uint32),
-        ("dry_run", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-        ("cgroup_id", ctypes.c_uint64),
     )
 
 
@@ -138,19 +127,8 @@ class FastPath:
         for tgid in tgids:
             table[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
 
-    def set_policy(self, enabled: bool, signal: int, dry_run: bool, *, cgroup_id: int = 0) -> None:
-        """Threshold mode: signal a process at each fork at or over the fork_rate threshold.
-        ``cgroup_id`` (a cgroup2 inode) limits it to that cgroup; 0 means the whole host."""
-        if enabled:
-            _check_signal(signal)
-        policy = PolicyC(
-            enabled=int(enabled), signal=signal, dry_run=int(dry_run), cgroup_id=cgroup_id
-        )
-        self._map("fastpath_policy")[ctypes.c_int(0)] = policy
-
     def disable(self) -> None:
-        """Threshold mode off and every arm removed (protection stays)."""
-        self.set_policy(False, 0, True)
+        """Every arm removed (protection stays). Policy-mode tiers go with the plan."""
         self._map("fastpath_armed").clear()
 
     def counters(self) -> dict[str, int]:
@@ -158,9 +136,9 @@ class FastPath:
         sums = bpf.percpu_sums(self._map("fastpath_counters"), len(FastPathCounter))
         return {c.name.lower(): sums[c] for c in FastPathCounter}
 
-    def layout_types(self) -> tuple[Any, Any]:
-        """bcc's own ctypes types of the arm and policy structs, to check the mirrors."""
-        return (self._map("fastpath_armed").Leaf, self._map("fastpath_policy").Leaf)
+    def layout_types(self) -> Any:
+        """bcc's own ctypes type of the arm struct, to check the mirror."""
+        return self._map("fastpath_armed").Leaf
 
 
 def _check_signal(signal: int) -> None:

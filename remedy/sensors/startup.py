@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal
 
 from remedy.actions.cgroups import CgroupDriver
 from remedy.compiler import SensorPlan
@@ -48,9 +48,9 @@ def _stack_reader(sensor: KernelSensor) -> Callable[[SensorRecord], tuple[str, .
 
 
 def legacy_settings(plan: SensorPlan) -> dict[str, SignalSettings]:
-    """SHIM until the kernel half (branch i12-kernel) lands: a kernel sensor that still takes one
-    threshold per signal is given each signal's lowest tier (its records carry rule 0, and the
-    engine gives a rule-0 record only to policies whose threshold it reaches)."""
+    """Each signal's lowest tier as one threshold: what naive mode applies in user space and what
+    a trace header records (records carry rule 0 there, and the engine gives a rule-0 record only
+    to policies whose threshold it reaches)."""
     out: dict[str, SignalSettings] = {}
     for name, sp in plan.signals.items():
         cls, tier = min(sp.tiers(), key=lambda ct: (ct[1].threshold, ct[0].window_s))
@@ -64,46 +64,14 @@ def bpf_plan(plan: SensorPlan) -> SensorPlan:
     return SensorPlan({n: sp for n, sp in plan.signals.items() if needs_bpf(n)}, plan.generation)
 
 
-def _takes_plan(sensor: object) -> bool:
-    """Whether ``sensor`` speaks the plan protocol (hold/unhold), or is a kernel sensor of
-    before issue 12 (SHIM, see legacy_settings)."""
-    return callable(getattr(sensor, "hold", None))
-
-
-def _start(sensor: Any, plan: SensorPlan) -> None:
-    plan = bpf_plan(plan)
-    sensor.start(plan if _takes_plan(sensor) else legacy_settings(plan))
-
-
 def configure_sensor(sensor: Sensor, plan: SensorPlan) -> None:
     """New tiers, thresholds and generation for a running sensor (a reload)."""
-    target: Any = sensor
-    plan = bpf_plan(plan)
-    target.configure(plan if _takes_plan(sensor) else legacy_settings(plan))
-
-
-class _LegacyIncidents:
-    """SHIM: a pre-issue-12 kernel sensor measures by (signal, key, birth) and cannot hold."""
-
-    def __init__(self, sensor: Any) -> None:
-        self._sensor = sensor
-
-    def measure(self, record: SensorRecord) -> int | None:
-        value = self._sensor.measure(record.signal, record.key, record.key_birth_ns)
-        return None if value is None else int(value)
-
-    def hold(self, record: SensorRecord) -> None:
-        """Nothing to hold: the old kernel emits every window (the engine absorbs them)."""
-
-    def unhold(self, record: SensorRecord) -> None:
-        """See hold."""
+    sensor.configure(bpf_plan(plan))
 
 
 def incidents_of(sensor: Sensor) -> Incidents:
-    """What the engine holds and re-measures incidents through."""
-    if _takes_plan(sensor):
-        return sensor
-    return _LegacyIncidents(sensor)
+    """What the engine holds and re-measures incidents through: the sensor itself."""
+    return sensor
 
 
 def start_sensor(
@@ -119,9 +87,8 @@ def start_sensor(
     if choice != "sampler":
         kernel = KernelSensor(Sizes(ringbuf_pages=ringbuf_pages), naive=naive)
         try:
-            _start(kernel, plan)
-            # SHIM: the kernel sensor of before i12-kernel takes settings, not a plan.
-            return cast("Sensor", kernel)
+            kernel.start(bpf_plan(plan))
+            return kernel
         except SensorError as err:
             if choice == "kernel":
                 raise

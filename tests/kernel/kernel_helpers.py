@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remedy.sensors.catalog import SignalSettings
+from remedy.compiler.plan import SensorPlan, SignalPlan, Tier, WindowClass
+from remedy.sensors.catalog import SIGNALS, SignalSettings
 from remedy.sensors.kernel import KernelSensor
 from remedy.sensors.records import SensorRecord
 from testkit.sandbox import CGROUP_ROOT, CgroupSandbox
@@ -27,7 +28,12 @@ class Harness:
     def configure(self, **settings: SignalSettings) -> None:
         self.drain()
         self.records.clear()
-        self.sensor.configure(settings)
+        self.sensor.configure(plan_of(settings))
+
+    def configure_plan(self, plan: SensorPlan) -> None:
+        self.drain()
+        self.records.clear()
+        self.sensor.configure(plan)
 
     def drain(self) -> None:
         for _ in range(3):
@@ -65,8 +71,32 @@ def cgroup_key(sensor: KernelSensor, box: CgroupSandbox) -> int:
     return (CGROUP_ROOT / sensor.cgroup_keys / box.name).stat().st_ino
 
 
-def start(sensor: KernelSensor, settings: dict[str, SignalSettings]) -> Iterator[Harness]:
-    sensor.start(settings)
+def plan_of(settings: dict[str, SignalSettings], generation: int = 1) -> SensorPlan:
+    """One everywhere tier per signal (rule = catalogue id + 1): the tests of one threshold
+    per signal, written before tiers."""
+    return SensorPlan(
+        {
+            name: SignalPlan(
+                name,
+                (
+                    WindowClass(
+                        0,
+                        s.window_s,
+                        (Tier(SIGNALS[name].id + 1, name, s.threshold, max(1, s.sustain)),),
+                    ),
+                ),
+                lifetime_s=s.lifetime_s,
+            )
+            for name, s in settings.items()
+        },
+        generation,
+    )
+
+
+def start(
+    sensor: KernelSensor, settings: dict[str, SignalSettings] | SensorPlan
+) -> Iterator[Harness]:
+    sensor.start(settings if isinstance(settings, SensorPlan) else plan_of(settings))
     harness = Harness(sensor)
     sensor.open_ring_buffer(harness.records.append)
     try:

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 from kernel_helpers import STORM, Harness, start
 
+from remedy.compiler.plan import FastPathRule, SensorPlan, SignalPlan, Tier, WindowClass
 from remedy.errors import ActionError
 from remedy.sensors.catalog import SignalSettings
-from remedy.sensors.fastpath import ArmC, FastPath, PolicyC
+from remedy.sensors.fastpath import ArmC, FastPath
 from remedy.sensors.kernel import KernelSensor
 from testkit.sandbox import CgroupSandbox
 
@@ -61,7 +62,7 @@ def _birth(h: Harness, proc: subprocess.Popen[bytes]) -> int:
 
 def test_struct_mirrors_match_the_kernel_layout(fast: tuple[Harness, FastPath]) -> None:
     _, fp = fast
-    for mirror, kernel in zip((ArmC, PolicyC), fp.layout_types(), strict=True):
+    for mirror, kernel in ((ArmC, fp.layout_types()),):
         assert ctypes.sizeof(mirror) == ctypes.sizeof(kernel)
         for (name, *_), (kname, *_) in zip(mirror._fields_, kernel._fields_, strict=True):
             assert name == kname
@@ -158,14 +159,20 @@ def test_a_full_arm_map_is_a_refusal_not_a_crash(fast: tuple[Harness, FastPath])
         table.clear()
 
 
+def _kill_tier(threshold: int, cgroup_glob: str) -> SensorPlan:
+    """Policy mode: one fork_rate tier with ``kernel: kill``, scoped to ``cgroup_glob``."""
+    tier = Tier(1, "fork-kill", threshold, cgroups=(cgroup_glob,), fastpath=FastPathRule(9, False))
+    cls = WindowClass(0, 10.0, (tier,))
+    return SensorPlan({"fork_rate": SignalPlan("fork_rate", (cls,))})
+
+
 def test_threshold_mode_kills_a_storm_at_the_crossing_and_spares_a_slow_forker(
     fast: tuple[Harness, FastPath], test_cgroup: CgroupSandbox
 ) -> None:
     h, fp = fast
     threshold = 50
-    h.configure(fork_rate=SignalSettings(window_s=10.0, threshold=threshold))
+    h.configure_plan(_kill_tier(threshold, f"/{test_cgroup.name}"))
     try:
-        fp.set_policy(True, signal.SIGKILL, dry_run=False, cgroup_id=test_cgroup.cgroup_id)
         slow = _forker(test_cgroup, 20, 20, rate=20)
         storm = _forker(test_cgroup, 2000, 20, rate=0)
         assert storm.wait(20) == -signal.SIGKILL
@@ -173,7 +180,7 @@ def test_threshold_mode_kills_a_storm_at_the_crossing_and_spares_a_slow_forker(
         assert slow.wait(20) == 0, "a forker below the threshold must survive"
         counters = fp.counters()
     finally:
-        fp.set_policy(False, 0, dry_run=True)
+        h.configure(fork_rate=QUIET)
     print(f"\nthreshold mode: {through} forks got through (threshold {threshold}), {counters}")
     assert through is not None and threshold <= through < threshold + 20
     assert counters["threshold_hits"] >= 1
@@ -184,12 +191,11 @@ def test_threshold_mode_ignores_other_cgroups(
     fast: tuple[Harness, FastPath], test_cgroup: CgroupSandbox
 ) -> None:
     h, fp = fast
-    h.configure(fork_rate=SignalSettings(window_s=10.0, threshold=50))
+    # A glob no cgroup matches: the storm in the test cgroup is out of the tier's scope.
+    h.configure_plan(_kill_tier(50, f"/{test_cgroup.name}-not-this-one"))
     try:
-        # A cgroup id no task is in: the storm in the test cgroup is out of scope.
-        fp.set_policy(True, signal.SIGKILL, dry_run=False, cgroup_id=test_cgroup.cgroup_id + 1)
         storm = _forker(test_cgroup, 300, 20, rate=0)
         assert storm.wait(20) == 0
     finally:
-        fp.set_policy(False, 0, dry_run=True)
+        h.configure(fork_rate=QUIET)
     assert fp.counters()["threshold_hits"] == 0

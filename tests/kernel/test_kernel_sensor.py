@@ -16,6 +16,7 @@ from kernel_helpers import STORM, Harness, start
 
 from remedy.actions.params import KillParams
 from remedy.clock import FakeClock
+from remedy.compiler.plan import SensorPlan, SignalPlan, Tier, WindowClass
 from remedy.engine.decisions import Decision
 from remedy.engine.engine import Engine
 from remedy.engine.guards import Protector
@@ -172,3 +173,30 @@ def _kills(degraded: SensorRecord) -> list[str]:
     engine.on_record(degraded)
     engine.on_record(replace(degraded, degraded=False))
     return ran
+
+
+def _tiers(*thresholds: int, window_s: float = 10.0, generation: int = 1) -> SensorPlan:
+    tiers = tuple(Tier(10 + i, f"tier-{t}", t) for i, t in enumerate(thresholds))
+    return SensorPlan(
+        {"fork_rate": SignalPlan("fork_rate", (WindowClass(0, window_s, tiers),))}, generation
+    )
+
+
+def test_one_record_per_tier_per_window(fork: Harness, test_cgroup: CgroupSandbox) -> None:
+    # Two tiers on one signal: a key crossing the higher one in the same window emits again,
+    # once, naming the higher tier's rule; neither tier emits twice.
+    fork.configure_plan(_tiers(100, 200, generation=7))
+    pid = fork.run(test_cgroup, "fork", "--count", "600", "--seconds", "20")
+    recs = fork.of("fork_rate", pid)
+    assert sorted((r.rule, r.count, r.generation) for r in recs) == [(10, 100, 7), (11, 200, 7)]
+
+
+def test_a_held_key_stops_emitting_until_unheld(fork: Harness, test_cgroup: CgroupSandbox) -> None:
+    fork.configure_plan(_tiers(20, window_s=0.2))
+    box_pid = fork.run(test_cgroup, "fork", "--count", "30", "--seconds", "5")
+    [first] = fork.of("fork_rate", box_pid)
+    fork.sensor.hold(first)
+    table = fork.sensor.table("held")
+    assert len(table.items()) == 1
+    fork.sensor.unhold(first)
+    assert len(table.items()) == 0

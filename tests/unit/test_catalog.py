@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from remedy.sensors.catalog import CATALOGUE, SIGNALS, Mode, SignalSettings, sections_for
+from remedy.sensors.catalog import CATALOGUE, SIGNALS, Mode, sections_for
 from remedy.sensors.kernel import Counter, to_kernel_threshold, to_policy_units
 
 
@@ -25,7 +25,7 @@ def test_signal_ids_and_modes_match_the_kernel_enums(repo_root: Path) -> None:
     ids = _enum(text, "remedy_signal")
     assert ids.pop("SIG_MAX") == len(CATALOGUE)
     assert sorted(ids.values()) == [s.id for s in CATALOGUE]
-    assert _enum(text, "remedy_mode") == {"MODE_COUNT": Mode.COUNT, "MODE_LEVEL": Mode.LEVEL}
+    assert _enum(text, "remedy_mode") == {f"MODE_{m.name}": m for m in Mode}
     counters = _enum(text, "remedy_counter")
     assert counters.pop("C_MAX") == len(Counter)
     assert list(counters.values()) == [c.value for c in Counter]
@@ -46,10 +46,10 @@ def test_sections_are_only_what_the_signals_need() -> None:
 
 
 def test_units_round_trip() -> None:
-    cpu = SignalSettings(window_s=0.5, threshold=80)
-    assert to_kernel_threshold("cpu", cpu) == 400_000_000  # 80 % of a core for 0.5 s, in ns
+    assert to_kernel_threshold("cpu", 80, 0.5) == 400_000_000  # 80 % of a core for 0.5 s, in ns
     assert to_policy_units("cpu", 400_000_000, 500_000_000) == 80
-    assert to_kernel_threshold("rss", SignalSettings(1.0, 100)) == 100 << 20
+    assert to_kernel_threshold("rss", 100, 1.0) == 100 << 20
+    assert to_kernel_threshold("rss_growth", 64, 1.0) == 64 << 20
     assert to_policy_units("rss", 150 << 20, 10**9) == 150
-    assert to_kernel_threshold("fork_rate", SignalSettings(1.0, 200)) == 200
+    assert to_kernel_threshold("fork_rate", 200, 1.0) == 200
     assert SIGNALS["churn"].key == "parent"
