@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${REMEDY_VENV:-.venv}
 KERNEL=$(uname -r)
-APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip stress-ng bpftrace graphviz
+APT_PACKAGES=(bpfcc-tools python3-bpfcc python3-venv python3-pip stress-ng bpftrace graphviz gcc libc6-dev
     prometheus prometheus-alertmanager)  # promtool, alertmanager: the observability tests
 
 say() { printf 'setup: %s\n' "$*"; }

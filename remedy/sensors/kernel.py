@@ -440,6 +440,7 @@ class KernelSensor:
             )
         configs = {name: self._config(sp, plan.generation) for name, sp in plan.signals.items()}
         table = self._table("signal_config")
+        self._drop_stale_holds(self.plan, plan)
         self.plan = plan
         # Rules first when tiers gain scopes: a scoped tier never applies before its cgroups do.
         self.cgroup_rules.sync(self._table("cgroup_rules"), plan, force=True)
@@ -518,6 +519,26 @@ class KernelSensor:
         if name == "cpu":
             return to_policy_units(name, int(w.value), max(elapsed, 1))
         return to_policy_units(name, int(w.value), window_ns)
+
+    def _drop_stale_holds(self, old: SensorPlan | None, new: SensorPlan) -> None:
+        """A held mask names tiers by slot. When a reload moves a signal's tiers to other
+        slots, its masks would hold the wrong tiers (a new tier never emitted for an open
+        incident), so they are dropped: the key emits again (noisier, never blind) and the
+        engine holds it afresh."""
+        if old is None:
+            return
+        stale = {
+            SIGNALS[name].id
+            for name, sp in old.signals.items()
+            if name not in new.signals
+            or [t.rule for t in sp.slots] != [t.rule for t in new.signals[name].slots]
+        }
+        if not stale:
+            return
+        table = self._table("held")
+        for key in [k for k, _ in table.items() if int(k.signal) in stale]:
+            with contextlib.suppress(KeyError):
+                del table[key]
 
     def _held_key(self, record: SensorRecord, cls: int) -> Any:
         table = self._table("held")
