@@ -131,6 +131,14 @@ def _newest(boot: Path, prefix: str) -> Path:
     return found[-1]
 
 
+def _prune(keep: str) -> None:
+    """Older recipes' images, and builds killed before they could clean up (hours old)."""
+    for entry in CACHE.iterdir():
+        stale_tmp = entry.name.startswith(".") and time.time() - entry.stat().st_mtime > 7200
+        if entry.is_dir() and entry.name != keep and (stale_tmp or not entry.name.startswith(".")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def build(log: Path | None = None) -> Image:
     """Build the image for the current recipe (or return the cached one)."""
     have = cached()
@@ -185,6 +193,7 @@ def build(log: Path | None = None) -> Image:
         if final.exists():  # a half-finished entry from an older layout: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _prune(key)
         print(f"vmtest: built image {final} in {time.monotonic() - started:.0f} s", flush=True)
         return Image(final)
     finally:

@@ -124,25 +124,30 @@ def delegated() -> Iterator[Delegated]:
         main = int(_systemctl("show", "-P", "MainPID", unit).stdout.strip())
         box.driver.move(main, box.leaf)
         yield box
-    finally:
-        top = ROOT / f"system.slice/{unit}"
-        for _ in range(50):
-            _kill_members(top)
-            if not any(
-                (p / "cgroup.procs").read_text().strip()
-                for p in [*_subtree(top), top]
-                if (p / "cgroup.procs").exists()
-            ):
-                break
-            time.sleep(0.1)
-        for sub in _subtree(top):
-            with contextlib.suppress(OSError):
-                sub.rmdir()
-        _systemctl("stop", unit)
-        _systemctl("reset-failed", unit)
-        for proc in box.procs:
+        _teardown(unit, box.path(group))
+        for proc in box.procs:  # reap the test's own children
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
+    finally:
+        _teardown(unit, ROOT / "system.slice" / unit)
+
+
+def _teardown(unit: str, top: Path) -> None:
+    """Stop the unit (systemd kills everything in its cgroup, the subtree too, and removes it);
+    whatever is left is killed (all the test's own) and removed deepest first."""
+    _systemctl("stop", unit)
+    for _ in range(50):
+        with contextlib.suppress(OSError):
+            _kill_members(top)
+        busy = False
+        for sub in [*_subtree(top), top]:
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+            busy = busy or sub.exists()
+        if not busy:
+            break
+        time.sleep(0.1)
+    _systemctl("reset-failed", unit)
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ mkdir -p "$R"
 exec > >(tee -a "$R/guest.log") 2>&1
 cd "$D/src" || exit 1
 echo "vmtest-guest: $(uname -r) cgroup=$(stat -fc %T /sys/fs/cgroup) up=$(cut -d' ' -f1 /proc/uptime)s"
-export PIP_NO_INDEX=1 PIP_FIND_LINKS=$D/wheelhouse PIP_DISABLE_PIP_VERSION_CHECK=1
-export REMEDY_REQUIRE_BPF=1 REMEDY_VMTEST_GUEST=1 PYTHONDONTWRITEBYTECODE=1
+# No .pyc compile at install: under TCG that is most of pip's time; imports compile lazily.
+export PIP_NO_INDEX=1 PIP_FIND_LINKS=$D/wheelhouse PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_COMPILE=1
+export REMEDY_REQUIRE_BPF=1 REMEDY_VMTEST_GUEST=1 REMEDY_AGENT_READY_S=600
 start=$(date +%s)
 if ! bash scripts/setup.sh; then
     echo "vmtest-guest: setup.sh failed" | tee "$R/setup-failed"
