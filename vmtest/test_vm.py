@@ -121,14 +121,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("guest_id", guest_ids())
 
 
-def test_in_vm(guest_id: str, outcomes: dict[tuple[str, str], Outcome]) -> None:
-    """The guest's outcome for ``guest_id``: skipped and missing fail under REMEDY_REQUIRE_BPF."""
-    got = outcomes.get(junit_key(guest_id))
+def verdict(got: Outcome | None, guest_id: str, require: bool) -> tuple[str, str]:
+    """What the host test does with a guest outcome: ("pass"|"fail"|"skip", why). A skip is
+    a failure under REMEDY_REQUIRE_BPF=1; a missing result always is."""
     if got is None:
-        pytest.fail(f"no result in the VM for {guest_id}")
+        return "fail", f"no result in the VM for {guest_id}"
     if got.status == "skipped":
-        if REQUIRE:
-            pytest.fail(f"skipped in the VM under REMEDY_REQUIRE_BPF=1: {got.message}")
-        pytest.skip(got.message)
+        if require:
+            return "fail", f"skipped in the VM under REMEDY_REQUIRE_BPF=1: {got.message}"
+        return "skip", got.message
     if got.status != "passed":
-        pytest.fail(f"{got.status} in the VM:\n{got.message}", pytrace=False)
+        return "fail", f"{got.status} in the VM:\n{got.message}"
+    return "pass", ""
+
+
+def test_in_vm(guest_id: str, outcomes: dict[tuple[str, str], Outcome]) -> None:
+    """The guest's outcome for ``guest_id``."""
+    action, why = verdict(outcomes.get(junit_key(guest_id)), guest_id, REQUIRE)
+    if action == "skip":
+        pytest.skip(why)
+    if action == "fail":
+        pytest.fail(why, pytrace=False)

@@ -38,7 +38,7 @@ apiVersion: remedy/v1
 kind: Policy
 name: vmtest-storm
 signal: fork_rate
-threshold: 100
+threshold: 30
 window: 1s
 match:
   cgroups: ["/system.slice/remedy-vmtest-*.service/storm"]
@@ -59,7 +59,7 @@ steps:
 """
 
 
-def systemctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def systemctl(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["systemctl", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
