@@ -909,7 +909,7 @@ class CgroupV2Driver:
                 child.mkdir(exist_ok=True)
             except OSError as err:
                 raise _error(err, f"cannot create {child}", rel) from err
-        self.apply(rel, limits)
+        self._write_limits(rel, limits)
 
     def _require_controller(self, controller: str, rel: str) -> None:
         listed = self.root / "cgroup.controllers"
@@ -923,8 +923,22 @@ class CgroupV2Driver:
             )
 
     def apply(self, rel: str, limits: Limits) -> None:
-        """Write pids.max, cpu.max, memory.high, io.weight and cgroup.freeze as set."""
-        _parts(rel)
+        """Write pids.max, cpu.max, memory.high, io.weight and cgroup.freeze as set, first
+        enabling each limit's controller in the ancestors that lack it (a cap in place on a
+        cgroup systemd made: its cpu.max exists only once its parent enabled +cpu; writing the
+        missing file is EACCES on cgroupfs, found by make vmtest)."""
+        parts = _parts(rel)
+        wanted = tuple(
+            dict.fromkeys(_V2_CONTROLLER_OF[k] for k in limits.knobs() if k in _V2_CONTROLLER_OF)
+        )
+        if parts and wanted and self._dir(parts).is_dir():
+            for controller in wanted:
+                self._require_controller(controller, rel)
+            for depth in range(len(parts)):
+                self._enable_controllers(self._dir(parts[:depth]), rel, wanted)
+        self._write_limits(rel, limits)
+
+    def _write_limits(self, rel: str, limits: Limits) -> None:
         try:
             self.write_knobs(rel, limits.raw(self.version))
         except CgroupError as err:
