@@ -52,8 +52,11 @@ class AgentProcess:
     def output(self) -> str:
         return self.log_path.read_text()
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the agent prints its ready line (the BPF program is attached)."""
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the agent prints its ready line (the BPF program is attached); 60 s, or
+        $REMEDY_AGENT_READY_S (the VM's emulated CPUs compile the program far more slowly)."""
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("REMEDY_AGENT_READY_S", "60"))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if "ready:" in self.output():

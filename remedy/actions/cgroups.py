@@ -484,6 +484,15 @@ def _read_pids(procs: Path) -> list[int]:
     return [int(x) for x in procs.read_text().split()]
 
 
+def _has_processes(cgroup: Path) -> bool:
+    """Whether ``cgroup`` itself (not below it) has member processes; no cgroup.procs (a
+    directory just made in a fixture tree) has none."""
+    try:
+        return bool(_read_pids(cgroup / "cgroup.procs"))
+    except FileNotFoundError:
+        return False
+
+
 def _reads(path: Path, line: str) -> Callable[[], bool]:
     """A check that ``path`` holds ``line`` as one of its lines."""
     return lambda: line in path.read_text().splitlines()
@@ -859,12 +868,23 @@ class CgroupV2Driver:
         try:
             enabled = set(control.read_text().split()) if control.exists() else set()
             missing = [c for c in wanted if c not in enabled]
+            if missing and cgroup != self.root and _has_processes(cgroup):
+                # The "no internal processes" rule (cgroup-v2.rst). The kernel refuses domain
+                # controllers here (EBUSY) but takes threaded ones (pids, cpu) and so turns
+                # this populated cgroup into a thread root: its domain children (systemd's
+                # services below a slice, a container's) become invalid and the next write
+                # fails with EOPNOTSUPP. Refuse before writing: never change a cgroup that is
+                # not ours into something else.
+                raise CgroupError(
+                    f"cannot enable controllers in {control}: it has processes of its own"
+                    " (cgroup v2 allows controllers for children only in a cgroup without)",
+                    cgroup=rel,
+                )
             if missing:
                 control.write_text(" ".join(f"+{c}" for c in missing))
         except OSError as err:
-            # EBUSY: the "no internal processes" rule (cgroup-v2.rst) forbids enabling domain
-            # controllers in a non-root cgroup that has processes of its own. ENOENT/EINVAL:
-            # the controller is not in this cgroup's cgroup.controllers.
+            # EBUSY: as above, for domain controllers. ENOENT/EINVAL: the controller is not in
+            # this cgroup's cgroup.controllers. EOPNOTSUPP: a thread subtree.
             raise _error(err, f"cannot enable controllers in {control}", rel) from err
 
     def create(self, rel: str, limits: Limits) -> None:
@@ -889,7 +909,7 @@ class CgroupV2Driver:
                 child.mkdir(exist_ok=True)
             except OSError as err:
                 raise _error(err, f"cannot create {child}", rel) from err
-        self.apply(rel, limits)
+        self._write_limits(rel, limits)
 
     def _require_controller(self, controller: str, rel: str) -> None:
         listed = self.root / "cgroup.controllers"
@@ -903,8 +923,22 @@ class CgroupV2Driver:
             )
 
     def apply(self, rel: str, limits: Limits) -> None:
-        """Write pids.max, cpu.max, memory.high, io.weight and cgroup.freeze as set."""
-        _parts(rel)
+        """Write pids.max, cpu.max, memory.high, io.weight and cgroup.freeze as set, first
+        enabling each limit's controller in the ancestors that lack it (a cap in place on a
+        cgroup systemd made: its cpu.max exists only once its parent enabled +cpu; writing the
+        missing file is EACCES on cgroupfs, found by make vmtest)."""
+        parts = _parts(rel)
+        wanted = tuple(
+            dict.fromkeys(_V2_CONTROLLER_OF[k] for k in limits.knobs() if k in _V2_CONTROLLER_OF)
+        )
+        if parts and wanted and self._dir(parts).is_dir():
+            for controller in wanted:
+                self._require_controller(controller, rel)
+            for depth in range(len(parts)):
+                self._enable_controllers(self._dir(parts[:depth]), rel, wanted)
+        self._write_limits(rel, limits)
+
+    def _write_limits(self, rel: str, limits: Limits) -> None:
         try:
             self.write_knobs(rel, limits.raw(self.version))
         except CgroupError as err:

@@ -417,6 +417,14 @@ def check_cgroups(cgroup: Path, proc: Path) -> list[Check]:
     if driver.version == 2:
         controllers = (cgroup / "cgroup.controllers").read_text().split()
         checks.append(Check("cgroups", "ok", f"v2 at {driver.root}: {' '.join(controllers)}"))
+        quarantine = cgroup / "remedy"  # the default --quarantine-root
+        with contextlib.suppress(OSError):
+            if (quarantine / "cgroup.procs").read_text().split():
+                # Found by make vmtest: v2 gives controllers to children only in a cgroup with
+                # no processes of its own, so no quarantine can be made below this one.
+                checks.append(
+                    Check("quarantine root", "warn", f"{quarantine} has processes of its own")
+                )
         return checks
     mounted = _v1_mounted(proc)
     absent = [c for c in _V1_CONTROLLERS if c not in mounted]

@@ -103,6 +103,36 @@ def test_create_leaves_enabled_ancestors_alone(driver: CgroupV2Driver, cg_root: 
     assert not (cg_root / "remedy" / "q" / "cpu.max").exists()
 
 
+def test_create_below_a_populated_cgroup_is_refused_before_any_write(
+    driver: CgroupV2Driver, cg_root: Path
+) -> None:
+    """cgroup v2's no-internal-processes rule: the kernel would take +pids +cpu (threaded
+    controllers) in a cgroup with processes and make it a thread root, breaking its domain
+    children. Refused before anything is written (the VM shows the kernel doing it:
+    vmtest/guest/test_v2_controllers.py)."""
+    (cg_root / "remedy" / "cgroup.procs").write_text("4242\n")
+    with pytest.raises(CgroupError, match="processes of its own") as exc:
+        driver.create("/remedy/q", Limits(pids_max=4))
+    assert exc.value.cgroup == "/remedy/q"
+    assert (cg_root / "remedy" / "cgroup.subtree_control").read_text() == "pids\n"
+    assert not (cg_root / "remedy" / "q").exists()
+    # The root cgroup is exempt from the rule (its processes are the host's).
+    driver.create("/q", Limits(pids_max=4))
+
+
+def test_a_limit_in_place_enables_its_controller_in_the_ancestors_first(
+    driver: CgroupV2Driver, cg_root: Path
+) -> None:
+    """A cgroup systemd made (not by remedy) has cpu.max only once its parent enabled +cpu;
+    on cgroupfs, writing the missing file is EACCES (seen in make vmtest)."""
+    (cg_root / "remedy" / "svc").mkdir()
+    driver.apply("/remedy/svc", Limits(cpu_cores=0.5))
+    assert (cg_root / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (cg_root / "remedy" / "cgroup.subtree_control").read_text() == "+cpu"
+    assert (cg_root / "remedy" / "svc" / "cpu.max").read_text() == "50000 100000"
+    assert not (cg_root / "remedy" / "svc" / "cgroup.subtree_control").exists()
+
+
 def test_create_is_idempotent_and_rewrites_limits(driver: CgroupV2Driver, cg_root: Path) -> None:
     driver.create("/remedy/q", Limits(pids_max=8, cpu_cores=0.5))
     driver.create("/remedy/q", Limits(pids_max=16, cpu_cores=2.0))

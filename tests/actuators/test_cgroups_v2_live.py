@@ -58,7 +58,12 @@ def _events(driver: CgroupV2Driver, rel: str) -> dict[str, str]:
 
 def _spawn_into(box: CgroupSandbox, driver: CgroupV2Driver, rel: str) -> subprocess.Popen[bytes]:
     child = box.spawn(SLEEPER)
-    time.sleep(0.05)
+    # Wait for the launcher to have joined the sandbox: on a slow host (the VM) a fixed sleep
+    # let its own write to the sandbox's cgroup.procs land after this move and undo it.
+    deadline = time.monotonic() + 10
+    while child.pid not in driver.members(box.rel):
+        assert time.monotonic() < deadline, "the child never joined the sandbox"
+        time.sleep(0.01)
     driver.move(child.pid, rel)
     return child
 

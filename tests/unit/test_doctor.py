@@ -215,6 +215,17 @@ def test_cgroup_v2_lists_the_root_controllers(tmp_path: Path) -> None:
     assert checks == [Check("cgroups", "ok", f"v2 at {cgroup}: cpuset cpu io memory pids")]
 
 
+def test_cgroup_v2_warns_when_the_quarantine_root_has_processes(tmp_path: Path) -> None:
+    cgroup = tmp_path / "cgroup"
+    _touch(cgroup / "cgroup.controllers", "cpu memory pids\n")
+    _touch(cgroup / "remedy" / "cgroup.procs", "")
+    assert [c.name for c in check_cgroups(cgroup, tmp_path / "proc")] == ["cgroups"]
+    _touch(cgroup / "remedy" / "cgroup.procs", "4242\n")
+    checks = _by_name(check_cgroups(cgroup, tmp_path / "proc"))
+    assert checks["quarantine root"].status == "warn"
+    assert "processes of its own" in checks["quarantine root"].detail
+
+
 def test_cgroup_v2_without_pids_fails(tmp_path: Path) -> None:
     cgroup = tmp_path / "cgroup"
     _touch(cgroup / "cgroup.controllers", "memory\n")
