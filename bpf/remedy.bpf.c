@@ -443,6 +443,16 @@ static __always_inline u32 account_class(void *ctx, struct acct *a, u32 c)
     if (window_ns == 0)
         return 0;
     struct window_key k = {.signal = sig, .cls = c, .id = id, .birth = birth};
+    if (!mask) {
+        // No scoped tier applies where the event happened, but a held incident is followed
+        // wherever it went: remedy's own moves (a throttle, a quarantine) take an offender out
+        // of its tier's cgroups, and the engine still re-measures it. Its held tiers stay
+        // claimed, so this counts without ever emitting what the scope would not have.
+        u32 *followed = held.lookup(&k);
+        if (!followed)
+            return 0;
+        mask = *followed;
+    }
     struct window *w = windows.lookup(&k);
     if (!w) {
         u32 *h = held.lookup(&k);
@@ -551,8 +561,8 @@ static __always_inline u32 account_in(void *ctx, u32 sig, u64 id, u64 birth, s64
         return 0;
     }
     u32 mask = applicable(sig, cfg, cgroup);
-    if (!mask)
-        return 0;  // no tier applies here: nothing to window
+    if (!mask && !cfg->scoped)
+        return 0;  // no tier applies here: nothing to window (scoped: see account_class)
     struct acct a = {.cfg = cfg, .id = id, .birth = birth, .delta = delta, .now = now,
                      .sig = sig, .mask = mask, .fp = 0, ._pad = 0};
 #pragma clang loop unroll(disable)

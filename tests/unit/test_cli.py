@@ -66,7 +66,8 @@ def test_print_bpf_shows_the_program_with_the_policies_parameters(
     assert "TRACEPOINT_PROBE(sched, sched_process_fork)" in out
     assert "-DREMEDY_SECTION_SCHED=1" in out
     assert "-DREMEDY_SECTION_FILES" not in out  # no policy watches files: not compiled in
-    assert "fork_rate: window_ns=1000000000 threshold=200" in out
+    assert "fork_rate: window_ns=[1000000000,0,0,0]" in out
+    assert "threshold=200" in out  # the tier's threshold, written at run time
 
 
 def test_the_example_policies_for_every_signal_validate(
