@@ -33,6 +33,16 @@ FASTPATH_SIGNALS = {"kill": 9, "stop": 19}
 FASTPATH_CAPABLE = frozenset({"fork_rate"})
 
 
+#: The kernel's per-tier streak is a byte that stops at 255 (bpf/remedy.bpf.c).
+MAX_SUSTAIN = 255
+
+
+def _kernel_selectable(policy: Policy) -> bool:
+    m = policy.match
+    others = (m.comms, m.exes, m.cmdlines, m.uids, m.containers, m.pods)
+    return bool(m.cgroups) and not any(others) and policy.exclude.empty
+
+
 @dataclass(frozen=True)
 class PlanProblem:
     """A policy set the kernel cannot hold: which policy, which key, and why."""
@@ -49,6 +59,23 @@ def plan_problems(policies: Iterable[Policy]) -> list[PlanProblem]:
     by_signal: dict[str, list[Policy]] = {}
     for p in policies:
         by_signal.setdefault(p.signal, []).append(p)
+        if p.sustain > MAX_SUSTAIN:
+            problems.append(
+                PlanProblem(p, "for", f"the kernel counts at most {MAX_SUSTAIN} windows in a row")
+            )
+        if p.kernel and not _kernel_selectable(p):
+            # The kernel can test only the cgroup: every other selector, `exclude:` and the
+            # protected set are user space's. An in-kernel kill must stay inside cgroups the
+            # operator named, so that nothing the policy did not mean is ever in reach.
+            problems.append(
+                PlanProblem(
+                    p,
+                    "kernel",
+                    "in-kernel enforcement needs `match:` to name cgroups and nothing else "
+                    "(no comms, exes, cmdlines, uids, containers, pods, no `exclude:`): the "
+                    "kernel tests the cgroup alone, before any user-space check",
+                )
+            )
         if p.kernel and p.signal not in FASTPATH_CAPABLE:
             problems.append(
                 PlanProblem(
@@ -96,9 +123,11 @@ def plan_problems(policies: Iterable[Policy]) -> list[PlanProblem]:
     return problems
 
 
-def _tier(policy: Policy, rule: int) -> Tier:
+def _tier(policy: Policy, rule: int, dry_run: bool) -> Tier:
     fastpath = (
-        FastPathRule(FASTPATH_SIGNALS[policy.kernel], policy.dry_run) if policy.kernel else None
+        FastPathRule(FASTPATH_SIGNALS[policy.kernel], policy.dry_run or dry_run)
+        if policy.kernel
+        else None
     )
     return Tier(
         rule=rule,
@@ -127,10 +156,13 @@ def _rule_ids(policies: Iterable[Policy], previous: SensorPlan | None) -> dict[s
     return ids
 
 
-def compile_plan(policies: PolicySet, previous: SensorPlan | None = None) -> SensorPlan:
+def compile_plan(
+    policies: PolicySet, previous: SensorPlan | None = None, *, dry_run: bool = False
+) -> SensorPlan:
     """The plan for ``policies``; ``previous`` (the running plan) keeps rule ids stable and
-    gives the generation. ValueError for a set ``plan_problems`` refuses (the loader never
-    hands one over)."""
+    gives the generation; ``dry_run`` (the agent's --dry-run) makes every in-kernel enforcement
+    count only, whatever the policies say. ValueError for a set ``plan_problems`` refuses (the
+    loader never hands one over)."""
     problems = plan_problems(policies.policies)
     if problems:
         raise ValueError("; ".join(f"{p.policy.name}: {p.message}" for p in problems))
@@ -141,7 +173,7 @@ def compile_plan(policies: PolicySet, previous: SensorPlan | None = None) -> Sen
         classes: list[WindowClass] = []
         for index, window in enumerate(dict.fromkeys(p.window_s for p in group)):
             tiers = sorted(
-                (_tier(p, ids[p.name]) for p in group if p.window_s == window),
+                (_tier(p, ids[p.name], dry_run) for p in group if p.window_s == window),
                 key=lambda t: (t.threshold, t.rule),
             )
             classes.append(WindowClass(index, window, tuple(tiers)))

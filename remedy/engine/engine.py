@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from remedy.clock import Clock
-from remedy.compiler import SensorPlan, compile_plan
+from remedy.compiler import SensorPlan, Tier, WindowClass, compile_plan
 from remedy.engine.decisions import (
     ACTED,
     BREAKER_TRIPPED,
@@ -40,7 +40,7 @@ from remedy.engine.guards import (
     ends_process,
 )
 from remedy.engine.offender import Handle, Offender, Subject, attach, detach, fire, new_machine
-from remedy.errors import ActionError, IdentityUnverified
+from remedy.errors import ActionError, IdentityUnverified, SensorError
 from remedy.policy import SEVERITIES, Facts, Policy, PolicySet, Silence, Step
 from remedy.proc import ProcessInfo
 from remedy.sensors.catalog import SIGNALS
@@ -220,7 +220,7 @@ class Engine:
         self._plans: OrderedDict[int, SensorPlan] = OrderedDict({self.plan.generation: self.plan})
         # Incidents held in the sensor, by (signal, window class, key, key birth): several
         # policies tracking one process share the sensor's hold, released with the last.
-        self._incidents: Counter[tuple[str, int, int, int]] = Counter()
+        self._incidents: Counter[tuple[str, int, int, int, int]] = Counter()
         self._undo = undo
         self._keep_on_close = keep_on_close
         self._breakers = Breakers()
@@ -339,10 +339,29 @@ class Engine:
             why = f"generation {record.generation} has no rule {record.rule} on {record.signal}"
         elif found[2].policy not in self._by_name:
             why = f"rule {record.rule} was policy {found[2].policy}, removed since"
+        elif not self._same_tier(record, found):
+            # A record from before a reload reaches its policy only if the policy's tier is
+            # what produced it: a notify at 100 turned into a kill at 1,000 must not kill at 150.
+            why = f"rule {record.rule} ({found[2].policy}) changed since its generation"
         else:
             return (self._by_name[found[2].policy],)
         self._unroutable(record, found[2].policy if found else "-", why)
         return ()
+
+    def _same_tier(self, record: SensorRecord, found: tuple[str, WindowClass, Tier]) -> bool:
+        if record.generation == self.plan.generation:
+            return True
+        now = self.plan.rule(record.rule)
+        if now is None:
+            return False
+        (signal, cls, tier), (was_signal, was_cls, was) = now, found
+        return (signal, cls.window_s, tier.threshold, tier.sustain, tier.cgroups) == (
+            was_signal,
+            was_cls.window_s,
+            was.threshold,
+            was.sustain,
+            was.cgroups,
+        )
 
     def _unroutable(self, record: SensorRecord, policy: str, why: str) -> None:
         self.stats["unroutable"] += 1
@@ -704,12 +723,13 @@ class Engine:
 
     # -- one record per incident: the sensor holds it while the offender is tracked ----------
 
-    def _hold_key(self, record: SensorRecord) -> tuple[str, int, int, int] | None:
+    def _hold_key(self, record: SensorRecord) -> tuple[str, int, int, int, int] | None:
         plan = self._plans.get(record.generation)
         found = plan.rule(record.rule) if plan is not None and record.rule else None
         if found is None:
             return None  # no tier behind it (rule 0): nothing the sensor could hold
-        return (record.signal, found[1].index, record.key, record.key_birth_ns)
+        # Per tier: each policy's incident holds its own tier of the key, never another's.
+        return (record.signal, found[1].index, record.key, record.key_birth_ns, record.rule)
 
     def _start_incident(self, offender: Offender, record: SensorRecord, now: float) -> None:
         """The offender is tracked now (acted on, or followed in dry-run): ask the sensor to
@@ -723,7 +743,13 @@ class Engine:
         offender.held = record
         self._incidents[hold] += 1
         if self._incidents[hold] == 1:
-            self._sensor.hold(record)
+            try:
+                self._sensor.hold(record)
+            except SensorError as err:
+                # The held map is full: the key keeps emitting every window (noisier, never
+                # blind), and the step that was just taken is still audited and advanced.
+                self.stats["hold-refused"] += 1
+                log.warning("incident of pid %d not held: %s", record.tgid, err)
 
     def _end_incident(self, offender: Offender) -> None:
         """Released or recovered: the next crossing of its key emits again."""

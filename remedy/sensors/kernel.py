@@ -545,19 +545,17 @@ class KernelSensor:
         return table, table.Key(SIGNALS[record.signal].id, cls, record.key, record.key_birth_ns)
 
     def hold(self, record: SensorRecord) -> None:
-        """An incident is open for the record's (signal, class, key, key birth): its tier and
-        the lower tiers of its class (a key over a tier is over those) are not re-emitted in
-        later windows. Raises SensorError when the held map is full (the key then emits every
-        window, as before: noisier, never blind)."""
+        """An incident is open for the record's (signal, class, key, key birth): its tier is
+        not re-emitted in later windows. Only its own tier: holding a lower tier of another
+        policy (one whose `for` was not met yet, say) would keep that policy from ever seeing
+        the key, so going faster would evade it. Raises SensorError when the held map is full
+        (the key then emits every window, as before: noisier, never blind)."""
         where = self._class_of(record)
         if where is None or where[2] < 0:
             return
-        sp, cls, slot = where
-        mask = 0
-        for i, (c, _) in enumerate(sp.tiers()):
-            if c.index == cls and i <= slot:
-                mask |= 1 << i
+        _, cls, slot = where
         table, key = self._held_key(record, cls)
+        mask = 1 << slot
         with contextlib.suppress(KeyError):
             mask |= int(table[key].value)
         try:
@@ -566,13 +564,19 @@ class KernelSensor:
             raise SensorError(f"cannot hold the incident of key {record.key}: {err}") from err
 
     def unhold(self, record: SensorRecord) -> None:
-        """The incident ended: from the next window on, the key's crossings emit again."""
+        """The incident ended: from the next window on, its tier emits again for the key
+        (another policy's hold of the same key stays)."""
         where = self._class_of(record)
         if where is None:
             return
-        table, key = self._held_key(record, where[1])
+        _, cls, slot = where
+        table, key = self._held_key(record, cls)
         with contextlib.suppress(KeyError):
-            del table[key]
+            mask = int(table[key].value) & ~(1 << slot) if slot >= 0 else 0
+            if mask:
+                table[key] = ctypes.c_uint32(mask)
+            else:
+                del table[key]
 
     def held(self) -> int:
         """How many incidents are held now (diagnostics)."""

@@ -382,16 +382,19 @@ class ProcSampler:
         ident = self._emitters.get((record.signal, cls.index, record.key)) if cls else None
         if cls is None or ident is None:
             return
-        w = self._windows.get((record.signal, cls.index), {}).get(ident)
-        emitted = {record.rule, *(w.crossed if w is not None else ())}
-        self._held.setdefault((record.signal, cls.index, ident), set()).update(emitted)
+        # The record's own tier only: holding another policy's tier (a lower one, or one that
+        # crossed without its `for` met yet) would keep that policy from ever seeing the key.
+        self._held.setdefault((record.signal, cls.index, ident), set()).add(record.rule)
 
     def unhold(self, record: SensorRecord) -> None:
         """The incident ended: the key's next crossing emits again."""
         cls = self._class_of(record)
         ident = self._emitters.get((record.signal, cls.index, record.key)) if cls else None
         if cls is not None and ident is not None:
-            self._held.pop((record.signal, cls.index, ident), None)
+            held = self._held.get((record.signal, cls.index, ident), set())
+            held.discard(record.rule)  # another policy's hold of the key stays
+            if not held:
+                self._held.pop((record.signal, cls.index, ident), None)
 
     def _class_of(self, record: SensorRecord) -> WindowClass | None:
         found = self._plan.rule(record.rule) if record.rule else None
@@ -628,10 +631,8 @@ class ProcSampler:
             w.streaks[tier.rule] = w.carry.get(tier.rule, 0) + 1
             if w.streaks[tier.rule] < tier.sustain:
                 continue
-            if held is not None:
-                if tier.rule in held:
-                    continue  # the engine follows this incident: it re-measures instead
-                held.add(tier.rule)
+            if held is not None and tier.rule in held:
+                continue  # the engine follows this incident: it re-measures instead
             counts.records_emitted += 1
             self._emitters[(name, cls.index, key[0])] = key
             s.records.append(

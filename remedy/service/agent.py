@@ -246,7 +246,7 @@ class Agent:
             policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
             # Stable rule ids, generation + 1: records of the running plan still in flight
             # route by it (the engine keeps the last few plans).
-            plan = compile_plan(policies, previous=engine.plan)
+            plan = compile_plan(policies, previous=engine.plan, dry_run=opts.dry_run)
             configure_sensor(sensor, plan)
             self._reload_psi(policies, plan)
         except (ConfigErrors, SensorError, ValueError) as err:
@@ -363,7 +363,7 @@ class Agent:
         """Load policies (invalid ones raise ConfigErrors before anything starts), then watch."""
         opts = self.options
         policies = load_policy_set(opts.policy_paths, opts.playbook_paths)
-        plan = compile_plan(policies)
+        plan = compile_plan(policies, dry_run=opts.dry_run)
         self._psi_rules.update(self._pressure_rules(policies, plan))
         records: queue.Queue[SensorRecord] = queue.Queue(maxsize=opts.queue_size)
         started_cpu, started_wall = _cpu_seconds(), time.monotonic()

@@ -68,7 +68,8 @@ def test_rule_ids_survive_a_recompile_and_the_generation_goes_up() -> None:
 
 
 def test_in_kernel_enforcement_follows_the_policy_and_its_dry_run() -> None:
-    plan = compile_plan(policy_set(policy("k", 500, kernel="kill", dry_run=True)))
+    scoped = Selector(cgroups=("/ci/*",))
+    plan = compile_plan(policy_set(policy("k", 500, kernel="kill", dry_run=True, match=scoped)))
     tier = plan.signals["fork_rate"].slots[0]
     assert tier.fastpath is not None
     assert (tier.fastpath.signal, tier.fastpath.dry_run) == (9, True)
@@ -81,3 +82,28 @@ def test_limits_are_refused_by_name() -> None:
     assert [(p.key, p.policy.name) for p in plan_problems(windows)] == [("window", "w4")]
     with pytest.raises(ValueError, match="at most 8 tiers"):
         compile_plan(policy_set(*many))
+
+
+def test_in_kernel_enforcement_must_stay_inside_named_cgroups() -> None:
+    # The kernel tests the cgroup alone: a `kernel: kill` selecting by uid (or nothing, or with
+    # an exclude) would kill what user space would have spared.
+    scoped = Selector(cgroups=("/ci/*",))
+    assert plan_problems([policy("ok", 500, kernel="kill", match=scoped)]) == []
+    for bad in (
+        policy("all", 500, kernel="kill"),
+        policy("uid", 500, kernel="kill", match=Selector(cgroups=("/ci/*",), uids=(1000,))),
+        policy("ex", 500, kernel="kill", match=scoped, exclude=Selector(comms=("sshd",))),
+    ):
+        assert [p.key for p in plan_problems([bad])] == ["kernel"], bad.name
+
+
+def test_the_agents_dry_run_makes_every_kernel_enforcement_count_only() -> None:
+    enforcing = policy("k", 500, kernel="kill", match=Selector(cgroups=("/ci/*",)))
+    plan = compile_plan(policy_set(enforcing), dry_run=True)
+    tier = plan.signals["fork_rate"].slots[0]
+    assert tier.fastpath is not None and tier.fastpath.dry_run
+
+
+def test_a_sustain_the_kernel_cannot_count_is_refused() -> None:
+    assert [p.key for p in plan_problems([policy("long", 100, sustain=256)])] == ["for"]
+    assert plan_problems([policy("ok", 100, sustain=255)]) == []

@@ -187,14 +187,29 @@ def test_a_reload_that_reorders_tiers_routes_each_record_by_its_own_plan() -> No
     r = rig(WARN, CONTAIN)
     first = r.engine.plan
     old_warn = crossing(first, "fork-warn", 150)
-    # The thresholds swap: a fresh compile of this set in this order would give fork-warn's
-    # old slot to fork-contain; stable ids and the kept plan route the old record to fork-warn.
-    r.engine.reload(
-        PolicySet((replace(CONTAIN, threshold=50), replace(WARN, threshold=800)), BOOKS)
-    )
+    old_contain = crossing(first, "fork-contain", 600)
+    # fork-contain's threshold drops below fork-warn's and the files swap order: a fresh
+    # compile would give fork-warn's old slot to fork-contain; stable ids and the kept plan
+    # route the old fork-warn record to fork-warn, whose tier did not change.
+    r.engine.reload(PolicySet((replace(CONTAIN, threshold=50), WARN), BOOKS))
     assert compile_plan(r.engine.policies).policy_of(old_warn.rule) == "fork-contain"
     r.engine.on_record(old_warn)
     assert r.executor.ran == [("fork-warn", "notify")]
+    # fork-contain's tier did change: its record from before the reload is refused, not run
+    # by the policy as it is now.
+    r.engine.on_record(old_contain)
+    assert r.executor.ran == [("fork-warn", "notify")]
+    assert r.engine.stats["unroutable"] == 1
+
+
+def test_a_record_from_before_a_reload_never_meets_its_policys_new_tier() -> None:
+    # A notify at 100 turned into a stricter step at 1,000 must not act on a queued 150.
+    r = rig(WARN, CONTAIN)
+    queued = crossing(r.engine.plan, "fork-warn", 150)
+    r.engine.reload(PolicySet((replace(WARN, threshold=1000), CONTAIN), BOOKS))
+    r.engine.on_record(queued)
+    assert r.executor.ran == []
+    assert "changed since" in r.sink.decisions[-1].reason
 
 
 def test_an_unknown_rule_or_generation_is_refused_and_audited() -> None:
@@ -230,18 +245,22 @@ def test_the_sensor_holds_the_incident_while_tracked_and_unholds_on_release() ->
     assert r.sensor.calls == [("hold", rec.rule), ("unhold", rec.rule)]
 
 
-def test_two_policies_share_one_hold_released_with_the_last() -> None:
+def test_each_policy_holds_its_own_tier_and_releases_only_it() -> None:
+    # Per tier: one policy's hold never keeps another policy's tier from emitting (a storm
+    # that crossed the notify tier first must still reach the contain tier).
     r = rig(WARN, replace(CONTAIN, release_after_s=30.0))
     plan = r.engine.plan
     r.engine.on_record(crossing(plan, "fork-warn", 100))
     r.engine.on_record(crossing(plan, "fork-contain", 600))
-    assert [c for c, _ in r.sensor.calls] == ["hold"]  # one window class, one key: one hold
+    held = r.sensor.calls
+    rules = {t.policy: t.rule for t in plan.signals["fork_rate"].slots}
+    assert held == [("hold", rules["fork-warn"]), ("hold", rules["fork-contain"])]
     r.clock.advance(12.0)
-    r.engine.tick()  # fork-warn released; fork-contain still tracks the process
-    assert [c for c, _ in r.sensor.calls] == ["hold"]
+    r.engine.tick()  # fork-warn released: only its tier is let go
+    assert r.sensor.calls[2:] == [("unhold", rules["fork-warn"])]
     r.clock.advance(20.0)
     r.engine.tick()
-    assert [c for c, _ in r.sensor.calls] == ["hold", "unhold"]
+    assert r.sensor.calls[3:] == [("unhold", rules["fork-contain"])]
 
 
 def test_a_held_incident_escalates_by_re_measuring_not_by_records() -> None:

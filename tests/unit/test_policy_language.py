@@ -387,9 +387,13 @@ def test_churn_policies_must_agree_on_lifetime(tmp_path: Path) -> None:
 
 
 def test_kernel_enforcement_only_where_the_kernel_can_signal(tmp_path: Path) -> None:
-    assert load(tmp_path, POLICY + "kernel: kill\n").policies[0].kernel == "kill"
-    error = only(errors(tmp_path, POLICY.replace("fork_rate", "open_rate") + "kernel: kill\n"))
-    assert error.key == "kernel"
+    scoped = POLICY + "match: {cgroups: ['/ci/*']}\nkernel: kill\n"
+    assert load(tmp_path, scoped).policies[0].kernel == "kill"
+    found = errors(tmp_path, scoped.replace("fork_rate", "open_rate"))
+    assert [e.key for e in found] == ["kernel"]
+    assert "fork_rate only" in found[0].message or "forker" in found[0].message
+    unscoped = only(errors(tmp_path, POLICY + "kernel: kill\n"))
+    assert unscoped.key == "kernel" and "name cgroups" in unscoped.message
 
 
 # --- file safety --------------------------------------------------------------------------------

@@ -374,14 +374,20 @@ def test_a_held_incident_emits_only_tiers_not_yet_emitted_until_unheld() -> None
     rig.clock.advance(1.0)
     _spawn(rig, 100, 2000, 35)
     # The warning tier is not re-emitted while held; the contain tier was never emitted: it is.
-    assert [(r.rule, r.count) for r in rig.tick()] == [(2, 30)]  # at its 30th fork
+    emitted = rig.tick()
+    assert [(r.rule, r.count) for r in emitted] == [(2, 30)]  # at its 30th fork
     assert rig.sampler.measure(warn) == 35  # the engine re-measures instead
+    rig.sampler.hold(emitted[0])  # the contain policy's own incident
     rig.clock.advance(1.0)
     _spawn(rig, 100, 3000, 40)
-    assert rig.tick() == []  # held: nothing more for this key
-    rig.sampler.unhold(warn)
+    assert rig.tick() == []  # both held: nothing more for this key
+    rig.sampler.unhold(warn)  # one policy's incident ends: only its tier emits again
     rig.clock.advance(1.0)
     _spawn(rig, 100, 4000, 40)
+    assert [r.rule for r in rig.tick()] == [1]
+    rig.sampler.unhold(emitted[0])
+    rig.clock.advance(1.0)
+    _spawn(rig, 100, 5000, 40)
     assert [r.rule for r in rig.tick()] == [1, 2]
 
 
