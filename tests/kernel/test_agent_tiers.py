@@ -116,6 +116,26 @@ def boxes() -> Iterator[tuple[CgroupSandbox, CgroupSandbox, CgroupSandbox]]:
         yield a, b, c
 
 
+def _agent(tmp_path: Path, repo_root: Path, policies_text: str, *extra: str) -> AgentProcess:
+    """The real agent on these policies and the shared playbooks, with its own audit, stats
+    and control socket (not yet ready: the caller waits)."""
+    policies, playbooks = tmp_path / "policies", tmp_path / "playbooks"
+    policies.mkdir()
+    playbooks.mkdir()
+    (policies / "fork.yaml").write_text(policies_text)
+    (playbooks / "books.yaml").write_text(PLAYBOOKS)
+    return AgentProcess(
+        [
+            *("--policies", str(policies), "--playbooks", str(playbooks)),
+            *("--audit", str(tmp_path / "audit.jsonl"), "--stats", str(tmp_path / "stats.json")),
+            *("--duration", "60", "--control-socket", str(tmp_path / "control.sock")),
+            *extra,
+        ],
+        cwd=repo_root,
+        log_path=tmp_path / "agent.log",
+    )
+
+
 def _audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -131,21 +151,13 @@ def test_each_storm_gets_exactly_the_tiers_its_cgroup_and_rate_call_for(
     repo_root: Path,
 ) -> None:
     a, b, c = boxes
-    policies, playbooks = tmp_path / "policies", tmp_path / "playbooks"
-    policies.mkdir()
-    playbooks.mkdir()
-    (policies / "fork.yaml").write_text(POLICIES.format(a=a.rel, b=b.rel))
-    (playbooks / "books.yaml").write_text(PLAYBOOKS)
     audit_path = tmp_path / "audit.jsonl"
-    agent = AgentProcess(
-        [
-            *("--policies", str(policies), "--playbooks", str(playbooks)),
-            *("--audit", str(audit_path), "--stats", str(tmp_path / "stats.json")),
-            *("--quarantine-root", f"{a.rel}/quarantine", "--duration", "60"),
-            *("--control-socket", str(tmp_path / "control.sock")),
-        ],
-        cwd=repo_root,
-        log_path=tmp_path / "agent.log",
+    agent = _agent(
+        tmp_path,
+        repo_root,
+        POLICIES.format(a=a.rel, b=b.rel),
+        "--quarantine-root",
+        f"{a.rel}/quarantine",
     )
     spawned: list[subprocess.Popen[bytes]] = []
     try:
@@ -258,22 +270,9 @@ def test_a_reload_that_changes_tiers_mid_storm_misroutes_nothing(
     repo_root: Path,
 ) -> None:
     a = boxes[0]
-    policies, playbooks = tmp_path / "policies", tmp_path / "playbooks"
-    policies.mkdir()
-    playbooks.mkdir()
-    policy = policies / "fork.yaml"
-    policy.write_text(RELOAD_BEFORE.format(a=a.rel))
-    (playbooks / "books.yaml").write_text(PLAYBOOKS)
     audit_path = tmp_path / "audit.jsonl"
-    agent = AgentProcess(
-        [
-            *("--policies", str(policies), "--playbooks", str(playbooks)),
-            *("--audit", str(audit_path), "--stats", str(tmp_path / "stats.json")),
-            *("--duration", "60", "--control-socket", str(tmp_path / "control.sock")),
-        ],
-        cwd=repo_root,
-        log_path=tmp_path / "agent.log",
-    )
+    agent = _agent(tmp_path, repo_root, RELOAD_BEFORE.format(a=a.rel))
+    policy = tmp_path / "policies" / "fork.yaml"
     storms: list[subprocess.Popen[bytes]] = []
     try:
         agent.wait_ready()
