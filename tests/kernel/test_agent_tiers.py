@@ -205,25 +205,12 @@ def test_each_storm_gets_exactly_the_tiers_its_cgroup_and_rate_call_for(
     assert stats["engine"].get("unmatched", 0) == 0, stats["engine"]
 
 
-RELOAD_BEFORE = """\
+TELL_IN_A = """\
 apiVersion: remedy/v1
 kind: Policy
-name: warn-a
+name: {name}
 signal: fork_rate
-threshold: 100
-window: 1s
-match: {{cgroups: ["{a}", "{a}/*"]}}
-playbook: tell
-mode: monitor
-cooldown: 5s
-release_after: 2s
-rate_limit: {{max_actions: 100, per: 1m}}
----
-apiVersion: remedy/v1
-kind: Policy
-name: page-a
-signal: fork_rate
-threshold: 300
+threshold: {threshold}
 window: 1s
 match: {{cgroups: ["{a}", "{a}/*"]}}
 playbook: tell
@@ -233,34 +220,10 @@ release_after: 2s
 rate_limit: {{max_actions: 100, per: 1m}}
 """
 
-# warn-a goes, new-a comes in between, page-a moves up: every tier changes slot.
-RELOAD_AFTER = """\
-apiVersion: remedy/v1
-kind: Policy
-name: new-a
-signal: fork_rate
-threshold: 200
-window: 1s
-match: {{cgroups: ["{a}", "{a}/*"]}}
-playbook: tell
-mode: monitor
-cooldown: 5s
-release_after: 2s
-rate_limit: {{max_actions: 100, per: 1m}}
----
-apiVersion: remedy/v1
-kind: Policy
-name: page-a
-signal: fork_rate
-threshold: 600
-window: 1s
-match: {{cgroups: ["{a}", "{a}/*"]}}
-playbook: tell
-mode: monitor
-cooldown: 5s
-release_after: 2s
-rate_limit: {{max_actions: 100, per: 1m}}
-"""
+
+def _tell_in(a: str, *tiers: tuple[str, int]) -> str:
+    """Monitor-mode notify policies on fork_rate in cgroup ``a``, one per (name, threshold)."""
+    return "---\n".join(TELL_IN_A.format(name=n, threshold=t, a=a) for n, t in tiers)
 
 
 def test_a_reload_that_changes_tiers_mid_storm_misroutes_nothing(
@@ -271,7 +234,7 @@ def test_a_reload_that_changes_tiers_mid_storm_misroutes_nothing(
 ) -> None:
     a = boxes[0]
     audit_path = tmp_path / "audit.jsonl"
-    agent = _agent(tmp_path, repo_root, RELOAD_BEFORE.format(a=a.rel))
+    agent = _agent(tmp_path, repo_root, _tell_in(a.rel, ("warn-a", 100), ("page-a", 300)))
     policy = tmp_path / "policies" / "fork.yaml"
     storms: list[subprocess.Popen[bytes]] = []
     try:
@@ -283,7 +246,8 @@ def test_a_reload_that_changes_tiers_mid_storm_misroutes_nothing(
             storms[-1].wait(30)
         storms.append(a.spawn([str(forker), "20000", "4"]))
         time.sleep(1.5)
-        policy.write_text(RELOAD_AFTER.format(a=a.rel))
+        # warn-a goes, new-a comes in between, page-a moves up: every tier changes slot.
+        policy.write_text(_tell_in(a.rel, ("new-a", 200), ("page-a", 600)))
         reloaded_at = time.time()
         agent.proc.send_signal(signal.SIGHUP)
         storms[-1].wait(30)
